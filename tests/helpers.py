@@ -1,0 +1,170 @@
+"""Test helpers shared by the whole suite (the fixtures in conftest.py wrap them).
+
+``QuadraticCase``: the sampler-correctness reference used by every kernel on both backends. The energy
+:math:`E(z) = \\tfrac12 z^T A z + b^T z` tilts :math:`\\mathcal N(m_0, S_0)` into the Gaussian
+:math:`\\mathcal N(m, P^{-1})`, :math:`P = S_0^{-1} + A`, :math:`m = P^{-1}(S_0^{-1} m_0 - b)`, with
+
+.. math:: \\log Z = -\\tfrac12 \\log|S_0| - \\tfrac12 \\log|P| + \\tfrac12 m^T P m - \\tfrac12 m_0^T S_0^{-1} m_0 .
+
+``PyroBackend`` / ``NumPyroBackend``: adapters with one interface over Pyro and NumPyro, so that each statistical test is written once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QuadraticCase:
+    A: np.ndarray
+    b: np.ndarray
+    loc: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return self.b.shape[0]
+
+    @property
+    def precision(self) -> np.ndarray:
+        return np.diag(self.scale ** -2.0) + self.A
+
+    @property
+    def cov(self) -> np.ndarray:
+        return np.linalg.inv(self.precision)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.cov @ (self.loc / self.scale ** 2 - self.b)
+
+    @property
+    def sd(self) -> np.ndarray:
+        return np.sqrt(np.diag(self.cov))
+
+    @property
+    def log_z(self) -> float:
+        m, P = self.mean, self.precision
+        return float(-np.log(self.scale).sum() - 0.5 * np.linalg.slogdet(P)[1] + 0.5 * m @ P @ m
+                     - 0.5 * np.sum(self.loc ** 2 / self.scale ** 2))
+
+    def energy_np(self, z: np.ndarray) -> np.ndarray:
+        return 0.5 * np.einsum("...i,ij,...j->...", z, self.A, z) + z @ self.b
+
+    def ula_cov(self, h: float) -> np.ndarray:
+        """Stationary covariance of ULA with step size h on this Gaussian: Sigma = M Sigma M + h^2 I."""
+        lam, V = np.linalg.eigh(self.precision)
+        var = h * h / (1.0 - (1.0 - 0.5 * h * h * lam) ** 2)
+        return (V * var) @ V.T
+
+
+def make_case(dim: int = 3, seed: int = 0, standard_base: bool = False) -> QuadraticCase:
+    rng = np.random.default_rng(seed)
+    Q = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    A = Q @ np.diag(np.linspace(-0.3, 1.5, dim)) @ Q.T  # indefinite energy, positive-definite precision
+    b = rng.normal(size=dim)
+    loc = np.zeros(dim) if standard_base else rng.normal(scale=0.5, size=dim)
+    scale = np.ones(dim) if standard_base else rng.uniform(0.8, 1.3, size=dim)
+    case = QuadraticCase(A, b, loc, scale)
+    assert np.all(np.linalg.eigvalsh(case.precision) > 0)
+    return case
+
+
+# --- backends ------------------------------------------------------------------------------------------
+class PyroBackend:
+    """Adapter: the same calls on Pyro (torch's global RNG, seeded)."""
+
+    name = "pyro"
+
+    def __init__(self, seed: int = 0):
+        import pyro
+        import torch
+
+        import tilted_priors.pyro as tp
+
+        self.torch, self.pyro, self.tp = torch, pyro, tp
+        pyro.set_rng_seed(seed)
+        pyro.clear_param_store()
+
+    def array(self, x, dtype=None):
+        return self.torch.as_tensor(np.asarray(x), dtype=dtype or self.torch.get_default_dtype())
+
+    def numpy(self, x) -> np.ndarray:
+        return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+    def quadratic_energy(self, case: QuadraticCase, A=None, b=None):
+        A = self.array(case.A) if A is None else A
+        b = self.array(case.b) if b is None else b
+        return lambda z: 0.5 * ((z @ A) * z).sum(-1) + z @ b
+
+    def prior(self, case: QuadraticCase, **kwargs):
+        return self.tp.EnergyTiltedNormal(self.quadratic_energy(case), self.array(case.loc), self.array(case.scale),
+                                          **kwargs)
+
+    def run(self, sampler, log_density, init, **kwargs):
+        return sampler.run(log_density, init, **kwargs)
+
+    def sample(self, dist, shape=()):
+        return dist.sample(shape)
+
+    def estimate(self, normalizer, dist):
+        return normalizer.estimate(dist)
+
+    def log_normalizer(self, dist):
+        return dist.log_normalizer()
+
+
+class NumPyroBackend:
+    """Adapter: the same calls on NumPyro (explicit keys, split from one seed)."""
+
+    name = "numpyro"
+
+    def __init__(self, seed: int = 0):
+        import jax
+        import jax.numpy as jnp
+
+        import tilted_priors.numpyro as tp
+
+        self.jax, self.jnp, self.tp = jax, jnp, tp
+        self._key = jax.random.PRNGKey(seed)
+
+    def key(self):
+        self._key, sub = self.jax.random.split(self._key)
+        return sub
+
+    def array(self, x, dtype=None):
+        return self.jnp.asarray(np.asarray(x), dtype=dtype or self.jnp.zeros(()).dtype)
+
+    def numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def quadratic_energy(self, case: QuadraticCase, A=None, b=None):
+        from jax.tree_util import Partial
+
+        A = self.array(case.A) if A is None else A
+        b = self.array(case.b) if b is None else b
+        return Partial(_jax_quadratic_energy, A, b)
+
+    def prior(self, case: QuadraticCase, **kwargs):
+        return self.tp.EnergyTiltedNormal(self.quadratic_energy(case), self.array(case.loc), self.array(case.scale),
+                                          **kwargs)
+
+    def run(self, sampler, log_density, init, **kwargs):
+        return sampler.run(self.key(), log_density, init, **kwargs)
+
+    def sample(self, dist, shape=()):
+        return dist.sample(self.key(), shape)
+
+    def estimate(self, normalizer, dist):
+        return normalizer.estimate(dist, self.key())
+
+    def log_normalizer(self, dist):
+        return dist.log_normalizer(self.key())
+
+
+def _jax_quadratic_energy(A, b, z):
+    return 0.5 * ((z @ A) * z).sum(-1) + z @ b
+
+
+BACKENDS = {"pyro": PyroBackend, "numpyro": NumPyroBackend}
+

@@ -1,0 +1,161 @@
+r"""The functional core of the Langevin samplers (JAX).
+
+Written as BlackJAX writes kernels: :func:`init` builds a :class:`LangevinState` that caches the log density and
+its gradient, and a step maps ``(rng_key, state, logdensity_fn, step_size)`` to ``(state, info)``. Both steps
+make the same proposal (:func:`proposal`),
+
+.. math:: z' = z + \tfrac{h^2}{2} \nabla \log \pi(z) + h\, \xi, \qquad \xi \sim \mathcal N(0, I),
+
+:func:`ula_step` keeps it (unadjusted Langevin, biased by :math:`O(h^2)`), :func:`mala_step` accepts it with the
+Metropolis-Hastings probability (exact stationary law :math:`\pi`). :math:`h` is the ``step_size``, the scale of
+the noise, as in LEBM (Pang et al. 2020). All arrays are batched over chains: positions ``(..., d)``, log densities
+``(...)``; chains never interact. Every function is pure, so it runs under :func:`jax.jit`, :func:`jax.vmap` and
+inside :func:`jax.lax.scan`. ``logdensity_fn`` need not be normalised. As in the torch core, the state carries no
+gradient to the log density's parameters or to the starting point (both are ``stop_gradient``-ed).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tilted_priors._validation import check_energy_shape
+
+__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "ula_step", "mala_step", "value_and_grad"]
+
+LogDensityFn = Callable[[jax.Array], jax.Array]
+
+
+class LangevinState(NamedTuple):
+    """Position of every chain with its (unnormalised) log density and the gradient there."""
+
+    position: jax.Array  # (..., d)
+    logdensity: jax.Array  # (...)
+    logdensity_grad: jax.Array  # (..., d)
+
+
+class LangevinInfo(NamedTuple):
+    """What one step did, per chain: the acceptance probability and whether the proposal was kept."""
+
+    acceptance_rate: jax.Array  # (...)
+    is_accepted: jax.Array  # (...) bool
+
+
+def value_and_grad(logdensity_fn: LogDensityFn, position: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Log density of each chain and its gradient w.r.t. the position, both ``stop_gradient``-ed.
+
+    One reverse pass: :func:`jax.value_and_grad` of the log density summed over the chains (chains are
+    independent, so the gradient of the sum is the per-chain gradient).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> lp, g = value_and_grad(lambda z: -0.5 * (z ** 2).sum(-1), jnp.ones((3, 2)))
+    >>> g.tolist()
+    [[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]]
+    """
+    position = jnp.asarray(position)
+
+    def total(z):
+        lp = logdensity_fn(z)
+        if jnp.shape(lp) != z.shape[:-1]:
+            check_energy_shape("the log density", tuple(z.shape), tuple(jnp.shape(lp)))
+        return jnp.sum(lp), lp
+
+    (_, lp), grad = jax.value_and_grad(total, has_aux=True)(lax.stop_gradient(position))
+    return lax.stop_gradient(lp), lax.stop_gradient(grad)
+
+
+def init(position: jax.Array, logdensity_fn: LogDensityFn) -> LangevinState:
+    """Start chains at ``position`` (shape ``(..., d)``).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> state = init(jnp.zeros((4, 2)), lambda z: -0.5 * (z ** 2).sum(-1))
+    >>> state.logdensity.shape
+    (4,)
+    """
+    position = jnp.asarray(position)
+    if position.ndim < 1:
+        raise ValueError("positions must have shape (..., d), got a scalar")
+    logdensity, grad = value_and_grad(logdensity_fn, position)
+    return LangevinState(lax.stop_gradient(position), logdensity, grad)
+
+
+def proposal(rng_key: jax.Array, state: LangevinState, logdensity_fn: LogDensityFn, step_size: float,
+             noise: bool = True) -> LangevinState:
+    r"""The Langevin proposal :math:`z + \tfrac{h^2}{2}\nabla\log\pi(z) + h\xi`, evaluated (log density, gradient).
+
+    With ``noise=False`` it is a gradient-ascent step on :math:`\log \pi` (``rng_key`` is then unused).
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> new = proposal(None, init(jnp.ones((2, 3)), f), f, 1.0, noise=False)
+    >>> new.position.tolist()   # z + (1/2) * (-z)
+    [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    """
+    z = state.position
+    drift = z + (0.5 * step_size * step_size) * state.logdensity_grad
+    if noise:
+        drift = drift + step_size * jax.random.normal(rng_key, z.shape, z.dtype)
+    logdensity, grad = value_and_grad(logdensity_fn, drift)
+    return LangevinState(drift, logdensity, grad)
+
+
+def ula_step(rng_key: jax.Array, state: LangevinState, logdensity_fn: LogDensityFn, step_size: float,
+             noise: bool = True) -> tuple[LangevinState, LangevinInfo]:
+    """One unadjusted Langevin step: the proposal, always kept.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> state, info = ula_step(jax.random.PRNGKey(0), init(jnp.zeros((5, 2)), f), f, 0.1)
+    >>> bool(info.is_accepted.all())
+    True
+    """
+    new = proposal(rng_key, state, logdensity_fn, step_size, noise)
+    ones = jnp.ones_like(new.logdensity)
+    return new, LangevinInfo(ones, jnp.ones(ones.shape, bool))
+
+
+def _log_q(to: jax.Array, frm: LangevinState, step_size: float) -> jax.Array:
+    """Log density (up to a constant shared by both directions) of proposing ``to`` from ``frm``."""
+    diff = to - frm.position - (0.5 * step_size * step_size) * frm.logdensity_grad
+    return -jnp.sum(diff * diff, -1) / (2.0 * step_size * step_size)
+
+
+def mala_step(rng_key: jax.Array, state: LangevinState, logdensity_fn: LogDensityFn,
+              step_size: float) -> tuple[LangevinState, LangevinInfo]:
+    r"""One Metropolis-adjusted Langevin step.
+
+    Accepts the proposal :math:`z'` with probability
+    :math:`\min\{1, \pi(z') q(z \mid z') / (\pi(z) q(z' \mid z))\}`; a proposal with a non-finite log density is
+    rejected. ``rng_key`` is split into the proposal's key and the accept/reject key.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> state, info = mala_step(jax.random.PRNGKey(0), init(jnp.zeros((5, 2)), f), f, 0.5)
+    >>> info.acceptance_rate.shape
+    (5,)
+    """
+    key_proposal, key_accept = jax.random.split(rng_key)
+    new = proposal(key_proposal, state, logdensity_fn, step_size)
+    log_ratio = (new.logdensity - state.logdensity
+                 + _log_q(state.position, new, step_size) - _log_q(new.position, state, step_size))
+    log_ratio = jnp.where(jnp.isfinite(new.logdensity) & ~jnp.isnan(log_ratio), log_ratio, -jnp.inf)
+    acceptance = jnp.exp(jnp.minimum(log_ratio, 0.0))
+    u = jax.random.uniform(key_accept, acceptance.shape, acceptance.dtype)
+    accept = u < acceptance
+    keep = accept[..., None]
+    merged = LangevinState(jnp.where(keep, new.position, state.position),
+                           jnp.where(accept, new.logdensity, state.logdensity),
+                           jnp.where(keep, new.logdensity_grad, state.logdensity_grad))
+    return merged, LangevinInfo(acceptance, accept)

@@ -1,0 +1,203 @@
+r"""Energy-tilted distributions for Pyro.
+
+.. math:: p(z) = \frac{e^{-E(z)}\, q(z)}{Z}, \qquad Z = \mathbb E_{q}\bigl[e^{-E(z)}\bigr],
+
+with :math:`q` a base distribution over vectors (event shape ``(d,)``) and :math:`E` an energy mapping
+``(..., d) -> (...)``. :class:`EnergyTiltedNormal` is the case :math:`q = \mathcal N(\text{loc}, \text{scale}^2)`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import Normal, TorchDistribution, constraints
+from torch.distributions.utils import broadcast_all
+
+from tilted_priors._validation import check_energy_shape
+from tilted_priors.pyro.normalizers import Contrastive
+from tilted_priors.pyro.samplers import ShortRunLangevin
+
+__all__ = ["EnergyTilted", "EnergyTiltedNormal"]
+
+
+class EnergyTilted(TorchDistribution):
+    r"""Exponential tilting of a base distribution by an energy.
+
+    .. math:: \log p(z) = -E(z) + \log q(z) - \log Z
+
+    ``log_prob`` subtracts the ``normalizer``'s term for :math:`\log Z` (computed at most once per instance, see
+    :meth:`log_normalizer`), so whether it is normalised depends on the normalizer: unnormalised with
+    :class:`~tilted_priors.pyro.Contrastive` (the default, whose gradient is still that of the normalised density)
+    and :class:`~tilted_priors.pyro.Unnormalized`, a lower bound with :class:`~tilted_priors.pyro.SelfNormalized`,
+    an estimate with :class:`~tilted_priors.pyro.Importance` and :class:`~tilted_priors.pyro.AnnealedImportance`.
+    ``sample`` draws base samples and moves them with ``sampler`` (default ``ShortRunLangevin(60, 0.4)``); the
+    draws are not reparameterised (``has_rsample = False``).
+
+    Parameters
+    ----------
+    energy : callable
+        :math:`E`, mapping ``(..., d) -> (...)`` (e.g. :class:`~tilted_priors.pyro.EnergyMLP`). Modules inside a
+        distribution are trained by SVI only when the model registers them with ``pyro.module``.
+    base : torch.distributions.Distribution
+        :math:`q`, with event shape ``(d,)`` (e.g. ``Normal(0, 1).expand([d]).to_event(1)``, a flow's
+        ``TransformedDistribution``). Its batch shape is the distribution's batch shape.
+    normalizer : normalizer, optional
+        What ``log_prob`` subtracts for :math:`\log Z`; default :class:`~tilted_priors.pyro.Contrastive`.
+    sampler : sampler, optional
+        Draws from the tilted density; default ``ShortRunLangevin(60, 0.4)``.
+
+    Examples
+    --------
+    >>> import torch, pyro.distributions as dist
+    >>> from tilted_priors.pyro import EnergyMLP
+    >>> d = EnergyTilted(EnergyMLP(2, 16), dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    >>> d.sample((5,)).shape
+    torch.Size([5, 2])
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, energy, base, *, normalizer=None, sampler=None, validate_args=None):
+        if not callable(energy):
+            raise TypeError(f"energy must be callable (..., d) -> (...), got {type(energy).__name__}")
+        if not isinstance(base, torch.distributions.Distribution):
+            raise TypeError(f"base must be a torch/Pyro Distribution, got {type(base).__name__}")
+        if len(base.event_shape) != 1:
+            raise ValueError(f"base must have event shape (d,), got {tuple(base.event_shape)}; "
+                             "declare the last dimension as the event with .to_event(1)")
+        self.energy = energy
+        self.base = base
+        self.normalizer = Contrastive() if normalizer is None else normalizer
+        self.sampler = ShortRunLangevin(60, 0.4) if sampler is None else sampler
+        for what, obj, attr in (("normalizer", self.normalizer, "term"), ("sampler", self.sampler, "run")):
+            if not callable(getattr(obj, attr, None)):
+                raise TypeError(f"{what} must have a .{attr}() method, got {obj!r}")
+        self._log_normalizer: torch.Tensor | None = None
+        super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
+
+    # --- densities -------------------------------------------------------------------------------------
+    def _energy(self, z: torch.Tensor) -> torch.Tensor:
+        e = self.energy(z)
+        if e.shape != z.shape[:-1]:
+            check_energy_shape("energy", tuple(z.shape), tuple(e.shape))
+        return e
+
+    def _base_log_density(self, z: torch.Tensor) -> torch.Tensor:
+        """The base's log density up to a constant, with no gradient to its parameters (for chains)."""
+        return self.base.log_prob(z)
+
+    def log_tilted(self, z: torch.Tensor) -> torch.Tensor:
+        r"""Unnormalised log density :math:`-E(z) + \log q(z)`, differentiable in ``z`` and all parameters."""
+        return -self._energy(z) + self.base.log_prob(z)
+
+    def annealed_log_density(self, beta: float = 1.0):
+        r"""The function :math:`z \mapsto -\beta E(z) + \log q(z)` (unnormalised), what the chains run on."""
+        if beta == 1.0:
+            return lambda z: self._base_log_density(z) - self._energy(z)
+        return lambda z: self._base_log_density(z) - beta * self._energy(z)
+
+    def log_normalizer(self) -> torch.Tensor:
+        """The normalizer's term for :math:`\\log Z`, computed once per instance (see the normalizer's doc)."""
+        if self._log_normalizer is None:
+            self._log_normalizer = self.normalizer.term(self)
+        return self._log_normalizer
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return self.log_tilted(value) - self.log_normalizer()
+
+    # --- sampling --------------------------------------------------------------------------------------
+    def sample_with(self, sampler, sample_shape=torch.Size()) -> torch.Tensor:
+        """Draw base samples of shape ``sample_shape + batch_shape + event_shape`` and run ``sampler`` on them."""
+        with torch.no_grad():
+            init = self.base.sample(torch.Size(sample_shape))
+        return sampler.run(self.annealed_log_density(1.0), init)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.sample_with(self.sampler, sample_shape)
+
+    # --- shapes ----------------------------------------------------------------------------------------
+    def _copy_settings(self, new: "EnergyTilted") -> "EnergyTilted":
+        new._validate_args = self._validate_args
+        return new
+
+    def expand(self, batch_shape, _instance=None):
+        new = EnergyTilted(self.energy, self.base.expand(torch.Size(batch_shape)), normalizer=self.normalizer,
+                           sampler=self.sampler, validate_args=False)
+        return self._copy_settings(new)
+
+    @property
+    def mean(self):
+        raise NotImplementedError("an energy-tilted distribution has no closed-form mean; "
+                                  "estimate it from d.sample((n,)).mean(0)")
+
+    @property
+    def variance(self):
+        raise NotImplementedError("an energy-tilted distribution has no closed-form variance; "
+                                  "estimate it from d.sample((n,)).var(0)")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)}, "
+                f"normalizer={self.normalizer!r}, sampler={self.sampler!r})")
+
+
+class EnergyTiltedNormal(EnergyTilted):
+    r"""A Normal prior tilted by an energy: LEBM's latent prior (Pang et al. 2020).
+
+    .. math:: p(z) = \frac{1}{Z} \exp(-E(z))\, \mathcal N(z;\, \text{loc}, \operatorname{diag}(\text{scale}^2))
+
+    ``loc`` and ``scale`` broadcast; their last dimension is the event (``event_shape == (d,)``), the rest the
+    batch shape. Whether ``log_prob`` is normalised depends on the normalizer, as for :class:`EnergyTilted`
+    (default :class:`~tilted_priors.pyro.Contrastive`: unnormalised values, maximum-likelihood gradients).
+
+    Parameters
+    ----------
+    energy : callable
+        :math:`E`, mapping ``(..., d) -> (...)``.
+    loc, scale : torch.Tensor
+        Mean and standard deviation of the base, at least one dimension; ``scale > 0``.
+    normalizer, sampler
+        As for :class:`EnergyTilted`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tilted_priors.pyro import EnergyMLP, Unnormalized
+    >>> d = EnergyTiltedNormal(EnergyMLP(16), torch.zeros(16), torch.ones(16), normalizer=Unnormalized())
+    >>> z = d.sample((64,))
+    >>> d.log_prob(z).shape
+    torch.Size([64])
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+
+    def __init__(self, energy, loc, scale, *, normalizer=None, sampler=None, validate_args=None):
+        loc, scale = broadcast_all(loc, scale)
+        if loc.dim() < 1:
+            raise ValueError("loc and scale must have at least one dimension: the last one is the event (d,); "
+                             "for a d-dimensional prior pass tensors of shape (d,)")
+        self.loc, self.scale = loc, scale
+        base = Normal(loc, scale, validate_args=False).to_event(1)
+        # Chains need the Gaussian term only up to a constant and without parameter gradients.
+        self._loc_c = loc.detach()
+        self._inv_scale_c = scale.detach().reciprocal()
+        self._standard = bool((self._loc_c == 0).all() and (self._inv_scale_c == 1).all())
+        super().__init__(energy, base, normalizer=normalizer, sampler=sampler, validate_args=validate_args)
+
+    def _base_log_density(self, z: torch.Tensor) -> torch.Tensor:
+        u = z if self._standard else (z - self._loc_c) * self._inv_scale_c
+        return -0.5 * (u * u).sum(-1)
+
+    def log_tilted(self, z: torch.Tensor) -> torch.Tensor:
+        u = (z - self.loc) / self.scale
+        d = z.shape[-1]
+        return -self._energy(z) - 0.5 * (u * u).sum(-1) - self.scale.log().sum(-1) - 0.5 * d * math.log(2 * math.pi)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.event_shape
+        new = EnergyTiltedNormal(self.energy, self.loc.expand(shape), self.scale.expand(shape),
+                                 normalizer=self.normalizer, sampler=self.sampler, validate_args=False)
+        return self._copy_settings(new)

@@ -1,0 +1,270 @@
+r"""Normalizers: what :meth:`EnergyTilted.log_prob` subtracts for :math:`\log Z` (torch / Pyro).
+
+For a tilted density :math:`p(z) = e^{-E(z)} q(z) / Z` with base :math:`q`,
+
+.. math:: \log p(z) = \underbrace{-E(z) + \log q(z)}_{\text{log\_tilted}} - \text{term},
+
+and each normalizer decides what ``term`` is. Its meaning (and so the meaning of ``log_prob``) is stated on each
+class. ``term(dist)`` returns a tensor broadcastable to the distribution's batch shape; the distribution computes
+it at most once per instance (:meth:`EnergyTilted.log_normalizer`). :class:`Importance` and
+:class:`AnnealedImportance` also give :meth:`estimate`, a :class:`LogZEstimate` with its standard error.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import pyro
+import torch
+
+from tilted_priors._validation import check_positive_int
+from tilted_priors.pyro.samplers import MALA
+from tilted_priors.schedules import annealing_betas
+
+__all__ = ["LogZEstimate", "log_mean_exp_with_error", "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized"]
+
+
+class LogZEstimate(NamedTuple):
+    r"""An estimate of :math:`\log Z` (batch-shaped), its delta-method standard error and the weights' ESS."""
+
+    log_z: torch.Tensor
+    stderr: torch.Tensor
+    ess: torch.Tensor
+
+
+def log_mean_exp_with_error(log_w: torch.Tensor) -> LogZEstimate:
+    r""":math:`\log \frac1N\sum_i e^{\ell_i}` over dim 0, with standard error :math:`\mathrm{sd}(w)/(\sqrt N \bar w)`.
+
+    Examples
+    --------
+    >>> est = log_mean_exp_with_error(torch.zeros(10))
+    >>> float(est.log_z), float(est.stderr), float(est.ess)
+    (0.0, 0.0, 10.0)
+    """
+    n = log_w.shape[0]
+    log_z = torch.logsumexp(log_w, 0) - math.log(n)
+    w = torch.exp(log_w - log_w.max(0).values)
+    mean = w.mean(0)
+    stderr = w.std(0, correction=1) / (math.sqrt(n) * mean) if n > 1 else torch.full_like(mean, math.inf)
+    ess = w.sum(0) ** 2 / (w * w).sum(0)
+    return LogZEstimate(log_z, stderr, ess)
+
+
+def _per_element(num_samples: int, batch_shape: torch.Size) -> int:
+    return max(1, math.ceil(num_samples / max(1, batch_shape.numel())))
+
+
+def _importance_log_weights(dist, n: int, proposal) -> torch.Tensor:
+    """Log weights :math:`e^{-E(z)} q(z) / r(z)` of ``n`` draws per batch element from ``r`` (the base if None)."""
+    if proposal is None:
+        z = dist.base.rsample((n,)) if dist.base.has_rsample else dist.base.sample((n,))
+        return -dist.energy(z)
+    z = proposal.rsample((n,)) if proposal.has_rsample else proposal.sample((n,))
+    return dist.log_tilted(z) - proposal.log_prob(z)
+
+
+class Contrastive:
+    r"""Maximum-likelihood learning signal from prior samples (LEBM): value 0, gradient :math:`\nabla\log Z`.
+
+    .. math:: \text{term} = \overline{\ell(z^-)} - \operatorname{stopgrad}\bigl(\overline{\ell(z^-)}\bigr),
+              \qquad \ell = -E + \log q,\ z^- \sim \text{sampler}
+
+    so that :math:`\nabla_\theta \log p(x) = -\nabla_\theta E(x) + \mathbb E_{p}[\nabla_\theta E(z)]`
+    (for the energy's parameters; the base's parameters get the matching term). ``log_prob`` values are
+    **unnormalised** (the term is 0); only their gradients are those of the normalised density, exactly so when
+    the sampler is exact. With gradients off (``torch.no_grad``) no chain is run.
+
+    Parameters
+    ----------
+    sampler : sampler, optional
+        Draws the negative samples; the distribution's own sampler when ``None``.
+    num_samples : int, optional
+        Chains per batch element, averaged; ``None`` runs one chain per batch element (LEBM's setting: one prior
+        sample per datum when the prior sits in a data plate).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tilted_priors.pyro import EnergyTiltedNormal, EnergyMLP
+    >>> d = EnergyTiltedNormal(EnergyMLP(2, 8), torch.zeros(2), torch.ones(2), normalizer=Contrastive(num_samples=16))
+    >>> float(d.log_normalizer().detach())
+    0.0
+    """
+
+    def __init__(self, sampler=None, num_samples: int | None = None):
+        self.sampler = sampler
+        self.num_samples = None if num_samples is None else check_positive_int("num_samples", num_samples)
+
+    def term(self, dist) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return torch.zeros(())
+        shape = () if self.num_samples is None else (self.num_samples,)
+        z = dist.sample_with(self.sampler or dist.sampler, shape)
+        lt = dist.log_tilted(z)
+        if self.num_samples is not None:
+            lt = lt.mean(0)
+        return lt - lt.detach()
+
+    def __repr__(self) -> str:
+        return f"Contrastive(sampler={self.sampler!r}, num_samples={self.num_samples})"
+
+
+class SelfNormalized:
+    r"""Self-normalised bound (SNL / SNELBO, Senetaire et al.): a learned scalar :math:`b` with
+
+    .. math:: \text{term} = b + e^{-b}\hat Z - 1 \;\ge\; \log Z, \qquad
+              \hat Z = \frac1n \sum_{i=1}^n \frac{e^{-E(z_i)} q(z_i)}{r(z_i)},\ z_i \sim r,
+
+    from :math:`\log u \le u - 1`, tight at :math:`b = \log Z`; :math:`\hat Z` is unbiased, so ``log_prob`` is an
+    unbiased estimate of a **lower bound** of the normalised log density, and maximising it over :math:`b` drives
+    :math:`b \to \log Z`. :math:`b` is the Pyro param ``name`` (initialised at ``init``). No MCMC.
+
+    Parameters
+    ----------
+    num_samples : int
+        Draws from the proposal in all, shared out over the batch (at least one per batch element); when the
+        batch elements share one base (a prior expanded over a plate) the summed bound equals that of the pooled
+        estimate.
+    proposal : Distribution, optional
+        :math:`r`; the base :math:`q` when ``None`` (then the weights are :math:`e^{-E(z_i)}`). Reparameterised
+        draws are used when available.
+    name : str
+        Name of the param :math:`b`; give each tilted prior in a model its own.
+    init : float
+        Starting value of :math:`b`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tilted_priors.pyro import EnergyTiltedNormal
+    >>> d = EnergyTiltedNormal(lambda z: 0.0 * z.sum(-1), torch.zeros(2), torch.ones(2),
+    ...                        normalizer=SelfNormalized(100, name="doc_b"))
+    >>> float(d.log_normalizer().detach())  # b = 0 and Z = 1: the bound is tight
+    0.0
+    """
+
+    def __init__(self, num_samples: int, proposal=None, name: str = "snl_b", init: float = 0.0):
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.proposal, self.name, self.init = proposal, name, float(init)
+
+    def log_z_hat(self, dist) -> torch.Tensor:
+        r""":math:`\log \hat Z` per batch element (a biased-low estimate of :math:`\log Z`)."""
+        log_w = _importance_log_weights(dist, _per_element(self.num_samples, dist.batch_shape), self.proposal)
+        return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+
+    def term(self, dist) -> torch.Tensor:
+        b = pyro.param(self.name, lambda: torch.tensor(self.init))
+        return b + torch.exp(self.log_z_hat(dist) - b) - 1.0
+
+    def __repr__(self) -> str:
+        return f"SelfNormalized(num_samples={self.num_samples}, name={self.name!r})"
+
+
+class Importance:
+    r"""Importance-sampling estimate of :math:`\log Z` from the base (evaluation).
+
+    .. math:: \text{term} = \log \frac1n \sum_{i=1}^n e^{-E(z_i)}, \qquad z_i \sim q,
+
+    with ``num_samples`` draws per batch element. ``log_prob`` is then an **estimate** of the normalised log
+    density (consistent; :math:`\log\hat Z` is biased low by about :math:`\mathrm{se}^2/2`, so ``log_prob`` is
+    biased high by that). Gradients flow through the estimate. :meth:`estimate` adds the standard error.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tilted_priors.pyro import EnergyTiltedNormal
+    >>> d = EnergyTiltedNormal(lambda z: (z ** 2).sum(-1), torch.zeros(1), torch.ones(1))
+    >>> est = Importance(20000).estimate(d)   # exact: -log(3) / 2 = -0.549
+    >>> abs(float(est.log_z) + 0.549) < 4 * float(est.stderr)
+    True
+    """
+
+    def __init__(self, num_samples: int, proposal=None):
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.proposal = proposal
+
+    def estimate(self, dist) -> LogZEstimate:
+        return log_mean_exp_with_error(_importance_log_weights(dist, self.num_samples, self.proposal))
+
+    def term(self, dist) -> torch.Tensor:
+        return self.estimate(dist).log_z
+
+    def __repr__(self) -> str:
+        return f"Importance(num_samples={self.num_samples})"
+
+
+class AnnealedImportance:
+    r"""Annealed importance sampling (Neal 2001) of :math:`\log Z`, from the base to the tilted prior (evaluation).
+
+    Along :math:`\pi_t \propto e^{-\beta_t E} q` (:func:`~tilted_priors.annealing_betas`), with
+    :math:`z_0 \sim q` and :math:`z_t` moved by ``kernel`` targeting :math:`\pi_t`,
+
+    .. math:: \log w = \sum_{t=1}^{T} -(\beta_t - \beta_{t-1})\, E(z_{t-1}), \qquad
+              \text{term} = \log \frac1N \sum_{j=1}^N w_j .
+
+    :math:`\mathbb E[w] = Z` exactly when ``kernel`` leaves each :math:`\pi_t` invariant (MALA does; ULA does
+    not), so ``log_prob`` is an **estimate** of the normalised log density, :math:`\log\hat Z` biased low (so
+    ``log_prob`` high) by about half its variance. Detached: no gradients. :meth:`estimate` gives the standard
+    error (delta method over the chains' weights) and the weights' ESS.
+
+    Parameters
+    ----------
+    num_chains : int
+        Independent annealing chains per batch element.
+    num_steps : int
+        Number of temperatures :math:`T`.
+    kernel : sampler, optional
+        Run at each temperature; default ``MALA(steps=2, step_size=0.5)``.
+    schedule : {"sigmoid", "linear"}
+        Spacing of :math:`\beta`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tilted_priors.pyro import EnergyTiltedNormal
+    >>> d = EnergyTiltedNormal(lambda z: (z ** 2).sum(-1), torch.zeros(1), torch.ones(1))
+    >>> est = AnnealedImportance(500, 50).estimate(d)   # exact: -0.549
+    >>> abs(float(est.log_z) + 0.549) < 4 * float(est.stderr)
+    True
+    """
+
+    def __init__(self, num_chains: int, num_steps: int, kernel=None, schedule: str = "sigmoid"):
+        self.num_chains = check_positive_int("num_chains", num_chains)
+        self.num_steps = check_positive_int("num_steps", num_steps)
+        self.kernel = MALA(steps=2, step_size=0.5) if kernel is None else kernel
+        self.betas = annealing_betas(self.num_steps, schedule).tolist()
+
+    def estimate(self, dist) -> LogZEstimate:
+        with torch.no_grad():
+            z = dist.base.sample((self.num_chains,))
+            log_w = torch.zeros(z.shape[:-1], dtype=z.dtype)
+            for t in range(1, len(self.betas)):
+                log_w = log_w - (self.betas[t] - self.betas[t - 1]) * dist.energy(z)
+                if t < len(self.betas) - 1:
+                    z = self.kernel.run(dist.annealed_log_density(self.betas[t]), z)
+        return log_mean_exp_with_error(log_w)
+
+    def term(self, dist) -> torch.Tensor:
+        return self.estimate(dist).log_z
+
+    def __repr__(self) -> str:
+        return f"AnnealedImportance(num_chains={self.num_chains}, num_steps={self.num_steps}, kernel={self.kernel!r})"
+
+
+class Unnormalized:
+    r"""No normalizer: term 0, ``log_prob`` is the **unnormalised** :math:`-E(z) + \log q(z)`.
+
+    Right inside MCMC over the latents, where :math:`\log Z` is constant; wrong for learning the energy (its
+    gradient misses :math:`\nabla\log Z`).
+
+    Examples
+    --------
+    >>> float(Unnormalized().term(None))
+    0.0
+    """
+
+    def term(self, dist) -> torch.Tensor:
+        return torch.zeros(())
+
+    def __repr__(self) -> str:
+        return "Unnormalized()"
