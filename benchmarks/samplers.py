@@ -3,7 +3,7 @@
 Short-run Langevin (ULA) on a 16-d ``EnergyMLP`` prior (200 wide, 2 hidden layers, GELU), batch 64, 100 steps,
 started from the base N(0, I). Each side of a comparison is timed alternately in the same process and the report
 gives the median of per-round ratios (the machine has 2 cores; torch runs with one thread, which is stable).
-Then the cost of the library's chain as batch, steps and latent size grow.
+Then the cost of the library's chain as batch, steps, latent size and network width change.
 
 Run: ``.venv/bin/python benchmarks/samplers.py [--rounds 30] [--json out.json]``.
 """
@@ -29,9 +29,9 @@ STEP = 0.4
 
 
 # --- Pyro ------------------------------------------------------------------------------------------------
-def pyro_pair(dim=16, batch=64, steps=100):
+def pyro_pair(dim=16, batch=64, steps=100, hidden=200):
     torch.manual_seed(0)
-    energy = tt.EnergyMLP(dim)
+    energy = tt.EnergyMLP(dim, hidden)
     prior = tt.EnergyTiltedNormal(energy, torch.zeros(dim), torch.ones(dim),
                                   sampler=tt.ShortRunLangevin(steps, STEP))
 
@@ -51,8 +51,8 @@ def pyro_pair(dim=16, batch=64, steps=100):
 
 
 # --- NumPyro ---------------------------------------------------------------------------------------------
-def numpyro_pair(dim=16, batch=64, steps=100):
-    energy = tn.EnergyMLP(dim, rngs=0)
+def numpyro_pair(dim=16, batch=64, steps=100, hidden=200):
+    energy = tn.EnergyMLP(dim, hidden, rngs=0)
     prior = tn.EnergyTiltedNormal(energy, jnp.zeros(dim), jnp.ones(dim), sampler=tn.ShortRunLangevin(steps, STEP))
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 100000))
 
@@ -123,17 +123,20 @@ def main() -> None:
 
     if not args.no_scaling:
         rows = []
-        for dim, batch, steps in [(16, 64, 100), (16, 256, 100), (16, 1024, 100), (16, 64, 200), (16, 64, 400),
-                                  (64, 64, 100), (128, 64, 100)]:
-            p, _ = pyro_pair(dim, batch, steps)
-            j, _ = numpyro_pair(dim, batch, steps)
+        for dim, batch, steps, hidden in [(16, 64, 100, 200), (16, 256, 100, 200), (16, 1024, 100, 200),
+                                          (16, 64, 200, 200), (16, 64, 400, 200), (64, 64, 100, 200),
+                                          (128, 64, 100, 200), (16, 64, 100, 64), (16, 64, 100, 32)]:
+            p, _ = pyro_pair(dim, batch, steps, hidden)
+            j, _ = numpyro_pair(dim, batch, steps, hidden)
             r = compare(p, j, max(5, args.rounds // 3))
-            rows.append({"dim": dim, "batch": batch, "steps": steps, **r})
+            rows.append({"dim": dim, "batch": batch, "steps": steps, "hidden": hidden, **r})
         res["scaling"] = rows
         print("\n# Cost of the library's prior chain as it grows\n")
-        print("| latent d | batch | steps | Pyro (ms) | NumPyro (ms) | Pyro / NumPyro |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| latent d | batch | steps | hidden | Pyro (ms) | NumPyro (ms) | Pyro / NumPyro |\n"
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
-            print(f"| {r['dim']} | {r['batch']} | {r['steps']} | {r['a_ms']:.1f} | {r['b_ms']:.2f} | {r['ratio']:.1f} |")
+            print(f"| {r['dim']} | {r['batch']} | {r['steps']} | {r['hidden']} | {r['a_ms']:.1f} | {r['b_ms']:.2f} "
+                  f"| {r['ratio']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

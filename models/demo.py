@@ -74,7 +74,7 @@ def run_demo(out: str | os.PathLike, num: int = 2000, seed: int = 0) -> dict:
     for ax in axes:
         ax.set_aspect("equal")
     fig.suptitle(f"AIS log Z = {summary['log_z_ais']:.3f} ± {summary['log_z_ais_stderr']:.3f} (exact 0)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(out / "prior_samples.png", dpi=110)
     plt.close(fig)
     (out / "prior_summary.json").write_text(json.dumps(summary, indent=2))

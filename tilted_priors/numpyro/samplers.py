@@ -46,6 +46,7 @@ import numpy as np
 from jax import lax
 from jax.tree_util import Partial
 
+from tilted_priors._persistent import PersistentBase
 from tilted_priors._validation import check_positive_int, check_step_size
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro import langevin
@@ -346,7 +347,7 @@ class MALA(_Langevin):
         super().__init__(steps, step_size)
 
 
-class Persistent:
+class Persistent(PersistentBase):
     """Keep the chains' state between calls: each ``run`` continues where the previous one stopped.
 
     The first call (or a call whose ``init`` has another shape, or after :meth:`reset`) starts from ``init``;
@@ -374,36 +375,14 @@ class Persistent:
     True
     """
 
-    def __init__(self, sampler: _Langevin):
-        if not hasattr(sampler, "run") or isinstance(sampler, Persistent):
-            raise TypeError(f"Persistent wraps a ShortRunLangevin or MALA sampler, got {sampler!r}")
-        self.sampler = sampler
-        self.state: jax.Array | None = None
-
-    @property
-    def steps(self) -> int:
-        return self.sampler.steps
-
-    @property
-    def step_size(self) -> float:
-        return self.sampler.step_size
-
-    def reset(self) -> None:
-        """Forget the stored chains; the next call starts from its ``init``."""
-        self.state = None
-
     def _chain(self, rng_key, log_density, init) -> _ChainResult:
         return self.sampler._chain(rng_key, log_density, init)
 
     def run(self, rng_key, log_density, init, *, return_info: bool = False):
         """Continue the stored chains (or start them at ``init``) for ``sampler.steps`` steps."""
         init = jnp.asarray(init)
-        start = self.state if self.state is not None and self.state.shape == init.shape else init
-        out = self.sampler.run(rng_key, log_density, start.astype(init.dtype), return_info=return_info)
+        out = self.sampler.run(rng_key, log_density, self._start(init).astype(init.dtype), return_info=return_info)
         position = out[0] if return_info else out
         if _is_concrete(position):
             self.state = position
         return out
-
-    def __repr__(self) -> str:
-        return f"Persistent({self.sampler!r})"

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from tilted_priors._persistent import PersistentBase
 from tilted_priors._validation import check_positive_int, check_step_size
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import langevin
@@ -136,7 +137,7 @@ class MALA(_Langevin):
         return langevin.mala_step(None, state, log_density, self.step_size)
 
 
-class Persistent:
+class Persistent(PersistentBase):
     """Keep the chains' state between calls: each ``run`` continues where the previous one stopped.
 
     The first call (or a call whose ``init`` has another shape, or after :meth:`reset`) starts from ``init``;
@@ -157,30 +158,8 @@ class Persistent:
     True
     """
 
-    def __init__(self, sampler: _Langevin):
-        if not hasattr(sampler, "run") or isinstance(sampler, Persistent):
-            raise TypeError(f"Persistent wraps a ShortRunLangevin or MALA sampler, got {sampler!r}")
-        self.sampler = sampler
-        self.state: torch.Tensor | None = None
-
-    @property
-    def steps(self) -> int:
-        return self.sampler.steps
-
-    @property
-    def step_size(self) -> float:
-        return self.sampler.step_size
-
-    def reset(self) -> None:
-        """Forget the stored chains; the next call starts from its ``init``."""
-        self.state = None
-
     def run(self, log_density, init: torch.Tensor, *, return_info: bool = False):
         """Continue the stored chains (or start them at ``init``) for ``sampler.steps`` steps."""
-        start = self.state if self.state is not None and self.state.shape == init.shape else init
-        out = self.sampler.run(log_density, start.to(init), return_info=return_info)
+        out = self.sampler.run(log_density, self._start(init).to(init), return_info=return_info)
         self.state = (out[0] if return_info else out).detach().clone()
         return out
-
-    def __repr__(self) -> str:
-        return f"Persistent({self.sampler!r})"

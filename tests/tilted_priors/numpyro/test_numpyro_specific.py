@@ -309,21 +309,3 @@ def test_persistent_continues_eagerly_and_does_not_store_tracers():
     assert s.state is b  # the traced result was not stored
     s.reset()
     assert s.state is None
-
-
-def test_energy_mlp_matches_torch_with_exact_gelu():
-    torch = pytest.importorskip("torch")
-    from tilted_priors.pyro import EnergyMLP as TorchEnergyMLP
-
-    torch.manual_seed(0)
-    reference = TorchEnergyMLP(5, 16).double()
-    torch_layers = [m for m in reference.net if isinstance(m, torch.nn.Linear)]
-    z = np.random.default_rng(0).normal(size=(7, 5))
-    with jax.enable_x64(True):
-        energy = EnergyMLP(5, 16)
-        assert len(energy.layers) == len(torch_layers)
-        for layer, t in zip(energy.layers, torch_layers):
-            layer.kernel.set_value(jnp.asarray(t.weight.detach().numpy().T))
-            layer.bias.set_value(jnp.asarray(t.bias.detach().numpy()))
-        out = np.asarray(energy(jnp.asarray(z)))
-    np.testing.assert_allclose(out, reference(torch.from_numpy(z)).detach().numpy(), atol=1e-10)
