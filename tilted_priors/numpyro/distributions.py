@@ -14,6 +14,8 @@ compiled chains across distribution instances (see :mod:`tilted_priors.numpyro.s
 """
 from __future__ import annotations
 
+import copy
+
 import math
 
 import jax
@@ -278,6 +280,29 @@ class EnergyTilted(Distribution):
         return self.sample_with(key, self.sampler, sample_shape)
 
     # --- shapes ----------------------------------------------------------------------------------------
+    def replace(self, *, normalizer=None, sampler=None) -> "EnergyTilted":
+        """A copy with another normalizer and/or sampler (what the effect handlers of :mod:`inference` use).
+
+        A new normalizer's learned parameters are declared (``numpyro.param``) as at construction.
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> from tilted_priors.numpyro import EnergyTiltedNormal, Unnormalized
+        >>> d = EnergyTiltedNormal(lambda z: z.sum(-1), jnp.zeros(2), jnp.ones(2))
+        >>> type(d.replace(normalizer=Unnormalized()).normalizer).__name__
+        'Unnormalized'
+        """
+        new = copy.copy(self)
+        if normalizer is not None:
+            new.normalizer = normalizer
+            register = getattr(normalizer, "register_params", None)
+            new._normalizer_params = register() if callable(register) else None
+        if sampler is not None:
+            new.sampler = sampler
+        new._log_normalizer = None
+        return new
+
     def _copy_settings(self, new: "EnergyTilted") -> "EnergyTilted":
         new._validate_args = self._validate_args
         return new

@@ -7,6 +7,7 @@ with :math:`q` a base distribution over vectors (event shape ``(d,)``) and :math
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -103,6 +104,23 @@ class EnergyTilted(TorchDistribution):
         if self._log_normalizer is None:
             self._log_normalizer = self.normalizer.term(self)
         return self._log_normalizer
+
+    def replace(self, *, normalizer=None, sampler=None) -> "EnergyTilted":
+        """A copy with another normalizer and/or sampler (what the effect handlers of :mod:`inference` use).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tilted_priors.pyro import EnergyTiltedNormal, Unnormalized
+        >>> d = EnergyTiltedNormal(lambda z: z.sum(-1), torch.zeros(2), torch.ones(2))
+        >>> type(d.replace(normalizer=Unnormalized()).normalizer).__name__
+        'Unnormalized'
+        """
+        new = copy.copy(self)
+        new.normalizer = self.normalizer if normalizer is None else normalizer
+        new.sampler = self.sampler if sampler is None else sampler
+        new._log_normalizer = None
+        return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
