@@ -14,11 +14,11 @@ mechanism.
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 from pyro.poutine.messenger import Messenger
 
+from inference._wrappers import find_wrapped, map_wrapped
 from tilted_priors.pyro import EnergyTilted
 
 __all__ = ["sampler", "normalizer", "map_tilted", "find_tilted"]
@@ -26,9 +26,7 @@ __all__ = ["sampler", "normalizer", "map_tilted", "find_tilted"]
 
 def find_tilted(fn) -> EnergyTilted | None:
     """The :class:`EnergyTilted` inside ``fn`` (itself, or inside ``base_dist`` wrappers), else ``None``."""
-    while fn is not None and not isinstance(fn, EnergyTilted):
-        fn = getattr(fn, "base_dist", None)
-    return fn
+    return find_wrapped(fn, EnergyTilted)
 
 
 def map_tilted(fn, f: Callable[[EnergyTilted], EnergyTilted]):
@@ -44,17 +42,7 @@ def map_tilted(fn, f: Callable[[EnergyTilted], EnergyTilted]):
     >>> type(map_tilted(d, lambda t: t.replace(normalizer=Unnormalized())).base_dist.normalizer).__name__
     'Unnormalized'
     """
-    if isinstance(fn, EnergyTilted):
-        return f(fn)
-    inner = getattr(fn, "base_dist", None)
-    if inner is None:
-        return fn
-    mapped = map_tilted(inner, f)
-    if mapped is inner:
-        return fn
-    new = copy.copy(fn)
-    new.base_dist = mapped
-    return new
+    return map_wrapped(fn, EnergyTilted, f)
 
 
 class _Swap(Messenger):

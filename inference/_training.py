@@ -1,0 +1,500 @@
+"""Backend-free parts of ``fit`` (the training loop of :mod:`inference.pyro.train` and
+:mod:`inference.numpyro.train`): argument checks, the minibatch order, per-prefix learning rates and their
+schedule, atomic writes, the metrics history, the divergence error and the loop itself.
+
+A backend plugs into :func:`run_training` through a small object (see :class:`TrainerBackend`) that builds the
+backend's own ``SVI``, takes one step, and reads and writes its checkpoint format. Everything else — when to
+checkpoint, what the history holds, how divergence is reported, the progress bar — is written once here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+__all__ = [
+    "TrainingDiverged", "FitResult", "LearningRates", "TrainingPlan", "TrainerBackend", "make_plan",
+    "batch_order", "atomic_write", "write_history", "run_training", "flatten_state", "unflatten_state",
+]
+
+CHECKPOINT_FORMAT = "tilted-priors.fit/1"
+HISTORY_FILE = "history.json"
+# Settings a resumed run must share with the run that wrote the checkpoint (they fix the minibatch order).
+_RESUME_KEYS = ("seed", "batch_size", "num_data", "data_shape")
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training stopped because a step gave a non-finite loss or parameters, or a sampler diverged.
+
+    Raised by ``fit`` on both backends. The state that diverged is not written anywhere: the last good
+    checkpoint on disk (if any) is untouched, so ``fit(..., resume=True)`` continues from it once the cause
+    is fixed (usually a lower learning rate, or a smaller sampler step size).
+
+    Parameters
+    ----------
+    step : int
+        1-based index of the update that diverged.
+    epoch : int
+        1-based epoch of that update.
+    reason : str
+        What was seen (a non-finite loss, non-finite parameters, or a sampler's message).
+    checkpoint : str or None
+        Path of the last good checkpoint.
+    checkpoint_step : int or None
+        Number of updates in that checkpoint.
+
+    Examples
+    --------
+    >>> err = TrainingDiverged(12, 1, "the loss was nan", "run/checkpoint.pt", 10)
+    >>> isinstance(err, FloatingPointError), err.step, err.checkpoint
+    (True, 12, 'run/checkpoint.pt')
+    """
+
+    def __init__(self, step: int, epoch: int, reason: str, checkpoint: str | None = None,
+                 checkpoint_step: int | None = None):
+        self.step, self.epoch, self.reason = int(step), int(epoch), str(reason)
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
+        if checkpoint is None:
+            where = ("no checkpoint was written (pass out= and checkpoint_every= to keep one, then resume "
+                     "with resume=True)")
+        else:
+            where = (f"the last good checkpoint is {checkpoint} (step {checkpoint_step}); continue from it "
+                     "with fit(..., resume=True)")
+        super().__init__(
+            f"training diverged at step {step} (epoch {epoch}): {reason}. The diverged state was not saved; "
+            f"{where}. Lower the learning rate (or the rate of the group that diverged), set clip_norm, or "
+            "lower the step size of the Langevin/MALA sampler in the prior or the guide.")
+
+    def __reduce__(self):
+        return (type(self), (self.step, self.epoch, self.reason, self.checkpoint, self.checkpoint_step))
+
+
+@dataclass(eq=False)
+class FitResult:
+    """What ``fit`` returns.
+
+    Attributes
+    ----------
+    history : list of dict
+        One record per update: ``step`` (1-based), ``epoch`` (1-based), ``loss``, ``lr`` (a float, or a dict
+        prefix -> rate when ``lr`` was given per prefix) and ``seconds`` (wall time since training began,
+        summed over resumed runs).
+    losses : numpy.ndarray
+        The losses of ``history``, shape ``(steps,)``.
+    params : dict of str to numpy.ndarray
+        Final parameters in constrained space. Pyro: param-store names. NumPyro: site names, with the leaves
+        of a pytree parameter (a Flax/NNX module) named ``site/key/...``.
+    state : object
+        NumPyro: the final ``SVIState`` (feed it to ``svi.get_params`` or further ``svi.update``). Pyro: ``None``
+        (the parameters live in Pyro's param store).
+    checkpoint : str or None
+        Path of the final checkpoint, or ``None`` when ``out`` was not given.
+    steps : int
+        Number of updates done in total (including those before a resume).
+    """
+
+    history: list = field(repr=False)
+    losses: np.ndarray = field(repr=False)
+    params: dict = field(repr=False)
+    state: Any = field(repr=False)
+    checkpoint: str | None
+    steps: int
+
+
+class LearningRates:
+    """Learning rates by parameter-name prefix: the longest matching prefix wins, ``""`` is the default.
+
+    Parameters
+    ----------
+    lr : float or dict of str to float
+        One rate for all parameters (positive), or rates per name prefix (non-negative, not all zero; a rate
+        of 0 freezes the group).
+
+    Examples
+    --------
+    >>> rates = LearningRates({"energy": 2e-5, "": 1e-4})
+    >>> rates.label("energy$$$net.0.weight"), rates.rate("generator$params")
+    ('energy', 0.0001)
+    """
+
+    def __init__(self, lr):
+        if isinstance(lr, Mapping):
+            if not lr:
+                raise ValueError("lr: the dict of learning rates is empty; give at least a default entry ''")
+            rates = {}
+            for prefix, value in lr.items():
+                if not isinstance(prefix, str):
+                    raise TypeError(f"lr: keys must be parameter-name prefixes (str), got {prefix!r}")
+                rates[prefix] = _check_rate(value, f"lr[{prefix!r}]", allow_zero=True)
+            if not any(v > 0 for v in rates.values()):
+                raise ValueError(f"lr: every learning rate is 0, nothing would be trained: {dict(lr)!r}")
+            self.rates = rates
+            self.grouped = True
+        else:
+            self.rates = {"": _check_rate(lr, "lr", allow_zero=False)}
+            self.grouped = False
+        # longest prefix first, so the first match is the longest one
+        self._order = sorted(self.rates, key=len, reverse=True)
+
+    def label(self, name: str) -> str:
+        """The prefix (group label) that governs parameter ``name``; ``ValueError`` if none matches."""
+        for prefix in self._order:
+            if name.startswith(prefix):
+                return prefix
+        raise ValueError(f"lr: parameter {name!r} matches none of the prefixes {sorted(self.rates)!r}; add a "
+                         "default entry '' (e.g. lr={..., '': 1e-4})")
+
+    def rate(self, name: str) -> float:
+        """Base learning rate (before decay) of parameter ``name``."""
+        return self.rates[self.label(name)]
+
+    def check_names(self, names) -> None:
+        """Raise ``ValueError`` if a prefix matches no parameter or a parameter matches no prefix."""
+        names = sorted(set(names))
+        used = {self.label(name) for name in names}
+        unused = [p for p in self.rates if p and p not in used and not any(n.startswith(p) for n in names)]
+        if unused:
+            raise ValueError(f"lr: the prefix(es) {unused!r} match no parameter of the model or guide; its "
+                             f"parameters are {names!r}")
+
+    def to_json(self):
+        return dict(self.rates) if self.grouped else self.rates[""]
+
+    def __repr__(self) -> str:
+        return f"LearningRates({self.to_json()!r})"
+
+
+def _check_rate(value, name: str, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0 \
+            or (value == 0 and not allow_zero):
+        kind = "a finite non-negative number" if allow_zero else "a finite positive number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def batch_order(seed: int, epoch: int, num_data: int, batch_size: int) -> np.ndarray:
+    """Data indices of the minibatches of one epoch, shape ``(num_data // batch_size, batch_size)``.
+
+    A permutation drawn from ``(seed, epoch)`` alone, so a resumed run sees the same batches; the last
+    incomplete batch is dropped.
+
+    Examples
+    --------
+    >>> order = batch_order(0, 0, 10, 3)
+    >>> order.shape, len(set(order.ravel()))
+    ((3, 3), 9)
+    >>> bool((order == batch_order(0, 0, 10, 3)).all()), bool((order == batch_order(0, 1, 10, 3)).all())
+    (True, False)
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
+    steps = num_data // batch_size
+    return rng.permutation(num_data)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def atomic_write(path, write: Callable[[Any], None]) -> None:
+    """Write a file so that ``path`` holds either its old content or the complete new one.
+
+    ``write(f)`` fills a binary temporary file in the same directory; it is flushed, fsynced and renamed over
+    ``path`` (``os.replace``). On any error the temporary file is removed and ``path`` is untouched.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> atomic_write(os.path.join(d, "a.txt"), lambda f: f.write(b"hello"))
+    >>> os.listdir(d)
+    ['a.txt']
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX); not possible everywhere
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def write_history(path, history: list, config: dict) -> None:
+    """Write ``{"config": ..., "history": [...]}`` as JSON, atomically."""
+    text = json.dumps({"config": config, "history": history}, indent=1, allow_nan=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def flatten_state(state: Mapping, prefix: str = "") -> dict:
+    """Flatten nested dicts of arrays to ``{"a/b": array}`` (keys must be str without '/')."""
+    flat = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or "/" in key:
+            raise ValueError(f"state_dict keys must be str without '/', got {key!r}")
+        if isinstance(value, Mapping):
+            flat.update(flatten_state(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def unflatten_state(flat: Mapping) -> dict:
+    """Inverse of :func:`flatten_state`."""
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+@dataclass
+class TrainingPlan:
+    """Checked arguments of ``fit`` and what follows from them (built by :func:`make_plan`)."""
+
+    data: np.ndarray
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    lr: LearningRates
+    betas: tuple
+    lr_decay: float
+    clip_norm: float | None
+    seed: int
+    out: Path | None
+    checkpoint_every: int | None
+    resume: bool
+    progress: bool
+    pass_index: bool
+    callback: Callable | None
+    loss_name: str
+    backend: str
+    checkpoint_name: str
+    _order: tuple = field(default=(None, None), repr=False)
+
+    @property
+    def num_data(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out is None else self.out / self.checkpoint_name
+
+    def indices(self, step: int) -> np.ndarray:
+        """Data indices of update ``step`` (0-based)."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, batch_order(self.seed, epoch, self.num_data, self.batch_size))
+        return self._order[1][pos]
+
+    def decay_factor(self, step: int) -> float:
+        """``lr_decay ** epoch`` for update ``step`` (0-based): the staircase exponential schedule."""
+        return self.lr_decay ** (step // self.steps_per_epoch)
+
+    def lr_record(self, step: int):
+        f = self.decay_factor(step)
+        if self.lr.grouped:
+            return {prefix: rate * f for prefix, rate in self.lr.rates.items()}
+        return self.lr.rates[""] * f
+
+    def config(self) -> dict:
+        return {"backend": self.backend, "seed": self.seed, "batch_size": self.batch_size,
+                "num_data": self.num_data, "data_shape": list(self.data.shape),
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "lr": self.lr.to_json(), "betas": list(self.betas), "lr_decay": self.lr_decay,
+                "clip_norm": self.clip_norm, "loss": self.loss_name, "pass_index": self.pass_index,
+                "checkpoint_every": self.checkpoint_every}
+
+
+def make_plan(data, *, epochs, num_steps, batch_size, lr, betas, lr_decay, clip_norm, seed, out,
+              checkpoint_every, resume, progress, pass_index, callback, loss_name: str, backend: str,
+              checkpoint_name: str) -> TrainingPlan:
+    """Check the arguments of ``fit`` (clear ``ValueError``/``TypeError`` messages) and build the plan."""
+    try:
+        array = np.asarray(data)
+    except Exception as err:  # e.g. a tensor that requires grad
+        raise TypeError(f"data must be a numpy array of shape (N, ...), got {type(data).__name__}: {err}") from err
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) \
+            or np.issubdtype(array.dtype, np.complexfloating):
+        raise TypeError(f"data must be a real numeric array of shape (N, ...), got dtype {array.dtype}")
+    if array.ndim == 0:
+        raise ValueError("data must have a leading data dimension (N, ...), got a scalar")
+    if array.shape[0] == 0:
+        raise ValueError(f"data is empty (shape {array.shape})")
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise ValueError(f"data holds {bad} non-finite value(s) (nan or inf); clean or impute them first")
+    num_data = array.shape[0]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size > num_data:
+        raise ValueError(f"batch_size={batch_size} is larger than the data set (N={num_data}); batches are "
+                         "full (the last incomplete one is dropped), so use batch_size <= N")
+    batch_size = int(batch_size)
+    steps_per_epoch = num_data // batch_size
+    if (epochs is None) == (num_steps is None):
+        raise ValueError("give exactly one of epochs= and num_steps= (got "
+                         f"epochs={epochs!r}, num_steps={num_steps!r})")
+    if epochs is not None:
+        total = _check_int("epochs", epochs) * steps_per_epoch
+    else:
+        total = _check_int("num_steps", num_steps)
+    rates = LearningRates(lr)
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}") from None
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+    lr_decay = _check_rate(lr_decay, "lr_decay", allow_zero=False)
+    if clip_norm is not None:
+        clip_norm = _check_rate(clip_norm, "clip_norm", allow_zero=False)
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if checkpoint_every is not None:
+        checkpoint_every = _check_int("checkpoint_every", checkpoint_every)
+        if out is None:
+            raise ValueError("checkpoint_every needs out= (the directory the checkpoints go to)")
+    if resume and out is None:
+        raise ValueError("resume=True needs out= (the directory that holds the checkpoint)")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {callback!r}")
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out={str(out)!r} exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+    return TrainingPlan(array, batch_size, steps_per_epoch, total, rates, (b1, b2), lr_decay, clip_norm,
+                        int(seed), out, checkpoint_every, bool(resume), bool(progress), bool(pass_index),
+                        callback, loss_name, backend, checkpoint_name)
+
+
+class TrainerBackend(Protocol):
+    """What a backend supplies to :func:`run_training`."""
+
+    def read(self, path: Path) -> tuple[Any, dict]:
+        """Load a checkpoint: ``(payload, meta)`` with meta keys ``step``, ``history``, ``elapsed``, ``config``."""
+
+    def setup(self, indices: np.ndarray, payload: Any) -> list[str]:
+        """Build SVI and the parameters (fresh from the seed, or from ``payload``); return parameter names."""
+
+    def step(self, step: int, indices: np.ndarray) -> tuple[float, bool]:
+        """One update (``step`` 0-based); return ``(loss, parameters_finite)``; may raise FloatingPointError."""
+
+    def save(self, f, meta: dict) -> None:
+        """Write the current state and ``meta`` to the binary file object ``f``."""
+
+    def result(self) -> tuple[dict, Any]:
+        """``(params as numpy, backend state or None)``."""
+
+
+def run_training(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
+    """The loop shared by both backends: resume, steps, divergence guard, checkpoints, history, progress."""
+    from tqdm import tqdm
+
+    ckpt = plan.checkpoint_path
+    config = plan.config()
+    start, history, elapsed, payload = 0, [], 0.0, None
+    if ckpt is not None and ckpt.exists():
+        if plan.resume:
+            payload, meta = backend.read(ckpt)
+            _check_resume(meta.get("config", {}), config, ckpt)
+            start, history, elapsed = int(meta["step"]), list(meta["history"])[: int(meta["step"])], \
+                float(meta["elapsed"])
+            if start > plan.total_steps:
+                raise ValueError(f"the checkpoint {ckpt} is at step {start}, beyond the {plan.total_steps} steps "
+                                 "asked for; ask for at least as many (epochs/num_steps count from the start)")
+        else:
+            warnings.warn(f"{ckpt} exists and will be overwritten by this run; pass resume=True to continue it",
+                          stacklevel=3)
+    names = backend.setup(plan.indices(start), payload)
+    plan.lr.check_names(names)
+    good_ckpt = str(ckpt) if payload is not None else None
+    good_step = start if payload is not None else None
+
+    def checkpoint(step: int) -> None:
+        nonlocal good_ckpt, good_step
+        meta = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": step // plan.steps_per_epoch,
+                "elapsed": elapsed + (time.perf_counter() - t0), "history": history, "config": config}
+        atomic_write(ckpt, lambda f: backend.save(f, meta))
+        write_history(plan.out / HISTORY_FILE, history, config)
+        good_ckpt, good_step = str(ckpt), step
+
+    t0 = time.perf_counter()
+    step = start
+    bar = tqdm(total=plan.total_steps, initial=start, disable=not plan.progress, unit="step",
+               dynamic_ncols=True, desc=f"fit ({plan.backend})")
+    try:
+        while step < plan.total_steps:
+            epoch = step // plan.steps_per_epoch + 1
+            try:
+                loss, finite = backend.step(step, plan.indices(step))
+            except TrainingDiverged:
+                raise
+            except FloatingPointError as err:
+                raise TrainingDiverged(step + 1, epoch, f"{type(err).__name__}: {err}", good_ckpt,
+                                       good_step) from err
+            if not math.isfinite(loss):
+                raise TrainingDiverged(step + 1, epoch, f"the loss was {loss}", good_ckpt, good_step)
+            if not finite:
+                raise TrainingDiverged(step + 1, epoch, "some parameters became non-finite after the update",
+                                       good_ckpt, good_step)
+            step += 1
+            record = {"step": step, "epoch": epoch, "loss": float(loss), "lr": plan.lr_record(step - 1),
+                      "seconds": elapsed + (time.perf_counter() - t0)}
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            stop = bool(plan.callback(dict(record))) if plan.callback is not None else False
+            if ckpt is not None and plan.checkpoint_every and step % plan.checkpoint_every == 0 \
+                    and step < plan.total_steps and not stop:
+                checkpoint(step)
+            if stop:
+                break
+    finally:
+        bar.close()
+    if ckpt is not None and (step > start or payload is None):
+        checkpoint(step)
+    params, state = backend.result()
+    return FitResult(history=history, losses=np.array([r["loss"] for r in history], dtype=np.float64),
+                     params=params, state=state, checkpoint=None if ckpt is None else str(ckpt), steps=step)
+
+
+def _check_resume(saved: dict, now: dict, path: Path) -> None:
+    if saved.get("backend", now["backend"]) != now["backend"]:
+        raise ValueError(f"{path} was written by the {saved['backend']} backend, not {now['backend']}")
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"cannot resume from {path}: the minibatch order would differ ({'; '.join(diff)}); "
+                         "use the same data, batch_size and seed, or resume=False to start afresh")

@@ -1,0 +1,254 @@
+"""``fit``: the training loop around NumPyro's own ``SVI`` — minibatches, per-prefix learning rates with an
+exponential schedule (optax), gradient clipping, a divergence guard, atomic checkpoints with bit-identical
+resume, a metrics history and a progress bar. The Pyro twin is :func:`inference.pyro.train.fit`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.optim import optax_to_numpyro
+
+from inference._training import (FitResult, TrainingDiverged, TrainingPlan, flatten_state, make_plan,
+                                 run_training, unflatten_state)
+
+__all__ = ["fit", "FitResult", "TrainingDiverged"]
+
+_STATE = "svi_state/"
+_GUIDE = "guide_state/"
+_MODEL = "model_state/"
+
+
+def _optimizer(plan: TrainingPlan) -> optax.GradientTransformation:
+    """Adam per prefix group with the staircase exponential schedule, after optional global-norm clipping."""
+    b1, b2 = plan.betas
+
+    def adam(rate: float) -> optax.GradientTransformation:
+        schedule = rate if plan.lr_decay == 1.0 else optax.exponential_decay(
+            rate, transition_steps=plan.steps_per_epoch, decay_rate=plan.lr_decay, staircase=True)
+        return optax.adam(schedule, b1=b1, b2=b2)
+
+    if plan.lr.grouped:
+        def labels(params):
+            return {name: jax.tree.map(lambda _, label=plan.lr.label(name): label, value)
+                    for name, value in params.items()}
+        tx = optax.multi_transform({prefix: adam(rate) for prefix, rate in plan.lr.rates.items()}, labels)
+    else:
+        tx = adam(plan.lr.rates[""])
+    if plan.clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(plan.clip_norm), tx)
+    return tx
+
+
+def _flat_params(params: Mapping) -> dict:
+    """``{site: array}``; the leaves of a pytree site are named ``site/key/...``."""
+    out = {}
+    for name, value in params.items():
+        leaves = jax.tree_util.tree_flatten_with_path(value)[0]
+        for path, leaf in leaves:
+            keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+            out["/".join([name, *keys])] = np.asarray(leaf)
+    return out
+
+
+def _extra_state(obj) -> dict | None:
+    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+        return None
+    flat = flatten_state(obj.state_dict())
+    out = {}
+    for key, value in flat.items():
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise TypeError(f"{type(obj).__name__}.state_dict() must hold arrays only, got {key!r}: "
+                            f"{type(value).__name__}")
+        out[key] = array
+    return out
+
+
+class _NumPyroTrainer:
+    def __init__(self, model, guide, loss, plan: TrainingPlan):
+        self.model, self.guide, self.plan = model, guide, plan
+        self.svi = SVI(model, guide, optax_to_numpyro(_optimizer(plan)), loss)
+        self.data = jnp.asarray(plan.data, dtype=jnp.result_type(float))
+        self.state = None
+        pass_index, svi = plan.pass_index, self.svi
+
+        def update(state, data, idx):
+            kwargs = {"index": idx} if pass_index else {}
+            new_state, loss_value = svi.update(state, jnp.take(data, idx, axis=0), **kwargs)
+            leaves = jax.tree_util.tree_leaves(svi.optim.get_params(new_state.optim_state))
+            finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+            return new_state, loss_value, finite
+
+        self._update = jax.jit(update)
+
+    def _kwargs(self, idx: np.ndarray) -> tuple[jax.Array, dict]:
+        index = jnp.asarray(idx, dtype=jnp.int32)
+        return jnp.take(self.data, index, axis=0), ({"index": index} if self.plan.pass_index else {})
+
+    def read(self, path: Path):
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        if "format" not in arrays or "config_json" not in arrays:
+            raise ValueError(f"{path} is not a NumPyro checkpoint written by fit")
+        config = json.loads(str(arrays["config_json"]))
+        if config.get("backend") != "numpyro":
+            raise ValueError(f"{path} was written by the {config.get('backend')} backend, not numpyro")
+        meta = {"step": int(arrays["step"]), "elapsed": float(arrays["elapsed"]), "config": config,
+                "history": json.loads(str(arrays["history_json"]))}
+        return arrays, meta
+
+    def setup(self, idx: np.ndarray, payload) -> list[str]:
+        x, kwargs = self._kwargs(idx)
+        # A fresh state from the seed: the run's initial state, or on resume the template whose tree structure
+        # receives the checkpoint's leaves.
+        state = self.svi.init(jax.random.PRNGKey(self.plan.seed), x, **kwargs)
+        names = sorted(self.svi.optim.get_params(state.optim_state))
+        if payload is not None:
+            leaves, treedef = jax.tree_util.tree_flatten(state)
+            saved = sorted((k for k in payload if k.startswith(_STATE)), key=lambda k: int(k[len(_STATE):]))
+            if len(saved) != len(leaves):
+                raise ValueError(f"cannot resume: the checkpoint's SVI state has {len(saved)} arrays, the model, "
+                                 f"guide and optimizer here make {len(leaves)} (changed prefixes in lr, or a "
+                                 "different model or guide?)")
+            restored = []
+            for key, leaf in zip(saved, leaves):
+                value = payload[key]
+                if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
+                    raise ValueError(f"cannot resume: SVI state array {key} has {value.dtype}{list(value.shape)} "
+                                     f"in the checkpoint, {np.asarray(leaf).dtype}{list(np.shape(leaf))} here")
+                restored.append(jnp.asarray(value))
+            state = jax.tree_util.tree_unflatten(treedef, restored)
+            for prefix, obj in ((_GUIDE, self.guide), (_MODEL, self.model)):
+                extra = {k[len(prefix):]: payload[k] for k in payload if k.startswith(prefix)}
+                if extra:
+                    obj.load_state_dict(unflatten_state(extra))
+        self.state = state
+        return names
+
+    def step(self, step: int, idx: np.ndarray) -> tuple[float, bool]:
+        new_state, loss, finite = self._update(self.state, self.data, jnp.asarray(idx, dtype=jnp.int32))
+        loss, finite = float(loss), bool(finite)
+        if np.isfinite(loss) and finite:
+            self.state = new_state
+        return loss, finite
+
+    def save(self, f, meta: dict) -> None:
+        arrays = {"format": np.array(meta["format"]), "step": np.array(meta["step"]),
+                  "epoch": np.array(meta["epoch"]), "elapsed": np.array(meta["elapsed"]),
+                  "history_json": np.array(json.dumps(meta["history"])),
+                  "config_json": np.array(json.dumps(meta["config"]))}
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(self.state)):
+            arrays[f"{_STATE}{i:05d}"] = np.asarray(leaf)
+        for prefix, obj in ((_GUIDE, self.guide), (_MODEL, None if self.model is self.guide else self.model)):
+            for key, value in (_extra_state(obj) or {}).items():
+                arrays[prefix + key] = value
+        np.savez(f, **arrays)
+
+    def result(self):
+        return _flat_params(self.svi.get_params(self.state)), self.state
+
+
+def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, num_steps: int | None = None,
+        batch_size: int = 100, lr: float | Mapping[str, float] = 1e-4, betas: Sequence[float] = (0.5, 0.999),
+        lr_decay: float = 1.0, clip_norm: float | None = None, loss: Any = None, seed: int = 0,
+        out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
+        progress: bool = True, pass_index: bool = False,
+        callback: Callable[[dict], Any] | None = None) -> FitResult:
+    """Train a NumPyro model and guide with NumPyro's ``SVI`` (jitted updates) on minibatches of ``data``.
+
+    Parameters
+    ----------
+    model, guide : callable
+        Called by ``SVI`` as ``model(x_batch)`` / ``guide(x_batch)`` with ``x_batch`` a JAX array of shape
+        ``(batch_size, ...)`` in JAX's default float dtype (and ``index=`` when ``pass_index``).
+    data : numpy.ndarray
+        Training data, shape ``(N, ...)``, finite, real (cast to float). It is put on the device once.
+    epochs, num_steps : int
+        Length of training: exactly one. ``epochs`` means ``epochs * (N // batch_size)`` updates. Both count
+        from the start of training, also when resuming.
+    batch_size : int
+        Minibatch size, ``1 <= batch_size <= N``. Each epoch visits a permutation drawn from ``(seed, epoch)``
+        and drops the last incomplete batch.
+    lr : float or dict of str to float
+        Adam learning rate, or rates by parameter-name prefix (longest prefix wins, ``""`` is the default),
+        matched against NumPyro's site names such as ``"energy$params"``, ``"generator$params"``, ``"snl_b"``.
+        LEBM: ``{"energy": 2e-5, "": 1e-4}``. A rate of 0 freezes its group.
+    betas : pair of float
+        Adam's ``(b1, b2)``; LEBM uses ``(0.5, 0.999)``.
+    lr_decay : float
+        Multiplicative decay per epoch: update ``k`` (0-based) uses ``lr * lr_decay ** (k // (N // batch_size))``
+        (``optax.exponential_decay(..., staircase=True)`` with one transition per epoch; LEBM: 0.998).
+    clip_norm : float, optional
+        Clip the global norm of all gradients to this value (``optax.clip_by_global_norm``).
+    loss : numpyro.infer.elbo.ELBO, optional
+        Default ``Trace_ELBO()``.
+    seed : int
+        Seeds the minibatch order and the ``jax.random.PRNGKey`` given to ``svi.init``.
+    out : str or Path, optional
+        Directory for ``checkpoint.npz`` and ``history.json``; nothing is written when ``None``.
+    checkpoint_every : int, optional
+        Write a checkpoint every this many updates (needs ``out``); one is always written at the end.
+    resume : bool
+        Continue from ``out/checkpoint.npz`` if it exists (else start afresh). The result is bit-identical to a
+        run that was never interrupted: the whole ``SVIState`` (parameters, optimizer state with its step count,
+        mutable state, RNG key) and ``guide.state_dict()`` (if the guide has one) are restored. ``seed``,
+        ``batch_size`` and the data's shape must match; learning-rate values, ``clip_norm`` and the length may
+        change (the prefixes of ``lr`` may not: they shape the optimizer state).
+    progress : bool
+        Show a tqdm bar with the loss and the speed.
+    pass_index : bool
+        Also pass ``index=`` (an int32 array with the batch's data indices) to the model and guide, for guides
+        that keep per-datum state such as persistent chains.
+    callback : callable, optional
+        Called after every update with the history record (a dict); returning ``True`` stops training (a final
+        checkpoint is still written).
+
+    Returns
+    -------
+    FitResult
+        ``history``, ``losses``, ``params`` (constrained, by site name; pytree leaves as ``site/key/...``),
+        ``state`` (the final ``SVIState``), ``checkpoint`` and ``steps``.
+
+    Raises
+    ------
+    TrainingDiverged
+        When a loss or a parameter becomes non-finite (checked on the values the jitted update returns): the
+        diverged state is dropped, not checkpointed, and the last good checkpoint stays on disk.
+    ValueError, TypeError
+        For bad arguments (non-finite or empty data, a batch size outside ``[1, N]``, both or neither of
+        ``epochs``/``num_steps``, learning rates <= 0, a prefix that names no parameter, ...).
+
+    Notes
+    -----
+    The checkpoint is an ``.npz`` of plain arrays (the flattened leaves of the ``SVIState``, step counters,
+    the history and config as JSON strings): ``np.load(path, allow_pickle=False)`` reads it, and resume
+    rebuilds the state with ``jax.tree_util.tree_unflatten`` and the tree structure of a fresh ``svi.init``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import numpyro, numpyro.distributions as dist
+    >>> from numpyro.infer.autoguide import AutoNormal
+    >>> from inference.numpyro.train import fit
+    >>> def model(x):
+    ...     loc = numpyro.sample("loc", dist.Normal(0.0, 10.0))
+    ...     with numpyro.plate("data", x.shape[0]):
+    ...         numpyro.sample("obs", dist.Normal(loc, 1.0), obs=x)
+    >>> data = np.random.default_rng(0).normal(3.0, 1.0, size=200)
+    >>> result = fit(model, AutoNormal(model), data, epochs=20, batch_size=50, lr=0.05, betas=(0.9, 0.999),
+    ...              progress=False)
+    >>> result.steps, bool(abs(result.params["loc_auto_loc"] - 3.0) < 0.3)
+    (80, True)
+    """
+    loss = Trace_ELBO() if loss is None else loss
+    plan = make_plan(data, epochs=epochs, num_steps=num_steps, batch_size=batch_size, lr=lr, betas=betas,
+                     lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
+                     resume=resume, progress=progress, pass_index=pass_index, callback=callback,
+                     loss_name=type(loss).__name__, backend="numpyro", checkpoint_name="checkpoint.npz")
+    return run_training(plan, _NumPyroTrainer(model, guide, loss, plan))

@@ -1,0 +1,305 @@
+"""``fit``: the training loop around Pyro's own ``SVI`` — minibatches, per-prefix learning rates with an
+exponential schedule, gradient clipping, a divergence guard, atomic checkpoints with bit-identical resume, a
+metrics history and a progress bar. The NumPyro twin is :func:`inference.numpyro.train.fit`."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import PyroOptim
+
+from inference._training import (FitResult, TrainingDiverged, TrainingPlan, flatten_state, make_plan,
+                                 run_training, unflatten_state)
+
+__all__ = ["fit", "FitResult", "TrainingDiverged"]
+
+
+class _FitAdam(PyroOptim):
+    """``torch.optim.Adam`` per parameter (Pyro's usual scheme) whose learning rate is set before every update
+    from the parameter's prefix group and the step (so the schedule is a function of the step counter alone and
+    survives a resume exactly), with optional clipping of the global gradient norm."""
+
+    def __init__(self, plan: TrainingPlan):
+        self.plan = plan
+        self.step_index = 0
+        super().__init__(torch.optim.Adam, self._args)
+
+    def _args(self, module_name, param_name):  # replaced by _get_optim_args; kept for PyroOptim's checks
+        return {}
+
+    def _get_optim_args(self, param):
+        return {"lr": self._lr(param), "betas": self.plan.betas}
+
+    def _lr(self, param) -> float:
+        name = pyro.get_param_store().param_name(param)
+        return self.plan.lr.rate(name) * self.plan.decay_factor(self.step_index)
+
+    def __call__(self, params, *args, **kwargs) -> None:
+        store = pyro.get_param_store()
+        params = sorted(params, key=store.param_name)  # a fixed order: the global norm sums in it
+        if self.plan.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.plan.clip_norm)
+        for p in params:
+            optimizer = self.optim_objs.get(p)
+            if optimizer is None:
+                optimizer = self.optim_objs[p] = self._get_optim(p)
+                self.grad_clip[p] = None
+                waiting = self._state_waiting_to_be_consumed.pop(store.param_name(p), None)
+                if waiting is not None:
+                    optimizer.load_state_dict(waiting)
+            lr = self._lr(p)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step(*args, **kwargs)
+
+    def full_state(self) -> dict:
+        return {**self._state_waiting_to_be_consumed, **self.get_state()}
+
+
+def _module_extra_state(obj) -> dict | None:
+    """State that ``obj`` reports beyond the param store: ``state_dict()`` if it has one (buffers only for a
+    torch module, whose parameters are already in the param store)."""
+    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+        return None
+    state = obj.state_dict()
+    if isinstance(obj, torch.nn.Module):
+        params = {name for name, _ in obj.named_parameters()}
+        params |= {name for name, _ in obj.named_parameters(remove_duplicate=False)}
+        state = {k: v for k, v in state.items() if k not in params}
+    flat = flatten_state(state)
+    out = {}
+    for key, value in flat.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.detach().cpu().clone()
+        elif isinstance(value, np.ndarray) or np.isscalar(value):
+            out[key] = torch.as_tensor(np.asarray(value)).clone()
+        else:
+            raise TypeError(f"{type(obj).__name__}.state_dict() must hold arrays only, got {key!r}: "
+                            f"{type(value).__name__}")
+    return out
+
+
+def _load_extra_state(obj, state: dict) -> None:
+    nested = unflatten_state(state)
+    if isinstance(obj, torch.nn.Module):
+        obj.load_state_dict(nested, strict=False)
+    else:
+        obj.load_state_dict(nested)
+
+
+def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def _derived_seed(seed: int) -> int:
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
+class _PyroTrainer:
+    def __init__(self, model, guide, loss, plan: TrainingPlan):
+        self.model, self.guide, self.loss, self.plan = model, guide, loss, plan
+        self.data = torch.as_tensor(plan.data, dtype=torch.get_default_dtype())
+        self.optim = _FitAdam(plan)
+        self.svi = SVI(model, guide, self.optim, loss=loss)
+        self.names: list[str] = []
+
+    def _kwargs(self, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return self.data[index], ({"index": index} if self.plan.pass_index else {})
+
+    def read(self, path: Path):
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        if ckpt.get("format") is None or ckpt.get("config", {}).get("backend") != "pyro":
+            raise ValueError(f"{path} is not a Pyro checkpoint written by fit")
+        return ckpt, ckpt
+
+    def setup(self, idx: np.ndarray, payload) -> list[str]:
+        # Run the loss once so that every parameter exists (AutoGuides and pyro.module create them lazily);
+        # a resumed run then overwrites them in place and restores the optimizer state and the RNGs.
+        pyro.set_rng_seed(self.plan.seed)
+        x, kwargs = self._kwargs(idx)
+        with poutine.trace(param_only=True) as tr:
+            if callable(getattr(self.loss, "loss", None)):
+                self.loss.loss(self.model, self.guide, x, **kwargs)
+            else:
+                guide_trace = poutine.trace(self.guide).get_trace(x, **kwargs)
+                poutine.replay(self.model, trace=guide_trace)(x, **kwargs)
+        self.names = sorted(tr.trace.nodes)
+        store = pyro.get_param_store()
+        if payload is None:
+            pyro.set_rng_seed(_derived_seed(self.plan.seed))
+            return self.names
+        unconstrained = dict(store.named_parameters())
+        missing = sorted(set(payload["params"]) - set(unconstrained))
+        if missing:
+            raise ValueError(f"cannot resume: the checkpoint holds parameters {missing!r} that the model and guide "
+                             "did not create")
+        with torch.no_grad():
+            for name, value in payload["params"].items():
+                target = unconstrained[name]
+                if target.shape != value.shape:
+                    raise ValueError(f"cannot resume: parameter {name!r} has shape {tuple(target.shape)}, the "
+                                     f"checkpoint's has {tuple(value.shape)}")
+                target.copy_(value)
+        self.optim.set_state(payload["optim"])
+        for key, obj in (("guide_state", self.guide), ("model_state", self.model)):
+            if payload.get(key) is not None:
+                _load_extra_state(obj, payload[key])
+        _set_rng_state(payload["rng"])
+        return self.names
+
+    def step(self, step: int, idx: np.ndarray) -> tuple[float, bool]:
+        self.optim.step_index = step
+        x, kwargs = self._kwargs(idx)
+        try:
+            loss = float(self.svi.step(x, **kwargs))
+        except ValueError as err:
+            # Pyro's distribution validation is how non-finite numbers usually surface in a Pyro model
+            message = str(err)
+            if "found invalid values" in message and ("nan" in message or "inf" in message):
+                raise FloatingPointError("non-finite values reached a distribution: "
+                                         + message.splitlines()[0]) from err
+            raise
+        finite = all(bool(torch.isfinite(p).all()) for p in self.optim.optim_objs)
+        return loss, finite
+
+    def _param_names(self) -> list[str]:
+        store = pyro.get_param_store()
+        names = set(self.names) | {store.param_name(p) for p in self.optim.optim_objs}
+        return sorted(n for n in names if n is not None and n in store)
+
+    def save(self, f, meta: dict) -> None:
+        store = dict(pyro.get_param_store().named_parameters())
+        ckpt = dict(meta)
+        ckpt["params"] = {name: store[name].detach().cpu().clone() for name in self._param_names()}
+        ckpt["optim"] = self.optim.full_state()
+        ckpt["rng"] = _rng_state()
+        ckpt["guide_state"] = _module_extra_state(self.guide)
+        ckpt["model_state"] = None if self.model is self.guide else _module_extra_state(self.model)
+        torch.save(ckpt, f)
+
+    def result(self):
+        store = pyro.get_param_store()
+        params = {name: store[name].detach().cpu().numpy().copy() for name in self._param_names()}
+        return params, None
+
+
+def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, num_steps: int | None = None,
+        batch_size: int = 100, lr: float | Mapping[str, float] = 1e-4, betas: Sequence[float] = (0.5, 0.999),
+        lr_decay: float = 1.0, clip_norm: float | None = None, loss: Any = None, seed: int = 0,
+        out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
+        progress: bool = True, pass_index: bool = False,
+        callback: Callable[[dict], Any] | None = None) -> FitResult:
+    """Train a Pyro model and guide with Pyro's ``SVI`` on minibatches of ``data``.
+
+    Parameters
+    ----------
+    model, guide : callable
+        Called by ``SVI`` as ``model(x_batch)`` / ``guide(x_batch)`` with ``x_batch`` a tensor of shape
+        ``(batch_size, ...)`` in torch's default dtype (and ``index=`` when ``pass_index``).
+    data : numpy.ndarray
+        Training data, shape ``(N, ...)``, finite, real (cast to float).
+    epochs, num_steps : int
+        Length of training: exactly one. ``epochs`` means ``epochs * (N // batch_size)`` updates. Both count
+        from the start of training, also when resuming.
+    batch_size : int
+        Minibatch size, ``1 <= batch_size <= N``. Each epoch visits a permutation drawn from ``(seed, epoch)``
+        and drops the last incomplete batch.
+    lr : float or dict of str to float
+        Adam learning rate, or rates by parameter-name prefix (longest prefix wins, ``""`` is the default),
+        matched against param-store names such as ``"energy$$$net.0.weight"`` or ``"snl_b"``. LEBM:
+        ``{"energy": 2e-5, "": 1e-4}``. A rate of 0 freezes its group.
+    betas : pair of float
+        Adam's ``(beta1, beta2)``; LEBM uses ``(0.5, 0.999)``.
+    lr_decay : float
+        Multiplicative decay per epoch: update ``k`` (0-based) uses ``lr * lr_decay ** (k // (N // batch_size))``
+        (a staircase exponential schedule, as ``torch.optim.lr_scheduler.ExponentialLR`` stepped once per epoch;
+        LEBM: 0.998). The same holds after a resume.
+    clip_norm : float, optional
+        Clip the global norm of the gradients of all parameters updated in a step to this value.
+    loss : pyro.infer.ELBO, optional
+        Default ``Trace_ELBO()``.
+    seed : int
+        Seeds the minibatch order and Pyro's RNGs (``pyro.set_rng_seed``: torch, ``random``, numpy).
+    out : str or Path, optional
+        Directory for ``checkpoint.pt`` and ``history.json``; nothing is written when ``None``.
+    checkpoint_every : int, optional
+        Write a checkpoint every this many updates (needs ``out``); one is always written at the end.
+    resume : bool
+        Continue from ``out/checkpoint.pt`` if it exists (else start afresh). The result is bit-identical to a run
+        that was never interrupted: parameters, Adam moments and step counts, the schedule's position, the RNG
+        states and ``guide.state_dict()`` (if the guide has one) are restored. ``seed``, ``batch_size`` and the
+        data's shape must match; learning rates, ``clip_norm`` and the length may change.
+    progress : bool
+        Show a tqdm bar with the loss and the speed.
+    pass_index : bool
+        Also pass ``index=`` (a ``torch.long`` tensor with the batch's data indices) to the model and guide,
+        for guides that keep per-datum state such as persistent chains.
+    callback : callable, optional
+        Called after every update with the history record (a dict); returning ``True`` stops training (a final
+        checkpoint is still written).
+
+    Returns
+    -------
+    FitResult
+        ``history``, ``losses``, ``params`` (constrained values, by param-store name), ``state=None``,
+        ``checkpoint`` and ``steps``.
+
+    Raises
+    ------
+    TrainingDiverged
+        When a loss or a parameter becomes non-finite, or a sampler raises ``ChainDivergenceError``: the state
+        is not checkpointed and the last good checkpoint stays on disk (the message names it).
+    ValueError, TypeError
+        For bad arguments (non-finite or empty data, a batch size outside ``[1, N]``, both or neither of
+        ``epochs``/``num_steps``, learning rates <= 0, a prefix that names no parameter, ...).
+
+    Notes
+    -----
+    Parameters live in Pyro's global param store, which ``fit`` does not clear; before the first update it runs
+    the loss once (to create every parameter, also on resume). The checkpoint holds only tensors, numbers,
+    strings, lists and dicts: ``torch.load(path, weights_only=True)`` reads it. Its ``params`` are the
+    unconstrained values. A ``KeyboardInterrupt`` writes nothing (a step may be half applied); resume from the
+    last periodic checkpoint.
+
+    Examples
+    --------
+    >>> import numpy as np, pyro, torch
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> from inference.pyro.train import fit
+    >>> def model(x):
+    ...     loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("obs", dist.Normal(loc, 1.0), obs=x)
+    >>> pyro.clear_param_store()
+    >>> data = np.random.default_rng(0).normal(3.0, 1.0, size=200)
+    >>> result = fit(model, AutoNormal(model), data, epochs=20, batch_size=50, lr=0.05, betas=(0.9, 0.999),
+    ...              progress=False)
+    >>> result.steps, bool(abs(result.params["AutoNormal.locs.loc"] - 3.0) < 0.3)
+    (80, True)
+    """
+    loss = Trace_ELBO() if loss is None else loss
+    plan = make_plan(data, epochs=epochs, num_steps=num_steps, batch_size=batch_size, lr=lr, betas=betas,
+                     lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
+                     resume=resume, progress=progress, pass_index=pass_index, callback=callback,
+                     loss_name=type(loss).__name__, backend="pyro", checkpoint_name="checkpoint.pt")
+    return run_training(plan, _PyroTrainer(model, guide, loss, plan))
