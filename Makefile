@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --doctest-modules tests tilted_priors
+	$(PY) -m pytest -q --doctest-modules tests tilted_priors inference models
 
 demo: $(STAMP)
 	$(PY) -m models demo --out demo-output

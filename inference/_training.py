@@ -438,10 +438,17 @@ def run_training(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
         else:
             warnings.warn(f"{ckpt} exists and will be overwritten by this run; pass resume=True to continue it",
                           stacklevel=3)
-    names = backend.setup(plan.indices(start), payload)
-    plan.lr.check_names(names)
     good_ckpt = str(ckpt) if payload is not None else None
     good_step = start if payload is not None else None
+    try:
+        names = backend.setup(plan.indices(start), payload)
+    except TrainingDiverged:
+        raise
+    except FloatingPointError as err:
+        raise TrainingDiverged(start + 1, start // plan.steps_per_epoch + 1,
+                               f"while setting up (running the model and guide once): {type(err).__name__}: {err}",
+                               good_ckpt, good_step) from err
+    plan.lr.check_names(names)
 
     def checkpoint(step: int) -> None:
         nonlocal good_ckpt, good_step

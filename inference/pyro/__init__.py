@@ -1,8 +1,9 @@
-"""Inference for Pyro models with energy-tilted priors: guides, effect handlers and (soon) the training loop.
+"""Inference for Pyro models with energy-tilted priors: guides, effect handlers and the training loop.
 
 The same public names as the other backend (``inference.pyro`` / ``inference.numpyro``).
 """
 from inference.pyro import handlers
 from inference.pyro.guides import ShortRunPosterior
+from inference.pyro.train import FitResult, TrainingDiverged, fit
 
-__all__ = ["ShortRunPosterior", "handlers"]
+__all__ = ["ShortRunPosterior", "fit", "FitResult", "TrainingDiverged", "handlers"]

@@ -4,6 +4,7 @@ metrics history and a progress bar. The NumPyro twin is :func:`inference.numpyro
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -109,6 +110,20 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
 
 
+@contextmanager
+def _nonfinite_as_floating_point_error():
+    """Pyro's distribution validation is how non-finite numbers usually surface in a Pyro model: turn its
+    ``ValueError`` about nan/inf values into a ``FloatingPointError`` (the divergence guard's signal)."""
+    try:
+        yield
+    except ValueError as err:
+        message = str(err)
+        if "found invalid values" in message and ("nan" in message or "inf" in message):
+            raise FloatingPointError("non-finite values reached a distribution: " + message.splitlines()[0]) \
+                from err
+        raise
+
+
 def _derived_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
 
@@ -136,7 +151,7 @@ class _PyroTrainer:
         # a resumed run then overwrites them in place and restores the optimizer state and the RNGs.
         pyro.set_rng_seed(self.plan.seed)
         x, kwargs = self._kwargs(idx)
-        with poutine.trace(param_only=True) as tr:
+        with _nonfinite_as_floating_point_error(), poutine.trace(param_only=True) as tr:
             if callable(getattr(self.loss, "loss", None)):
                 self.loss.loss(self.model, self.guide, x, **kwargs)
             else:
@@ -169,15 +184,8 @@ class _PyroTrainer:
     def step(self, step: int, idx: np.ndarray) -> tuple[float, bool]:
         self.optim.step_index = step
         x, kwargs = self._kwargs(idx)
-        try:
+        with _nonfinite_as_floating_point_error():
             loss = float(self.svi.step(x, **kwargs))
-        except ValueError as err:
-            # Pyro's distribution validation is how non-finite numbers usually surface in a Pyro model
-            message = str(err)
-            if "found invalid values" in message and ("nan" in message or "inf" in message):
-                raise FloatingPointError("non-finite values reached a distribution: "
-                                         + message.splitlines()[0]) from err
-            raise
         finite = all(bool(torch.isfinite(p).all()) for p in self.optim.optim_objs)
         return loss, finite
 
