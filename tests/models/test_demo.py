@@ -5,7 +5,7 @@ from models.__main__ import main
 
 
 def test_demo_writes_outputs_with_the_known_answer(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--num", "400"]) == 0
+    assert main(["prior-demo", "--out", str(tmp_path), "--num", "400"]) == 0
     assert (tmp_path / "prior_samples.png").stat().st_size > 10_000
     s = json.loads((tmp_path / "prior_summary.json").read_text())
     assert abs(s["log_z_ais"] - s["log_z_exact"]) < 4 * s["log_z_ais_stderr"] + 0.02

@@ -38,6 +38,7 @@ and in :func:`jax.jit` cache keys.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -136,7 +137,7 @@ def _first_bad(first, logdensity, step):
     return jnp.where((first < 0) & ~jnp.isfinite(logdensity), step, first)
 
 
-def _chain(kind: str, steps: int, step_size: float, noise: bool, track: bool, rng_key, log_density,
+def _chain(kind: str, steps: int, step_size: float, noise: bool, unroll: int, track: bool, rng_key, log_density,
            init) -> _ChainResult:
     """``steps`` Langevin steps as one :func:`jax.lax.scan`.
 
@@ -168,7 +169,7 @@ def _chain(kind: str, steps: int, step_size: float, noise: bool, track: bool, rn
     idx = jnp.arange(1, steps + 1, dtype=jnp.int32)
     acceptance = jnp.zeros_like(state.logdensity) if adjusted else None
     carry = (state, acceptance, first if track else None)
-    (state, acceptance, tracked), _ = lax.scan(body, carry, (keys, idx))
+    (state, acceptance, tracked), _ = lax.scan(body, carry, (keys, idx), unroll=unroll)
     logdensity = state.logdensity
     if adjusted:
         acceptance = acceptance / steps
@@ -187,29 +188,34 @@ def _chain(kind: str, steps: int, step_size: float, noise: bool, track: bool, rn
 
 
 #: The one compiled runner shared by all samplers; settings are static, the log density a pytree argument.
-_run_jit = jax.jit(_chain, static_argnums=(0, 1, 2, 3, 4))
+_run_jit = jax.jit(_chain, static_argnums=(0, 1, 2, 3, 4, 5))
 
 
 class _Langevin(_Frozen):
     """Shared run loop of the Langevin samplers; subclasses set ``_kind``."""
 
-    __slots__ = ("steps", "step_size")
+    __slots__ = ("steps", "step_size", "unroll")
     _kind = "ula"
 
-    def __init__(self, steps: int, step_size: float):
+    def __init__(self, steps: int, step_size: float, unroll: int | bool = 1):
         object.__setattr__(self, "steps", check_positive_int("steps", steps))
         object.__setattr__(self, "step_size", check_step_size(step_size))
+        if unroll is True:
+            unroll = self.steps
+        elif unroll is False:
+            unroll = 1
+        object.__setattr__(self, "unroll", min(check_positive_int("unroll", unroll), self.steps))
 
     @property
     def _noise(self) -> bool:
         return True
 
     def _key(self) -> tuple:
-        return (self.steps, self.step_size, self._noise)
+        return (self.steps, self.step_size, self._noise, self.unroll)
 
     def _chain(self, rng_key, log_density, init) -> _ChainResult:
         """Run the chain inline (for use inside another traced loop, e.g. annealed importance sampling)."""
-        return _chain(self._kind, self.steps, self.step_size, self._noise, True, rng_key,
+        return _chain(self._kind, self.steps, self.step_size, self._noise, self.unroll, True, rng_key,
                       _as_partial(log_density), jnp.asarray(init))
 
     def run(self, rng_key, log_density: Callable[[jax.Array], jax.Array], init, *, return_info: bool = False):
@@ -245,7 +251,7 @@ class _Langevin(_Frozen):
         if init.ndim < 1:
             raise ValueError("init must have shape (..., d), got a scalar")
         log_density = _as_partial(log_density)
-        settings = (self._kind, self.steps, self.step_size, self._noise)
+        settings = (self._kind, self.steps, self.step_size, self._noise, self.unroll)
         if _in_trace(rng_key, log_density, init):
             res = _chain(*settings, False, rng_key, log_density, init)  # nothing can be raised under a trace
         else:
@@ -261,10 +267,13 @@ class _Langevin(_Frozen):
         return res.position
 
     def __reduce__(self):
-        return (type(self), (self.steps, self.step_size))
+        return (type(self), (self.steps, self.step_size, self.unroll))
+
+    def _unroll_repr(self) -> str:
+        return "" if self.unroll == 1 else f", unroll={self.unroll}"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.steps}, step_size={self.step_size:g})"
+        return f"{type(self).__name__}(steps={self.steps}, step_size={self.step_size:g}{self._unroll_repr()})"
 
 
 class ShortRunLangevin(_Langevin):
@@ -286,6 +295,10 @@ class ShortRunLangevin(_Langevin):
         :math:`h > 0`, the noise scale; the drift is :math:`h^2 / 2` times the gradient.
     noise : bool
         ``False`` drops the noise term (gradient ascent on :math:`\log\pi`).
+    unroll : int or bool
+        JAX only: steps per iteration of the compiled loop (``True``: all). On CPU, XLA runs convolutions inside
+        a rolled loop several times slower; fully unrolling a short chain through a convolutional generator is
+        4-5x faster (and compiles no slower), while for small MLP energies it only lengthens compilation.
 
     Examples
     --------
@@ -299,8 +312,8 @@ class ShortRunLangevin(_Langevin):
     __slots__ = ("noise",)
     _kind = "ula"
 
-    def __init__(self, steps: int = 60, step_size: float = 0.4, noise: bool = True):
-        super().__init__(steps, step_size)
+    def __init__(self, steps: int = 60, step_size: float = 0.4, noise: bool = True, *, unroll: int | bool = 1):
+        super().__init__(steps, step_size, unroll)
         object.__setattr__(self, "noise", bool(noise))
 
     @property
@@ -308,10 +321,11 @@ class ShortRunLangevin(_Langevin):
         return self.noise
 
     def __reduce__(self):
-        return (ShortRunLangevin, (self.steps, self.step_size, self.noise))
+        return (functools.partial(ShortRunLangevin, unroll=self.unroll), (self.steps, self.step_size, self.noise))
 
     def __repr__(self) -> str:
-        return f"ShortRunLangevin(steps={self.steps}, step_size={self.step_size:g}, noise={self.noise})"
+        return (f"ShortRunLangevin(steps={self.steps}, step_size={self.step_size:g}, noise={self.noise}"
+                f"{self._unroll_repr()})")
 
 
 class MALA(_Langevin):
@@ -330,6 +344,8 @@ class MALA(_Langevin):
         Number of MALA steps.
     step_size : float
         :math:`h > 0`, the proposal's noise scale.
+    unroll : int or bool
+        JAX only: steps per iteration of the compiled loop (see :class:`ShortRunLangevin`).
 
     Examples
     --------
@@ -343,8 +359,8 @@ class MALA(_Langevin):
     __slots__ = ()
     _kind = "mala"
 
-    def __init__(self, steps: int = 1000, step_size: float = 0.1):
-        super().__init__(steps, step_size)
+    def __init__(self, steps: int = 1000, step_size: float = 0.1, *, unroll: int | bool = 1):
+        super().__init__(steps, step_size, unroll)
 
 
 class Persistent(PersistentBase):

@@ -1,0 +1,183 @@
+"""LEBM training: the library against a hand-written loop, and LEBM against its Gaussian-prior baseline.
+
+1. One training iteration (20 posterior steps x 0.1, 60 prior steps x 0.4, one Adam step) on MNIST batches of
+   100, the MNIST generator (``ngf``) and LEBM's 16-200-200-1 energy: the library (``SVI`` with
+   :class:`ShortRunPosterior` and the tilted prior's contrastive normalizer) against the same algorithm written by
+   hand with the same networks, on each backend; alternating rounds, medians of per-round ratios. The hand-written
+   NumPyro loop is one jitted function with the same loop unrolling as the library (full for the posterior chain,
+   rolled for the prior chain).
+2. Equal budget: LEBM and the same generator with a Normal prior (alternating back-propagation, ``abp``) trained
+   for the same number of steps; Fréchet distance (lower is better) and importance-sampled test log-likelihood
+   (higher is better), from :func:`models.runs.train`.
+
+Run: ``.venv/bin/python benchmarks/lebm.py [--rounds 10] [--budget 400] [--skip-budget] [--json out.json]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from samplers import compare  # noqa: E402  (the same alternating timing as the sampler benchmark)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pyro  # noqa: E402
+import pyro.distributions as pdist  # noqa: E402
+import torch  # noqa: E402
+
+from models.data import load_mnist  # noqa: E402
+
+B, D, SD, POST, PRIOR = 100, 16, 0.3, (20, 0.1), (60, 0.4)
+
+
+def pyro_pair(x: np.ndarray, ngf: int):
+    from pyro.infer import SVI, Trace_ELBO
+
+    from inference.pyro import ShortRunPosterior
+    from models.pyro.lebm import build
+
+    xt = torch.as_tensor(x)
+    lvm = build((28, 28, 1), D, ngf=ngf, seed=0)
+    pyro.clear_param_store()
+    svi = SVI(lvm.model, ShortRunPosterior(lvm.model, *POST), pyro.optim.Adam({"lr": 1e-4, "betas": (0.5, 0.999)}),
+              Trace_ELBO())
+
+    def library():
+        svi.step(xt)
+
+    E, G = build((28, 28, 1), D, ngf=ngf, seed=0).energy, build((28, 28, 1), D, ngf=ngf, seed=0).generator
+    opt = torch.optim.Adam(list(E.parameters()) + list(G.parameters()), lr=1e-4, betas=(0.5, 0.999))
+
+    def ula(logp, z, steps, h):
+        for _ in range(steps):
+            z = z.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(logp(z), z)
+            z = z + 0.5 * h * h * g + h * torch.randn_like(z)
+        return z.detach()
+
+    def hand():
+        lik = lambda z: pdist.Normal(G(z), SD).log_prob(xt).sum()
+        z_pos = ula(lambda z: lik(z) - E(z).sum() - 0.5 * (z * z).sum(), torch.randn(B, D), *POST)
+        z_neg = ula(lambda z: -E(z).sum() - 0.5 * (z * z).sum(), torch.randn(B, D), *PRIOR)
+        loss = -(lik(z_pos) - E(z_pos).sum() + E(z_neg).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return library, hand
+
+
+def numpyro_pair(x: np.ndarray, ngf: int):
+    from numpyro.infer import SVI, Trace_ELBO
+
+    from inference.numpyro import ShortRunPosterior
+    from models.numpyro.lebm import build
+
+    xj = jnp.asarray(x)
+    lvm = build((28, 28, 1), D, ngf=ngf, seed=0)
+    svi = SVI(lvm.model, ShortRunPosterior(lvm.model, *POST), optax.adam(1e-4, b1=0.5), Trace_ELBO())
+    state = [svi.init(jax.random.PRNGKey(0), xj)]
+    update = jax.jit(svi.update)
+
+    def library():
+        state[0], loss = update(state[0], xj)
+        loss.block_until_ready()
+
+    from flax import nnx
+
+    g_def, g_params = nnx.split(lvm.generator)
+    e_def, e_params = nnx.split(lvm.energy)
+    params = {"g": g_params, "e": e_params}
+    opt = optax.adam(1e-4, b1=0.5)
+    hand_state = [params, opt.init(params), jax.random.PRNGKey(1)]
+
+    def ula(logp, z, key, steps, h, unroll):
+        grad = jax.grad(logp)
+
+        def body(z, k):
+            return z + 0.5 * h * h * grad(z) + h * jax.random.normal(k, z.shape), None
+
+        return jax.lax.stop_gradient(jax.lax.scan(body, z, jax.random.split(key, steps), unroll=unroll)[0])
+
+    @jax.jit
+    def step(params, opt_state, key):
+        keys = jax.random.split(key, 5)
+        G = lambda p, z: nnx.merge(g_def, p["g"])(z)
+        E = lambda p, z: nnx.merge(e_def, p["e"])(z)
+        lik = lambda p, z: jax.scipy.stats.norm.logpdf(xj, G(p, z), SD).sum()
+        z_pos = ula(lambda z: lik(params, z) - E(params, z).sum() - 0.5 * (z * z).sum(),
+                    jax.random.normal(keys[0], (B, D)), keys[1], *POST, True)
+        z_neg = ula(lambda z: -E(params, z).sum() - 0.5 * (z * z).sum(), jax.random.normal(keys[2], (B, D)),
+                    keys[3], *PRIOR, 1)
+        loss, grads = jax.value_and_grad(
+            lambda p: -(lik(p, z_pos) - E(p, z_pos).sum() + E(p, z_neg).sum()))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, keys[4], loss
+
+    def hand():
+        p, o, k = hand_state
+        p, o, k, loss = step(p, o, k)
+        hand_state[:] = [p, o, k]
+        loss.block_until_ready()
+
+    return library, hand
+
+
+def budget(steps: int, backend: str) -> dict:
+    from models import runs
+
+    out = {}
+    for method in ("lebm", "abp"):
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            m = runs.train(method, backend=backend, out=d, num_steps=steps, ngf=16, lr_energy=1e-4,
+                           lr_generator=1e-3, progress=False, eval_size=500)
+            out[method] = {"frechet_distance": m.get("frechet_distance"),
+                           "test_log_likelihood": m["test_log_likelihood"]["mean"],
+                           "test_log_likelihood_stderr": m["test_log_likelihood"]["stderr"],
+                           "log_z": m["log_z"], "mse": m["mse"], "seconds": time.perf_counter() - t}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--ngf", type=int, default=16)
+    parser.add_argument("--budget", type=int, default=400, help="training steps for each model in part 2")
+    parser.add_argument("--backend", default="numpyro", help="backend for part 2")
+    parser.add_argument("--skip-budget", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    x = load_mnist("train")[:B]
+    res = {"pyro": compare(*pyro_pair(x, args.ngf), args.rounds),
+           "numpyro": compare(*numpyro_pair(x, args.ngf), args.rounds)}
+    print(f"# One LEBM training iteration (batch {B}, MNIST generator ngf={args.ngf}, posterior 20 x 0.1, "
+          f"prior 60 x 0.4; medians of {args.rounds} alternating rounds)\n")
+    print("| backend | library (s) | hand-written (s) | library / hand |\n| --- | ---: | ---: | ---: |")
+    for name, r in res.items():
+        print(f"| {name} | {r['a_ms'] / 1e3:.3f} | {r['b_ms'] / 1e3:.3f} | {r['ratio']:.3f} |")
+    if not args.skip_budget:
+        res["budget"] = budget(args.budget, args.backend)
+        print(f"\n# LEBM vs Gaussian prior (ABP) at equal budget: {args.budget} steps each, {args.backend}\n")
+        print("| prior | Fréchet distance (lower better) | test log-likelihood, nats (higher better) | "
+              "recon. MSE | train+eval (s) |\n| --- | ---: | ---: | ---: | ---: |")
+        for method, m in res["budget"].items():
+            fd = "n/a" if m["frechet_distance"] is None else f"{m['frechet_distance']:.2f}"
+            print(f"| {method} | {fd} | {m['test_log_likelihood']:.1f} ± {m['test_log_likelihood_stderr']:.1f} | "
+                  f"{m['mse']:.4f} | {m['seconds']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

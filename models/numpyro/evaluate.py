@@ -1,0 +1,184 @@
+r"""Evaluating a trained NumPyro latent-variable model: samples, reconstructions, test log-likelihood, weights files.
+
+The same functions as :mod:`models.pyro.evaluate` (see there for the estimator). Weights files are flat ``.npz``
+archives (``"<module>/<path>"`` keys), read with ``allow_pickle=False``; :func:`load_params` returns the model
+with those weights (:meth:`~models.numpyro.lebm.LatentVariableModel.with_params`). The chains run inside one
+:func:`jax.jit` per batch shape.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from flax import nnx
+from numpyro import handlers
+
+from inference.numpyro import ShortRunPosterior
+from models.metrics import log_mean_exp
+from tilted_priors.numpyro import MALA, AnnealedImportance, Unnormalized
+
+__all__ = ["trained", "save_params", "load_params", "sample_images", "reconstruct", "log_likelihood"]
+
+
+def _flatten(tree, prefix: str, out: dict) -> dict:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _flatten(v, f"{prefix}/{k}", out)
+    else:
+        out[prefix] = np.asarray(tree)
+    return out
+
+
+def _unflatten(flat: dict, name: str) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        parts = key.split("/")
+        if parts[0] != name:
+            continue
+        node = nested
+        for p in parts[1:-1]:
+            node = node.setdefault(int(p) if p.isdigit() else p, {})
+        node[int(parts[-1]) if parts[-1].isdigit() else parts[-1]] = jnp.asarray(value)
+    return nested
+
+
+def _modules(lvm) -> dict:
+    return {"generator": lvm.generator, **({"energy": lvm.energy} if lvm.energy is not None else {})}
+
+
+def trained(lvm, result):
+    """The model with the parameters of a :class:`~inference.numpyro.FitResult` (flat ``"site/..."`` names)."""
+    return lvm.with_params({f"{name}$params": _unflatten(result.params, f"{name}$params") for name in _modules(lvm)})
+
+
+def save_params(lvm, path: str | os.PathLike) -> Path:
+    """Write the networks' weights as a flat ``.npz`` (atomic; arrays only).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import jax.numpy as jnp
+    >>> from models.numpyro.lebm import build
+    >>> lvm = build((28, 28, 1), 4, ngf=4)
+    >>> p = save_params(lvm, pathlib.Path(tempfile.mkdtemp()) / "weights.npz")
+    >>> other = load_params(build((28, 28, 1), 4, ngf=4, seed=1), p)
+    >>> bool(jnp.all(other.decode(jnp.ones(4)) == lvm.decode(jnp.ones(4))))
+    True
+    """
+    path = Path(path)
+    flat: dict = {}
+    for name, module in _modules(lvm).items():
+        _flatten(nnx.to_pure_dict(nnx.state(module, nnx.Param)), name, flat)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **flat)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_params(lvm, path: str | os.PathLike):
+    """The model with the weights of a :func:`save_params` file (``allow_pickle=False``)."""
+    with np.load(Path(path), allow_pickle=False) as f:
+        flat = {k: f[k] for k in f.files}
+    return lvm.with_params({f"{name}$params": _unflatten(flat, name) for name in _modules(lvm)})
+
+
+def sample_images(lvm, n: int, *, sampler=None, seed: int = 0) -> np.ndarray:
+    """Draw ``n`` images :math:`g(z)`, :math:`z` from the prior (its own sampler, or ``sampler``); ``(n, H, W, C)``."""
+    key = jax.random.PRNGKey(seed)
+    prior = lvm.prior((n,))
+    z = prior.sample(key) if sampler is None else prior.sample_with(key, sampler)
+    return np.asarray(lvm.decode(z))
+
+
+def _batched(fn, x: np.ndarray, batch_size: int, seed: int) -> list:
+    """Apply a jitted ``fn(key, batch)`` to fixed-size batches (the last one padded), one compilation."""
+    n = len(x)
+    batch_size = min(batch_size, n)
+    keys = jax.random.split(jax.random.PRNGKey(seed), -(-n // batch_size))
+    out = []
+    for key, i in zip(keys, range(0, n, batch_size)):
+        xb = x[i:i + batch_size]
+        pad = batch_size - len(xb)
+        if pad:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
+        out.append(np.asarray(fn(key, jnp.asarray(xb)))[:batch_size - pad])
+    return out
+
+
+def reconstruct(lvm, x: np.ndarray, *, steps: int = 20, step_size: float = 0.1, seed: int = 0,
+                batch_size: int = 200) -> np.ndarray:
+    """:math:`g(z^+)` with :math:`z^+` from the short-run posterior chain (LEBM's inference), same shape as ``x``."""
+    guide = ShortRunPosterior(lvm.model, steps=steps, step_size=step_size)
+
+    @jax.jit
+    def run(key, xb):
+        return lvm.decode(handlers.seed(guide, key)(xb)["z"])
+
+    return np.concatenate(_batched(run, x, batch_size, seed))
+
+
+def _laplace_proposal(lvm, prior, xb, start, inflate: float, newton_steps: int = 8):
+    r"""Laplace approximation :math:`\mathcal N(\hat z, c^2 H^{-1})` after damped Newton steps from ``start``
+    (see :func:`models.pyro.evaluate.log_likelihood`)."""
+    def log_joint(z, x):
+        image = lvm.decode(z[None])[0]
+        return dist.Normal(image, lvm.likelihood_sd).to_event(3).log_prob(x) + prior.log_prob(z)
+
+    grad_fn, hess_fn = jax.vmap(jax.grad(log_joint)), jax.vmap(jax.hessian(log_joint))
+    z = start
+    for k in range(newton_steps + 1):
+        hessian = -hess_fn(z, xb)
+        lam, vec = jnp.linalg.eigh(0.5 * (hessian + jnp.swapaxes(hessian, -1, -2)))
+        lam = jnp.maximum(lam, 1e-2)
+        if k == newton_steps:
+            break
+        step = jnp.einsum("bij,bj->bi", vec, jnp.einsum("bji,bj->bi", vec, grad_fn(z, xb)) / lam)
+        z = z + step / jnp.maximum(jnp.linalg.norm(step, axis=-1, keepdims=True), 2.0) * 2.0
+    cov = (vec * (inflate ** 2 / lam)[..., None, :]) @ jnp.swapaxes(vec, -1, -2)
+    return dist.MultivariateNormal(z, covariance_matrix=cov)
+
+
+def log_likelihood(lvm, x: np.ndarray, *, num_samples: int = 64, num_chains: int = 4, steps: int = 60,
+                   step_size: float = 0.1, inflate: float = 1.2, ais: AnnealedImportance | None = None,
+                   seed: int = 0, batch_size: int = 50) -> dict:
+    r"""Per-datum importance-sampling test log-likelihood (nats), with the prior's AIS :math:`\log Z`.
+
+    The Laplace proposal of :func:`models.pyro.evaluate.log_likelihood`. Returns ``{"per_datum": array,
+    "per_datum_stderr": array, "log_z": float, "log_z_stderr": float}`` (``log_z`` 0 for a Normal prior).
+    """
+    k_ais = jax.random.PRNGKey(seed)
+    if lvm.prior_kind == "ebm":
+        est = (ais or AnnealedImportance(500, 200, kernel=MALA(2, 0.3))).estimate(lvm.prior(()), k_ais)
+        log_z, log_z_se = float(est.log_z), float(est.stderr)
+        prior = lvm.prior(()).replace(normalizer=Unnormalized())
+    else:
+        log_z, log_z_se = 0.0, 0.0
+        prior = lvm.prior(())
+    guide = ShortRunPosterior(lvm.model, steps=steps, step_size=step_size)
+
+    @jax.jit
+    def per_batch(key, xb):
+        k_chain, k_q = jax.random.split(key)
+        b = xb.shape[0]
+        chains = handlers.seed(guide, k_chain)(jnp.repeat(xb, num_chains, 0))["z"].reshape(b, num_chains, -1)
+        q = _laplace_proposal(lvm, prior, xb, chains.mean(1), inflate)
+        z = q.sample(k_q, (num_samples,))
+        images = lvm.decode(z.reshape(num_samples * b, -1)).reshape((num_samples, b) + tuple(lvm.image_shape))
+        log_lik = dist.Normal(images, lvm.likelihood_sd).to_event(3).log_prob(xb)
+        return log_lik + prior.log_prob(z) - log_z - q.log_prob(z)
+
+    log_w = np.concatenate(_batched(lambda k, xb: per_batch(k, xb).T, x, batch_size, seed + 1), 0)
+    estimate, stderr = log_mean_exp(log_w.astype(np.float64), axis=1)
+    return {"per_datum": estimate, "per_datum_stderr": stderr, "log_z": log_z, "log_z_stderr": log_z_se}

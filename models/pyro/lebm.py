@@ -1,0 +1,407 @@
+r"""LEBM: a generator with a latent energy-based prior (Pang et al. 2020), for Pyro.
+
+.. math:: z \sim p_\alpha(z) = \frac{e^{-E_\alpha(z)}\,\mathcal N(z; 0, I)}{Z(\alpha)}, \qquad
+          x \mid z \sim \mathcal N\bigl(g_\beta(z), \sigma^2 I\bigr), \quad \sigma = 0.3,
+
+with :math:`E_\alpha` an MLP (:class:`~tilted_priors.pyro.EnergyMLP`) and :math:`g_\beta` a transposed-convolution
+:class:`Generator`. :func:`build` returns a :class:`LatentVariableModel` whose ``model`` is an ordinary Pyro
+program with one :class:`~tilted_priors.pyro.EnergyTiltedNormal` site ``"z"`` and an observed site ``"x"``; the
+method is chosen by the guide and the normalizer (LEBM: ``ShortRunPosterior`` and ``Contrastive``).
+``prior="gaussian"`` gives the alternating back-propagation baseline (Han et al. 2017): the same generator under a
+standard Normal prior.
+
+Images are channels-last, ``(N, H, W, C)``, scaled to ``[-1, 1]`` (the generator ends with ``tanh``).
+
+Hyper-parameters
+----------------
+``REFERENCE``: the paper's settings (SVHN reference code, latent 100). ``MNIST``: this project's scaled-down
+choice for 28x28 digits on a CPU (latent 16, a narrower generator); keys not listed in ``MNIST`` are as in
+``REFERENCE``. Learning rates: Adam with ``betas=(0.5, 0.999)``, ``2e-5`` for the energy, ``1e-4`` for the
+generator (:func:`optimizer`), decayed by ``0.998`` per epoch (left to the training loop).
+
+Parameter names (what :func:`parameter_group` reads): the model registers ``pyro.module("energy", energy)`` and
+``pyro.module("generator", generator)``, so the param store holds ``"energy$$$net.0.weight"``, ...,
+``"generator$$$net.0.weight"``, ... (Pyro's per-parameter optimiser callables see them as ``"energy.net.0.weight"``).
+
+Examples
+--------
+>>> REFERENCE["latent_dim"], MNIST["latent_dim"], MNIST["image_shape"]
+(100, 16, (28, 28, 1))
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from tilted_priors._validation import check_positive_int
+from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal
+
+__all__ = ["REFERENCE", "MNIST", "Generator", "LatentVariableModel", "build", "parameter_group", "optimizer"]
+
+#: Pang et al. (2020), reference code for SVHN (32x32x3). ``ngf`` is this module's width parameter: the generator's
+#: channels are ``4 ngf -> 2 ngf -> ngf -> C`` (512 -> 256 -> 128 -> 3; the paper's code writes ngf=64 with
+#: multipliers 8, 4, 2).
+REFERENCE: dict[str, Any] = {
+    "image_shape": (32, 32, 3),
+    "latent_dim": 100,
+    "batch_size": 100,
+    "ngf": 128,
+    "energy_hidden": 200,
+    "energy_depth": 2,
+    "activation": "gelu",
+    "generator_activation": "leaky_relu(0.2)",
+    "likelihood_sd": 0.3,
+    "prior_steps": 60,
+    "prior_step_size": 0.4,
+    "posterior_steps": 20,
+    "posterior_step_size": 0.1,
+    "lr_energy": 2e-5,
+    "lr_generator": 1e-4,
+    "adam_betas": (0.5, 0.999),
+    "lr_decay_per_epoch": 0.998,
+    "image_range": (-1.0, 1.0),
+}
+
+#: This project's MNIST (28x28x1) scaling of ``REFERENCE``: a 16-d latent and a generator of width ``ngf=32``
+#: (128 -> 64 -> 32 -> 1 channels) that trains on two CPU cores; the samplers, learning rates and likelihood are
+#: the paper's.
+MNIST: dict[str, Any] = {**REFERENCE, "image_shape": (28, 28, 1), "latent_dim": 16, "ngf": 32}
+
+_SIZES = (28, 32)
+_PRIORS = ("ebm", "gaussian")
+
+
+def _check_image_shape(image_shape) -> tuple[int, int, int]:
+    try:
+        shape = tuple(image_shape)
+    except TypeError:
+        raise ValueError(f"image_shape must be a tuple (H, W, C), got {image_shape!r}") from None
+    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, Integral) for s in shape):
+        raise ValueError(f"image_shape must be three integers (H, W, C) (channels last), got {image_shape!r}")
+    shape = tuple(int(s) for s in shape)
+    h, w, c = shape
+    if h != w or h not in _SIZES:
+        raise ValueError(f"image_shape: the generator makes square 28x28 or 32x32 images, got H={h}, W={w}")
+    if c < 1:
+        raise ValueError(f"image_shape: the number of channels C must be >= 1, got {c}")
+    return shape
+
+
+def _layer_specs(latent_dim: int, image_shape: tuple[int, int, int], ngf: int) -> list[tuple[int, ...]]:
+    """``(in, out, kernel, stride, padding)`` of the four transposed convolutions (identical on both backends)."""
+    size, _, channels = image_shape
+    return [(latent_dim, 4 * ngf, size // 4, 1, 0),  # 1x1 -> (H/4)x(H/4): 7x7 or 8x8
+            (4 * ngf, 2 * ngf, 4, 2, 1),             # -> H/2
+            (2 * ngf, ngf, 4, 2, 1),                 # -> H
+            (ngf, channels, 3, 1, 1)]                # -> H, C channels
+
+
+class Generator(nn.Module):
+    r"""LEBM's generator :math:`g_\beta`: latent vectors to channels-last images in ``[-1, 1]``.
+
+    Four transposed convolutions (Pang et al. 2020's SVHN generator, scaled by the image size ``H``):
+
+    ==========================================  =======================  ====================
+    layer                                       kernel, stride, padding  output (H = 28 / 32)
+    ==========================================  =======================  ====================
+    ``net[0]``: d -> 4 ngf, LeakyReLU(0.2)      H/4, 1, 0                7x7 / 8x8
+    ``net[2]``: 4 ngf -> 2 ngf, LeakyReLU(0.2)  4, 2, 1                  14x14 / 16x16
+    ``net[4]``: 2 ngf -> ngf, LeakyReLU(0.2)    4, 2, 1                  28x28 / 32x32
+    ``net[6]``: ngf -> C, Tanh                  3, 1, 1                  28x28 / 32x32
+    ==========================================  =======================  ====================
+
+    With ``ngf=128`` and ``H=32`` this is the reference 100 -> 512 -> 256 -> 128 -> 3 network. Inputs
+    ``(..., d)`` map to ``(..., H, W, C)`` (torch's convolutions are channels-first; the permutation is inside).
+    Weights have torch's default initialisation. The JAX :class:`models.numpyro.lebm.Generator` has the same
+    layers: its ``layers[i].kernel`` (``(k, k, out, in)``) is ``net[2 i].weight.permute(2, 3, 1, 0)`` and its
+    ``layers[i].bias`` is ``net[2 i].bias``, and the outputs agree to rounding
+    (``models.numpyro.lebm.Generator.load_torch_state_dict`` copies them).
+
+    Parameters
+    ----------
+    latent_dim : int
+        :math:`d`.
+    image_shape : tuple of int
+        ``(H, W, C)`` with ``H == W`` in ``{28, 32}`` and ``C >= 1``.
+    ngf : int
+        Width: the hidden layers have ``4 ngf``, ``2 ngf`` and ``ngf`` channels (reference 128; 32 for MNIST).
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = Generator(16, (28, 28, 1), ngf=8)
+    >>> g(torch.randn(5, 16)).shape
+    torch.Size([5, 28, 28, 1])
+    """
+
+    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int] = (28, 28, 1), ngf: int = 32):
+        super().__init__()
+        self.latent_dim = check_positive_int("latent_dim", latent_dim)
+        self.image_shape = _check_image_shape(image_shape)
+        self.ngf = check_positive_int("ngf", ngf)
+        layers: list[nn.Module] = []
+        specs = _layer_specs(self.latent_dim, self.image_shape, self.ngf)
+        for i, (c_in, c_out, k, s, p) in enumerate(specs):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, k, s, p))
+            layers.append(nn.Tanh() if i == len(specs) - 1 else nn.LeakyReLU(0.2))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[-1:] != (self.latent_dim,):
+            raise ValueError(f"Generator expects latents of shape (..., {self.latent_dim}), got {tuple(z.shape)}")
+        batch = z.shape[:-1]
+        x = self.net(z.reshape(-1, self.latent_dim, 1, 1))  # (B, C, H, W)
+        return x.permute(0, 2, 3, 1).reshape(*batch, *self.image_shape)
+
+
+def _register(name: str, module: nn.Module) -> None:
+    """``pyro.module(name, module, update_module_params=True)``, after checking that the param store's entries
+    under ``name`` (if any) have the module's shapes.
+
+    The param store is the source of truth: on first use it adopts the module's tensors (so SVI trains the module in
+    place); when it already holds ``name``'s parameters (a loaded checkpoint, or an earlier model with the same
+    names) the module takes those, so training resumes instead of silently updating tensors the model never uses.
+    """
+    store = pyro.get_param_store()
+    for param_name, value in module.named_parameters():
+        full = f"{name}$$${param_name}"
+        if full in store and tuple(store[full].shape) != tuple(value.shape):
+            raise ValueError(f"the param store holds {full!r} with shape {tuple(store[full].shape)}, but this model's "
+                             f"parameter has shape {tuple(value.shape)}: call pyro.clear_param_store() before "
+                             "building a model of another size")
+    pyro.module(name, module, update_module_params=True)
+
+
+@dataclass(frozen=True, eq=False)
+class LatentVariableModel:
+    r"""A generator :math:`z \to x` with an energy-tilted (or standard Normal) prior, as a Pyro program.
+
+    Made by :func:`build`. ``lvm.model`` is the program (pass it to ``SVI``, ``poutine.trace``, a guide):
+
+    ``model(x=None, *, batch_size=None, index=None)`` registers the networks (``pyro.module("energy", ...)``
+    when ``prior_kind == "ebm"``, ``pyro.module("generator", ...)``, both with ``update_module_params=True``: when
+    the param store already holds parameters of these names — a loaded checkpoint, or an earlier model — the
+    modules take them; call ``pyro.clear_param_store()`` to start afresh), then, in ``pyro.plate("data", N)``, samples
+    ``"z"`` from :meth:`prior` with batch shape ``(N,)`` and observes ``"x" ~ Normal(decode(z),
+    likelihood_sd).to_event(3)`` (``x`` of shape ``(N, H, W, C)``, or unobserved when ``x`` is ``None``). ``N`` is
+    ``x.shape[0]`` or ``batch_size``. ``index`` (the data indices of the batch) is accepted and ignored: guides
+    with persistent per-datum chains read it. Returns ``z``.
+
+    Attributes
+    ----------
+    generator : Generator
+        :math:`g_\beta`.
+    energy : torch.nn.Module or None
+        :math:`E_\alpha` (``None`` for the Gaussian baseline).
+    latent_dim : int
+    image_shape : tuple of int
+        ``(H, W, C)``.
+    likelihood_sd : float
+        :math:`\sigma`.
+    prior_kind : str
+        ``"ebm"`` or ``"gaussian"``.
+    normalizer, prior_sampler : optional
+        Passed to :class:`~tilted_priors.pyro.EnergyTiltedNormal` (``None``: its defaults, ``Contrastive()`` and
+        ``ShortRunLangevin(60, 0.4)``).
+
+    Examples
+    --------
+    >>> import torch, pyro
+    >>> lvm = build((28, 28, 1), 4, ngf=4)
+    >>> tr = pyro.poutine.trace(lvm.model).get_trace(torch.zeros(3, 28, 28, 1))
+    >>> tr.nodes["z"]["value"].shape, tr.nodes["x"]["fn"].event_shape
+    (torch.Size([3, 4]), torch.Size([28, 28, 1]))
+    """
+
+    generator: Generator
+    energy: nn.Module | None
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+    likelihood_sd: float
+    prior_kind: str
+    normalizer: Any = None
+    prior_sampler: Any = None
+
+    def prior(self, batch_shape: tuple[int, ...] | torch.Size = ()) -> dist.TorchDistribution:
+        """The prior over ``z``, batch shape ``batch_shape``, event shape ``(latent_dim,)``.
+
+        ``EnergyTiltedNormal(energy, 0, 1, normalizer, sampler)`` for ``prior_kind == "ebm"``, else
+        ``Normal(0, 1).expand(...).to_event(1)``.
+
+        Examples
+        --------
+        >>> lvm = build((28, 28, 1), 4, ngf=4, prior="gaussian")
+        >>> lvm.prior((3,)).batch_shape, lvm.prior().event_shape
+        (torch.Size([3]), torch.Size([4]))
+        """
+        shape = tuple(batch_shape) + (self.latent_dim,)
+        param = next(self.generator.parameters())
+        loc = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        scale = torch.ones(shape, dtype=param.dtype, device=param.device)
+        if self.prior_kind == "gaussian":
+            return dist.Normal(loc, scale).to_event(1)
+        return EnergyTiltedNormal(self.energy, loc, scale, normalizer=self.normalizer, sampler=self.prior_sampler)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The generator's mean image :math:`g_\\beta(z)`, shape ``(..., H, W, C)``, values in ``[-1, 1]``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> lvm = build((32, 32, 3), 4, ngf=4)
+        >>> lvm.decode(torch.zeros(2, 4)).shape
+        torch.Size([2, 32, 32, 3])
+        """
+        return self.generator(z)
+
+    def _batch_size(self, x, batch_size) -> int:
+        if x is None:
+            if batch_size is None:
+                raise ValueError("model: pass the data x of shape (N, H, W, C) or a batch_size N")
+            return check_positive_int("batch_size", batch_size)
+        if tuple(x.shape[1:]) != self.image_shape or x.dim() != 4:
+            raise ValueError(f"model: x must have shape (N, {', '.join(map(str, self.image_shape))}) "
+                             f"(channels last), got {tuple(x.shape)}")
+        if batch_size is not None and batch_size != x.shape[0]:
+            raise ValueError(f"model: batch_size={batch_size} but x has {x.shape[0]} rows")
+        return int(x.shape[0])
+
+    def model(self, x: torch.Tensor | None = None, *, batch_size: int | None = None, index=None) -> torch.Tensor:
+        """The Pyro program (see the class docstring).
+
+        Examples
+        --------
+        >>> lvm = build((28, 28, 1), 4, ngf=4, prior="gaussian")
+        >>> lvm.model(batch_size=2).shape
+        torch.Size([2, 4])
+        """
+        if x is not None and not torch.is_tensor(x):
+            x = torch.as_tensor(x, dtype=next(self.generator.parameters()).dtype)
+        n = self._batch_size(x, batch_size)
+        if self.prior_kind == "ebm":
+            _register("energy", self.energy)
+        _register("generator", self.generator)
+        prior = self.prior((n,))
+        with pyro.plate("data", n):
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Normal(self.generator(z), self.likelihood_sd).to_event(3), obs=x)
+        return z
+
+
+def build(image_shape: tuple[int, int, int] = (28, 28, 1), latent_dim: int = 16, *, prior: str = "ebm",
+          ngf: int = 32, energy_hidden: int = 200, energy_depth: int = 2, likelihood_sd: float = 0.3,
+          normalizer=None, prior_sampler=None, seed: int | None = 0) -> LatentVariableModel:
+    r"""Build LEBM's networks and model for an image shape and latent size.
+
+    Parameters
+    ----------
+    image_shape : tuple of int
+        ``(H, W, C)``, channels last; ``H == W`` in ``{28, 32}``, ``C >= 1``.
+    latent_dim : int
+        :math:`d` (reference 100 for SVHN, 16 for MNIST here).
+    prior : {"ebm", "gaussian"}
+        ``"ebm"``: LEBM's :class:`~tilted_priors.pyro.EnergyTiltedNormal` prior with an
+        :class:`~tilted_priors.pyro.EnergyMLP` energy (``latent_dim -> energy_hidden x energy_depth -> 1``, GELU).
+        ``"gaussian"``: a standard Normal (alternating back-propagation); ``energy`` is ``None``.
+    ngf : int
+        Generator width (see :class:`Generator`): 32 for MNIST, 128 for the reference.
+    energy_hidden, energy_depth : int
+        The energy MLP's width and number of hidden layers.
+    likelihood_sd : float
+        :math:`\sigma` of the Gaussian likelihood (0.3).
+    normalizer, prior_sampler : optional
+        The prior's normalizer and sampler (``None``: ``Contrastive()`` and ``ShortRunLangevin(60, 0.4)``).
+    seed : int or None
+        Seed for the initial weights (``torch.manual_seed``; ``None`` leaves the global RNG alone). The state of
+        torch's global RNG is restored afterwards.
+
+    Returns
+    -------
+    LatentVariableModel
+
+    Raises
+    ------
+    ValueError
+        For an unsupported image shape, a non-positive latent size or width, an unknown ``prior`` or a
+        non-positive ``likelihood_sd``.
+
+    Examples
+    --------
+    >>> from tilted_priors.pyro import ShortRunLangevin
+    >>> lvm = build((28, 28, 1), 16, prior_sampler=ShortRunLangevin(2, 0.4))
+    >>> lvm.decode(lvm.prior().sample((5,))).shape
+    torch.Size([5, 28, 28, 1])
+    """
+    image_shape = _check_image_shape(image_shape)
+    latent_dim = check_positive_int("latent_dim", latent_dim)
+    if prior not in _PRIORS:
+        raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}")
+    if isinstance(likelihood_sd, bool) or not isinstance(likelihood_sd, Real) or not (
+            math.isfinite(likelihood_sd) and likelihood_sd > 0):
+        raise ValueError(f"likelihood_sd must be a finite positive number, got {likelihood_sd!r}")
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        generator = Generator(latent_dim, image_shape, ngf)
+        energy = EnergyMLP(latent_dim, energy_hidden, energy_depth) if prior == "ebm" else None
+    return LatentVariableModel(generator=generator, energy=energy, latent_dim=latent_dim, image_shape=image_shape,
+                               likelihood_sd=float(likelihood_sd), prior_kind=prior, normalizer=normalizer,
+                               prior_sampler=prior_sampler)
+
+
+def parameter_group(name: str) -> str:
+    """The parameter group of a param-store name: ``"energy"``, ``"generator"`` or ``"other"``.
+
+    Accepts both Pyro spellings (``"energy$$$net.0.weight"`` and the normalised ``"energy.net.0.weight"`` that
+    per-parameter optimiser callables receive).
+
+    Examples
+    --------
+    >>> parameter_group("energy$$$net.0.weight"), parameter_group("generator.net.6.bias"), parameter_group("b")
+    ('energy', 'generator', 'other')
+    """
+    head = name.split("$$$", 1)[0].split(".", 1)[0]
+    return head if head in ("energy", "generator") else "other"
+
+
+def optimizer(lr_energy: float = REFERENCE["lr_energy"], lr_generator: float = REFERENCE["lr_generator"],
+              betas: tuple[float, float] = REFERENCE["adam_betas"], lr_other: float | None = None
+              ) -> pyro.optim.PyroOptim:
+    """LEBM's optimiser: Adam with one learning rate for the energy and another for the generator.
+
+    Parameters
+    ----------
+    lr_energy, lr_generator : float
+        Learning rates of the ``"energy$$$..."`` and ``"generator$$$..."`` parameters (2e-5 and 1e-4).
+    betas : tuple of float
+        Adam's betas, (0.5, 0.999) as the paper.
+    lr_other : float, optional
+        For any other parameter (a guide's, a normalizer's); default ``lr_generator``.
+
+    Returns
+    -------
+    pyro.optim.PyroOptim
+        ``pyro.optim.Adam`` with a per-parameter callable (see :func:`parameter_group`).
+
+    Examples
+    --------
+    >>> import pyro
+    >>> opt = optimizer()
+    >>> isinstance(opt, pyro.optim.PyroOptim)
+    True
+    """
+    lrs = {"energy": lr_energy, "generator": lr_generator,
+           "other": lr_generator if lr_other is None else lr_other}
+    betas = tuple(betas)
+
+    def per_param(name: str) -> dict:
+        return {"lr": lrs[parameter_group(name)], "betas": betas}
+
+    return pyro.optim.Adam(per_param)

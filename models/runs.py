@@ -1,0 +1,182 @@
+"""Training and evaluation runs, backend-free: what ``python -m models train|sample`` and ``make demo`` do.
+
+A run directory holds ``config.json`` (everything needed to rebuild the model), the training checkpoint and
+``history.json`` (from :func:`inference.pyro.fit` / :func:`inference.numpyro.fit`), ``weights.pt`` / ``weights.npz``
+(the trained networks, no pickled code), and after evaluation ``samples.png``, ``reconstructions.png`` and
+``metrics.json``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from models import data as datasets
+from models import metrics
+
+__all__ = ["METHODS", "BACKENDS", "train", "evaluate", "sample", "save_grid"]
+
+METHODS = ("lebm", "abp")  # LEBM, and its generator with a Normal prior (alternating back-propagation)
+BACKENDS = ("pyro", "numpyro")
+WEIGHTS = {"pyro": "weights.pt", "numpyro": "weights.npz"}
+
+
+def _backend(name: str) -> SimpleNamespace:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return SimpleNamespace(lebm=importlib.import_module(f"models.{name}.lebm"),
+                           evaluate=importlib.import_module(f"models.{name}.evaluate"),
+                           inference=importlib.import_module(f"inference.{name}"))
+
+
+def _load_data(data: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test images in [-1, 1], channels last."""
+    if data.lower() == "mnist":
+        return datasets.load_mnist("train", seed=seed), datasets.load_mnist("test", seed=seed)
+    x = datasets.load_images(data)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = max(1, len(x) // 10)
+    return x[order[n_test:]], x[order[:n_test]]
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int = 8) -> Path:
+    """Tile images ``(N, H, W, C)`` in ``[-1, 1]`` into one PNG (grey for one channel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.clip((np.asarray(images) + 1) / 2, 0, 1)
+    n, h, w, c = images.shape
+    nrow = -(-n // ncol)
+    grid = np.ones((nrow * (h + 2), ncol * (w + 2), c))
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = im
+    path = Path(path)
+    plt.imsave(path, grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    return path
+
+
+def train(method: str = "lebm", *, backend: str = "numpyro", data: str = "mnist", out: str | os.PathLike,
+          epochs: int | None = None, num_steps: int | None = None, batch_size: int = 100, latent_dim: int = 16,
+          ngf: int = 32, lr_energy: float | None = None, lr_generator: float | None = None, seed: int = 0,
+          resume: bool = False, progress: bool = True, checkpoint_every: int = 200, evaluate_after: bool = True,
+          eval_size: int = 500, ll_size: int = 200) -> dict:
+    """Train ``method`` on ``data`` with ``backend``'s own SVI, save the run, and (by default) evaluate it.
+
+    ``lebm``: :class:`~inference.pyro.ShortRunPosterior` guide (20 x 0.1) with the tilted prior's contrastive
+    normalizer and LEBM's optimiser (Adam(0.5, 0.999), per-group rates, decay 0.998 per epoch). ``abp``: the same
+    generator and guide with a Normal prior. Returns the metrics (or ``{}`` without evaluation).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    b = _backend(backend)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    x_train, _ = _load_data(data, seed)
+    ref = b.lebm.REFERENCE
+    config = {"method": method, "backend": backend, "data": data, "image_shape": list(x_train.shape[1:]),
+              "latent_dim": latent_dim, "ngf": ngf, "seed": seed, "batch_size": batch_size, "epochs": epochs,
+              "num_steps": num_steps, "lr_energy": lr_energy or ref["lr_energy"],
+              "lr_generator": lr_generator or ref["lr_generator"], "posterior_steps": ref["posterior_steps"],
+              "posterior_step_size": ref["posterior_step_size"]}
+    _write_json(out / "config.json", config)
+    lvm = _build(b, config)
+    guide = b.inference.ShortRunPosterior(lvm.model, steps=config["posterior_steps"],
+                                          step_size=config["posterior_step_size"])
+    lr = {"energy": config["lr_energy"], "": config["lr_generator"]} if method == "lebm" else config["lr_generator"]
+    start = time.perf_counter()
+    result = b.inference.fit(lvm.model, guide, x_train, epochs=epochs, num_steps=num_steps, batch_size=batch_size,
+                             lr=lr, betas=tuple(ref["adam_betas"]), lr_decay=ref["lr_decay_per_epoch"], seed=seed,
+                             out=out, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+    lvm = b.evaluate.trained(lvm, result)
+    b.evaluate.save_params(lvm, out / WEIGHTS[backend])
+    config["train_seconds"] = time.perf_counter() - start
+    config["steps"] = result.steps
+    _write_json(out / "config.json", config)
+    return evaluate(out, eval_size=eval_size, ll_size=ll_size) if evaluate_after else {}
+
+
+def _build(b: SimpleNamespace, config: dict):
+    """The run's model with fresh networks. On Pyro the global param store is cleared first: ``pyro.module``
+    would otherwise hand the networks whatever an earlier model in this process left under the same names."""
+    if config["backend"] == "pyro":
+        import pyro
+
+        pyro.clear_param_store()
+    return b.lebm.build(tuple(config["image_shape"]), config["latent_dim"],
+                        prior="ebm" if config["method"] == "lebm" else "gaussian", ngf=config["ngf"],
+                        seed=config["seed"])
+
+
+def load(run_dir: str | os.PathLike):
+    """The trained model of a run directory and its config."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.json (train one with "
+                                "`python -m models train`)")
+    config = json.loads(config_path.read_text())
+    b = _backend(config["backend"])
+    weights = run_dir / WEIGHTS[config["backend"]]
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing: the run did not finish training")
+    return b.evaluate.load_params(_build(b, config), weights), config, b
+
+
+def evaluate(run_dir: str | os.PathLike, *, eval_size: int = 500, ll_size: int = 200, num_samples: int = 1000,
+             cache_dir: str | os.PathLike | None = None) -> dict:
+    """Samples, reconstructions and metrics of a trained run; writes the PNGs and ``metrics.json``.
+
+    Metrics: reconstruction MSE of ``eval_size`` test images (short-run posterior, LEBM's inference), the
+    Fréchet distance between ``num_samples`` prior samples and test images in the feature space of a classifier
+    trained on the training split (:func:`models.metrics.train_feature_net`, cached), and the importance-sampled
+    test log-likelihood (nats per image; :func:`models.pyro.evaluate.log_likelihood`) of ``ll_size`` test images.
+    """
+    run_dir = Path(run_dir)
+    lvm, config, b = load(run_dir)
+    seed = config["seed"]
+    x_train, x_test = _load_data(config["data"], seed)
+    x_eval = x_test[:eval_size]
+    t0 = time.perf_counter()
+    samples = b.evaluate.sample_images(lvm, max(num_samples, 64), seed=seed)
+    save_grid(samples[:64], run_dir / "samples.png")
+    recon = b.evaluate.reconstruct(lvm, x_eval, seed=seed)
+    save_grid(np.concatenate([x_eval[:32], recon[:32]]), run_dir / "reconstructions.png")
+    result = {"mse": metrics.reconstruction_mse(x_eval, recon)}
+    if config["data"].lower() == "mnist" or cache_dir is not None:
+        y = datasets.load_mnist("train", seed=seed, return_labels=True).y if config["data"].lower() == "mnist" else None
+        if y is not None:
+            net = metrics.train_feature_net(x_train, y, seed=0,
+                                            cache_dir=cache_dir or Path.home() / ".cache" / "tilted-priors")
+            result["frechet_distance"] = metrics.frechet_distance(x_test[:num_samples], samples[:num_samples], net)
+            result["feature_net_test_accuracy"] = net.accuracy(
+                x_test, datasets.load_mnist("test", seed=seed, return_labels=True).y)
+    ll = b.evaluate.log_likelihood(lvm, x_test[:ll_size], seed=seed)
+    result.update({"test_log_likelihood": metrics.summarize_log_likelihood(ll["per_datum"]),
+                   "log_z": ll["log_z"], "log_z_stderr": ll["log_z_stderr"],
+                   "eval_seconds": time.perf_counter() - t0, "method": config["method"],
+                   "backend": config["backend"], "train_steps": config.get("steps")})
+    _write_json(run_dir / "metrics.json", result)
+    return result
+
+
+def sample(run_dir: str | os.PathLike, n: int = 64, *, out: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Draw ``n`` images from a trained run's prior and write them as a PNG grid (default ``RUN/samples-<n>.png``)."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    lvm, config, b = load(run_dir)
+    path = Path(out) if out is not None else Path(run_dir) / f"samples-{n}.png"
+    return save_grid(b.evaluate.sample_images(lvm, n, seed=seed), path)
