@@ -20,7 +20,7 @@ import torch
 
 from tilted_priors._validation import check_energy_shape
 
-__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "ula_step", "mala_step", "value_and_grad"]
+__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "move", "ula_step", "mala_step", "value_and_grad"]
 
 LogDensityFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -85,12 +85,21 @@ def proposal(key: torch.Generator | None, state: LangevinState, logdensity_fn: L
 
     With ``noise=False`` it is a gradient-ascent step on :math:`\log \pi`.
     """
+    moved = move(key, state, step_size, noise)
+    logdensity, grad = value_and_grad(logdensity_fn, moved)
+    return LangevinState(moved, logdensity, grad)
+
+
+def move(key: torch.Generator | None, state: LangevinState, step_size: float, noise: bool = True) -> torch.Tensor:
+    r"""The proposed position :math:`z + \tfrac{h^2}{2}\nabla\log\pi(z) + h\xi` alone, not evaluated.
+
+    What the last step of an unadjusted chain needs: nothing uses the log density there.
+    """
     z = state.position
-    drift = z + (0.5 * step_size * step_size) * state.logdensity_grad
+    moved = z + (0.5 * step_size * step_size) * state.logdensity_grad
     if noise:
-        drift = drift + step_size * torch.randn(z.shape, generator=key, dtype=z.dtype, device=z.device)
-    logdensity, grad = value_and_grad(logdensity_fn, drift)
-    return LangevinState(drift, logdensity, grad)
+        moved = moved + step_size * torch.randn(z.shape, generator=key, dtype=z.dtype, device=z.device)
+    return moved
 
 
 def ula_step(key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,

@@ -44,6 +44,9 @@ def _check_finite(name: str, state: langevin.LangevinState, step: int, step_size
 class _Langevin:
     """Shared run loop of the Langevin samplers; subclasses define one ``_step``."""
 
+    _adjusted = True  # Metropolis-adjusted: every step needs the log density of its proposal
+    noise = True
+
     def __init__(self, steps: int, step_size: float):
         self.steps = check_positive_int("steps", steps)
         self.step_size = check_step_size(step_size)
@@ -60,11 +63,20 @@ class _Langevin:
         state = langevin.init(init, log_density)
         _check_finite(name, state, 0, self.step_size)
         acceptance = 0.0
-        for i in range(self.steps):
+        last = self.steps if (return_info or self._adjusted) else self.steps - 1
+        for i in range(last):
             state, info = self._step(state, log_density)
             _check_finite(name, state, i + 1, self.step_size)
             if return_info:
                 acceptance = acceptance + info.acceptance_rate
+        if last < self.steps:
+            # The last unadjusted step only moves: its log density and gradient would go unused (as in a
+            # hand-written loop), so only the position is checked.
+            position = langevin.move(None, state, self.step_size, self.noise)
+            if not math.isfinite(position.sum().item()):
+                raise ChainDivergenceError(name, self.steps, self.step_size,
+                                           int((~torch.isfinite(position)).any(-1).sum()) or None)
+            return position
         if return_info:
             rate = torch.as_tensor(acceptance / self.steps, dtype=state.logdensity.dtype).expand_as(state.logdensity)
             return state.position, SamplerInfo(rate, state.logdensity)
@@ -100,6 +112,8 @@ class ShortRunLangevin(_Langevin):
     >>> z.shape
     torch.Size([100, 2])
     """
+
+    _adjusted = False
 
     def __init__(self, steps: int = 60, step_size: float = 0.4, noise: bool = True):
         super().__init__(steps, step_size)
