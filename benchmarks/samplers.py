@@ -19,7 +19,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 
 import tilted_priors.numpyro as tn

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,9 +19,11 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
+from inference.files import atomic_write
+
 __all__ = [
     "TrainingDiverged", "FitResult", "LearningRates", "TrainingPlan", "TrainerBackend", "make_plan",
-    "batch_order", "atomic_write", "write_history", "run_training", "flatten_state", "unflatten_state",
+    "batch_order", "write_history", "run_training",
 ]
 
 CHECKPOINT_FORMAT = "tilted-priors.fit/1"
@@ -206,75 +206,10 @@ def batch_order(seed: int, epoch: int, num_data: int, batch_size: int) -> np.nda
     return rng.permutation(num_data)[: steps * batch_size].reshape(steps, batch_size)
 
 
-def atomic_write(path, write: Callable[[Any], None]) -> None:
-    """Write a file so that ``path`` holds either its old content or the complete new one.
-
-    ``write(f)`` fills a binary temporary file in the same directory; it is flushed, fsynced and renamed over
-    ``path`` (``os.replace``). On any error the temporary file is removed and ``path`` is untouched.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> atomic_write(os.path.join(d, "a.txt"), lambda f: f.write(b"hello"))
-    >>> os.listdir(d)
-    ['a.txt']
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX); not possible everywhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def write_history(path, history: list, config: dict) -> None:
     """Write ``{"config": ..., "history": [...]}`` as JSON, atomically."""
     text = json.dumps({"config": config, "history": history}, indent=1, allow_nan=True)
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def flatten_state(state: Mapping, prefix: str = "") -> dict:
-    """Flatten nested dicts of arrays to ``{"a/b": array}`` (keys must be str without '/')."""
-    flat = {}
-    for key, value in state.items():
-        if not isinstance(key, str) or "/" in key:
-            raise ValueError(f"state_dict keys must be str without '/', got {key!r}")
-        if isinstance(value, Mapping):
-            flat.update(flatten_state(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def unflatten_state(flat: Mapping) -> dict:
-    """Inverse of :func:`flatten_state`."""
-    out: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 @dataclass

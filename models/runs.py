@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from inference.files import atomic_write
 from models import data as datasets
 from models import metrics
 
@@ -45,9 +46,8 @@ def _load_data(data: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int = 8) -> Path:

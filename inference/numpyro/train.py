@@ -14,8 +14,8 @@ import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 
-from inference._training import (FitResult, TrainingDiverged, TrainingPlan, flatten_state, make_plan,
-                                 run_training, unflatten_state)
+from inference._training import FitResult, TrainingDiverged, TrainingPlan, make_plan, run_training
+from inference.files import flatten_state, unflatten_state
 
 __all__ = ["fit", "FitResult", "TrainingDiverged"]
 

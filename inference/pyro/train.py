@@ -15,8 +15,8 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import PyroOptim
 
-from inference._training import (FitResult, TrainingDiverged, TrainingPlan, flatten_state, make_plan,
-                                 run_training, unflatten_state)
+from inference._training import FitResult, TrainingDiverged, TrainingPlan, make_plan, run_training
+from inference.files import flatten_state, unflatten_state
 
 __all__ = ["fit", "FitResult", "TrainingDiverged"]
 

@@ -8,7 +8,6 @@ with those weights (:meth:`~models.numpyro.lebm.LatentVariableModel.with_params`
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -18,33 +17,12 @@ import numpyro.distributions as dist
 from flax import nnx
 from numpyro import handlers
 
+from inference.files import atomic_write, flatten_state, unflatten_state
 from inference.numpyro import ShortRunPosterior
 from models.metrics import log_mean_exp
 from tilted_priors.numpyro import MALA, AnnealedImportance, Unnormalized
 
 __all__ = ["trained", "save_params", "load_params", "sample_images", "reconstruct", "log_likelihood"]
-
-
-def _flatten(tree, prefix: str, out: dict) -> dict:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            _flatten(v, f"{prefix}/{k}", out)
-    else:
-        out[prefix] = np.asarray(tree)
-    return out
-
-
-def _unflatten(flat: dict, name: str) -> dict:
-    nested: dict = {}
-    for key, value in flat.items():
-        parts = key.split("/")
-        if parts[0] != name:
-            continue
-        node = nested
-        for p in parts[1:-1]:
-            node = node.setdefault(int(p) if p.isdigit() else p, {})
-        node[int(parts[-1]) if parts[-1].isdigit() else parts[-1]] = jnp.asarray(value)
-    return nested
 
 
 def _modules(lvm) -> dict:
@@ -53,7 +31,9 @@ def _modules(lvm) -> dict:
 
 def trained(lvm, result):
     """The model with the parameters of a :class:`~inference.numpyro.FitResult` (flat ``"site/..."`` names)."""
-    return lvm.with_params({f"{name}$params": _unflatten(result.params, f"{name}$params") for name in _modules(lvm)})
+    nested = unflatten_state({k: jnp.asarray(v) for k, v in result.params.items()}, int_keys=True)
+    return lvm.with_params({f"{name}$params": nested[f"{name}$params"] for name in _modules(lvm)
+                            if f"{name}$params" in nested})
 
 
 def save_params(lvm, path: str | os.PathLike) -> Path:
@@ -71,27 +51,17 @@ def save_params(lvm, path: str | os.PathLike) -> Path:
     True
     """
     path = Path(path)
-    flat: dict = {}
-    for name, module in _modules(lvm).items():
-        _flatten(nnx.to_pure_dict(nnx.state(module, nnx.Param)), name, flat)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    flat = flatten_state({name: nnx.to_pure_dict(nnx.state(module, nnx.Param)) for name, module in _modules(lvm).items()})
+    flat = {k: np.asarray(v) for k, v in flat.items()}
+    atomic_write(path, lambda f: np.savez(f, **flat))
     return path
 
 
 def load_params(lvm, path: str | os.PathLike):
     """The model with the weights of a :func:`save_params` file (``allow_pickle=False``)."""
     with np.load(Path(path), allow_pickle=False) as f:
-        flat = {k: f[k] for k in f.files}
-    return lvm.with_params({f"{name}$params": _unflatten(flat, name) for name in _modules(lvm)})
+        nested = unflatten_state({k: jnp.asarray(f[k]) for k in f.files}, int_keys=True)
+    return lvm.with_params({f"{name}$params": nested[name] for name in _modules(lvm) if name in nested})
 
 
 def sample_images(lvm, n: int, *, sampler=None, seed: int = 0) -> np.ndarray:

@@ -14,7 +14,6 @@ Its expectation is a lower bound of :math:`\log p(x)` when :math:`\log\hat Z` is
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from inference.files import atomic_write
 from inference.pyro import ShortRunPosterior
 from models.metrics import log_mean_exp
 from tilted_priors.pyro import MALA, AnnealedImportance, Unnormalized
@@ -62,16 +62,7 @@ def save_params(lvm, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     state = {f"{name}.{k}": v.detach().clone() for name, m in _modules(lvm).items() for k, v in m.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 

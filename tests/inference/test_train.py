@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from inference._training import TrainingDiverged, atomic_write, batch_order
+from inference._training import TrainingDiverged, batch_order
+from inference.files import atomic_write
 from tilted_priors import ChainDivergenceError
 
 N = 24          # data size

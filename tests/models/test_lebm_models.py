@@ -206,7 +206,7 @@ def test_reference_hyperparameters_are_the_same_on_both_backends():
     from models.numpyro import lebm as jl
     from models.pyro import lebm as tl
 
-    assert tl.REFERENCE == jl.REFERENCE and tl.MNIST == jl.MNIST
+    assert tl.REFERENCE is jl.REFERENCE and tl.MNIST is jl.MNIST  # one backend-free definition
     assert tl.REFERENCE["latent_dim"] == 100 and tl.MNIST["latent_dim"] == 16
     assert (tl.REFERENCE["lr_energy"], tl.REFERENCE["lr_generator"]) == (2e-5, 1e-4)
 

@@ -52,7 +52,6 @@ def test_importance_term_is_what_log_prob_subtracts(backend, quadratic_case):
 
 def _optimise_b_pyro(backend, case, steps):
     import pyro
-    import torch
     from pyro.infer import SVI, Trace_ELBO
 
     prior = lambda: backend.prior(case, normalizer=backend.tp.SelfNormalized(2000, name="b"))

@@ -74,7 +74,7 @@ def init(position: torch.Tensor, logdensity_fn: LogDensityFn) -> LangevinState:
     torch.Size([4])
     """
     if position.dim() < 1:
-        raise ValueError(f"positions must have shape (..., d), got a scalar")
+        raise ValueError("positions must have shape (..., d), got a scalar")
     logdensity, grad = value_and_grad(logdensity_fn, position)
     return LangevinState(position.detach(), logdensity, grad)
 
