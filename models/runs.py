@@ -166,6 +166,7 @@ def evaluate(run_dir: str | os.PathLike, *, eval_size: int = 500, ll_size: int =
                 x_test, datasets.load_mnist("test", seed=seed, return_labels=True).y)
     ll = b.evaluate.log_likelihood(lvm, x_test[:ll_size], seed=seed)
     result.update({"test_log_likelihood": metrics.summarize_log_likelihood(ll["per_datum"]),
+                   "test_log_likelihood_per_datum": [float(v) for v in ll["per_datum"]],
                    "log_z": ll["log_z"], "log_z_stderr": ll["log_z_stderr"],
                    "eval_seconds": time.perf_counter() - t0, "method": config["method"],
                    "backend": config["backend"], "train_steps": config.get("steps")})
