@@ -36,7 +36,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any, Mapping
 
 import jax
@@ -53,41 +53,12 @@ from numpyro.contrib.module import nnx_module
 
 from tilted_priors._validation import check_positive_int
 from tilted_priors.numpyro import EnergyMLP, EnergyTiltedNormal
-from models.reference import LEBM, LEBM_MNIST
+from models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
 
 __all__ = ["REFERENCE", "MNIST", "Generator", "LatentVariableModel", "build", "parameter_group", "optimizer"]
 
 REFERENCE = LEBM  #: the paper's settings (see :mod:`models.reference`)
 MNIST = LEBM_MNIST  #: this project's MNIST scaling
-
-_SIZES = (28, 32)
-_PRIORS = ("ebm", "gaussian")
-
-
-def _check_image_shape(image_shape) -> tuple[int, int, int]:
-    try:
-        shape = tuple(image_shape)
-    except TypeError:
-        raise ValueError(f"image_shape must be a tuple (H, W, C), got {image_shape!r}") from None
-    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, Integral) for s in shape):
-        raise ValueError(f"image_shape must be three integers (H, W, C) (channels last), got {image_shape!r}")
-    shape = tuple(int(s) for s in shape)
-    h, w, c = shape
-    if h != w or h not in _SIZES:
-        raise ValueError(f"image_shape: the generator makes square 28x28 or 32x32 images, got H={h}, W={w}")
-    if c < 1:
-        raise ValueError(f"image_shape: the number of channels C must be >= 1, got {c}")
-    return shape
-
-
-def _layer_specs(latent_dim: int, image_shape: tuple[int, int, int], ngf: int) -> list[tuple[int, ...]]:
-    """``(in, out, kernel, stride, padding)`` of the four transposed convolutions (identical on both backends)."""
-    size, _, channels = image_shape
-    return [(latent_dim, 4 * ngf, size // 4, 1, 0),  # 1x1 -> (H/4)x(H/4): 7x7 or 8x8
-            (4 * ngf, 2 * ngf, 4, 2, 1),             # -> H/2
-            (2 * ngf, ngf, 4, 2, 1),                 # -> H
-            (ngf, channels, 3, 1, 1)]                # -> H, C channels
-
 
 def _symmetric_uniform(bound: float):
     """Initializer ``U(-bound, bound)`` drawn by NumPy from a stream seeded by the JAX key.
@@ -253,14 +224,14 @@ class Generator(nnx.Module):
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int] = (28, 28, 1), ngf: int = 32, *,
                  rngs: int | nnx.Rngs = 0, param_dtype=jnp.float32):
         self.latent_dim = check_positive_int("latent_dim", latent_dim)
-        self.image_shape = _check_image_shape(image_shape)
+        self.image_shape = check_image_shape(image_shape)
         self.ngf = check_positive_int("ngf", ngf)
         if isinstance(rngs, int) and not isinstance(rngs, bool):
             rngs = nnx.Rngs(rngs)
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"rngs must be an int seed or flax.nnx.Rngs, got {type(rngs).__name__}")
         self.layers = nnx.List([_ConvTranspose2d(c_in, c_out, k, s, p, rngs=rngs, param_dtype=param_dtype)
-                                for c_in, c_out, k, s, p in _layer_specs(self.latent_dim, self.image_shape,
+                                for c_in, c_out, k, s, p in generator_layers(self.latent_dim, self.image_shape,
                                                                           self.ngf)])
 
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -521,10 +492,10 @@ def build(image_shape: tuple[int, int, int] = (28, 28, 1), latent_dim: int = 16,
     >>> lvm.decode(lvm.prior().sample(jax.random.PRNGKey(0), (5,))).shape
     (5, 28, 28, 1)
     """
-    image_shape = _check_image_shape(image_shape)
+    image_shape = check_image_shape(image_shape)
     latent_dim = check_positive_int("latent_dim", latent_dim)
-    if prior not in _PRIORS:
-        raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}")
+    if prior not in PRIOR_KINDS:
+        raise ValueError(f"prior must be one of {PRIOR_KINDS}, got {prior!r}")
     if isinstance(likelihood_sd, bool) or not isinstance(likelihood_sd, Real) or not (
             math.isfinite(likelihood_sd) and likelihood_sd > 0):
         raise ValueError(f"likelihood_sd must be a finite positive number, got {likelihood_sd!r}")
