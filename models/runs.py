@@ -35,14 +35,15 @@ def _backend(name: str) -> SimpleNamespace:
                            inference=importlib.import_module(f"inference.{name}"))
 
 
-def _load_data(data: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test images in [-1, 1], channels last."""
+def _load_data(data: str, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Train and test splits: images in [-1, 1], channels last, with labels for MNIST (``None`` for user data)."""
     if data.lower() == "mnist":
-        return datasets.load_mnist("train", seed=seed), datasets.load_mnist("test", seed=seed)
+        return (datasets.load_mnist("train", seed=seed, return_labels=True),
+                datasets.load_mnist("test", seed=seed, return_labels=True))
     x = datasets.load_images(data)
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = max(1, len(x) // 10)
-    return x[order[n_test:]], x[order[:n_test]]
+    return datasets.Dataset(x[order[n_test:]], None), datasets.Dataset(x[order[:n_test]], None)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -85,7 +86,7 @@ def train(method: str = "lebm", *, backend: str = "numpyro", data: str = "mnist"
     b = _backend(backend)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    x_train, _ = _load_data(data, seed)
+    x_train = _load_data(data, seed)[0].x
     ref = b.lebm.REFERENCE
     config = {"method": method, "backend": backend, "data": data, "image_shape": list(x_train.shape[1:]),
               "latent_dim": latent_dim, "ngf": ngf, "seed": seed, "batch_size": batch_size, "epochs": epochs,
@@ -142,13 +143,14 @@ def evaluate(run_dir: str | os.PathLike, *, eval_size: int = 500, ll_size: int =
 
     Metrics: reconstruction MSE of ``eval_size`` test images (short-run posterior, LEBM's inference), the
     Fréchet distance between ``num_samples`` prior samples and test images in the feature space of a classifier
-    trained on the training split (:func:`models.metrics.train_feature_net`, cached), and the importance-sampled
+    trained on the labelled training split (MNIST; none for unlabelled user data) (:func:`models.metrics.train_feature_net`, cached), and the importance-sampled
     test log-likelihood (nats per image; :func:`models.pyro.evaluate.log_likelihood`) of ``ll_size`` test images.
     """
     run_dir = Path(run_dir)
     lvm, config, b = load(run_dir)
     seed = config["seed"]
-    x_train, x_test = _load_data(config["data"], seed)
+    train, test = _load_data(config["data"], seed)
+    x_test = test.x
     x_eval = x_test[:eval_size]
     t0 = time.perf_counter()
     samples = b.evaluate.sample_images(lvm, max(num_samples, 64), seed=seed)
@@ -156,14 +158,11 @@ def evaluate(run_dir: str | os.PathLike, *, eval_size: int = 500, ll_size: int =
     recon = b.evaluate.reconstruct(lvm, x_eval, seed=seed)
     save_grid(np.concatenate([x_eval[:32], recon[:32]]), run_dir / "reconstructions.png")
     result = {"mse": metrics.reconstruction_mse(x_eval, recon)}
-    if config["data"].lower() == "mnist" or cache_dir is not None:
-        y = datasets.load_mnist("train", seed=seed, return_labels=True).y if config["data"].lower() == "mnist" else None
-        if y is not None:
-            net = metrics.train_feature_net(x_train, y, seed=0,
-                                            cache_dir=cache_dir or Path.home() / ".cache" / "tilted-priors")
-            result["frechet_distance"] = metrics.frechet_distance(x_test[:num_samples], samples[:num_samples], net)
-            result["feature_net_test_accuracy"] = net.accuracy(
-                x_test, datasets.load_mnist("test", seed=seed, return_labels=True).y)
+    if train.y is not None:  # a labelled data set: the feature classifier of the Fréchet distance can be trained
+        net = metrics.train_feature_net(train.x, train.y, seed=0,
+                                        cache_dir=cache_dir or Path.home() / ".cache" / "tilted-priors")
+        result["frechet_distance"] = metrics.frechet_distance(x_test[:num_samples], samples[:num_samples], net)
+        result["feature_net_test_accuracy"] = net.accuracy(x_test, test.y)
     ll = b.evaluate.log_likelihood(lvm, x_test[:ll_size], seed=seed)
     result.update({"test_log_likelihood": metrics.summarize_log_likelihood(ll["per_datum"]),
                    "test_log_likelihood_per_datum": [float(v) for v in ll["per_datum"]],
