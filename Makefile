@@ -4,8 +4,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A second, light environment (numpy, scipy, matplotlib, ArviZ 1.x; no torch, no JAX) runs the backend-free
+# diagnostics tests under ArviZ 1.x, which needs Python >= 3.12. Found on PATH or among pyenv's versions.
+PY312 ?= $(shell for p in python3.12 python3.13 $$(pyenv root 2>/dev/null)/versions/3.1[23]*/bin/python3; do \
+	$$p -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
+AZ1_VENV := .venv-arviz1
+AZ1_STAMP := $(AZ1_VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-arviz1 demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +22,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(AZ1_STAMP):
+	$(PY312) -m venv $(AZ1_VENV)
+	$(AZ1_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AZ1_VENV)/bin/python -m pip install -q numpy scipy matplotlib "arviz==1.3.0" "pytest>=8"
+	touch $(AZ1_STAMP)
+
 test: $(STAMP)
 	$(PY) -m pytest -q --doctest-modules tests tilted_priors inference models
+ifneq ($(PY312),)
+	$(MAKE) test-arviz1
+else
+	@echo "No Python >= 3.12 found: the diagnostics tests under ArviZ 1.x were skipped"
+endif
+
+test-arviz1: $(AZ1_STAMP)
+	PYTHONPATH=. $(AZ1_VENV)/bin/python -m pytest -q -p no:cacheprovider --doctest-modules \
+		tests/inference/test_diagnostics.py inference/diagnostics/arrays.py inference/diagnostics/data.py \
+		inference/diagnostics/plots.py
 
 demo: $(STAMP)
 	$(PY) -m models demo --out demo-output
@@ -26,4 +48,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/samplers.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(AZ1_VENV) demo-output .pytest_cache

@@ -267,7 +267,7 @@ class _Langevin(_Frozen):
         return res.position
 
     def __reduce__(self):
-        return (type(self), (self.steps, self.step_size, self.unroll))
+        return (functools.partial(type(self), unroll=self.unroll), (self.steps, self.step_size))
 
     def _unroll_repr(self) -> str:
         return "" if self.unroll == 1 else f", unroll={self.unroll}"

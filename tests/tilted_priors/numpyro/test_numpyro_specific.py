@@ -81,6 +81,8 @@ def test_samplers_and_normalizers_are_hashable_immutable_settings():
     with pytest.raises(AttributeError):
         s.steps = 3
     assert pickle.loads(pickle.dumps(s)) == s
+    for sampler in (MALA(10, 0.1, unroll=2), ShortRunLangevin(5, 0.2, False, unroll=True)):
+        assert pickle.loads(pickle.dumps(sampler)) == sampler  # MALA's keyword-only unroll once broke this
     with pytest.raises(ValueError):
         ShortRunLangevin(0, 0.1)
     with pytest.raises(ValueError):

@@ -1,0 +1,119 @@
+"""Chains as ArviZ data: the InferenceData layer of :mod:`inference.diagnostics` (ArviZ 0.2x and 1.x).
+
+:func:`to_inference_data` turns what users have — an array of draws, a dict of them, or the backend's own
+``MCMC`` object (Pyro or NumPyro) — into ArviZ's container: an ``InferenceData`` under ArviZ 0.2x, an
+``xarray.DataTree`` under ArviZ 1.x (the same groups, variables and dims in both). Everything ArviZ does then
+applies: ``az.summary``, ``az.plot_rank``, ``az.plot_trace`` and the rest.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from inference.diagnostics._arviz import from_dict
+from inference.diagnostics.arrays import as_chains
+
+__all__ = ["to_inference_data", "draws_of"]
+
+#: NumPyro extra fields and the names ArviZ's conventions give them in ``sample_stats``.
+_STATS = {"accept_prob": "acceptance_rate", "diverging": "diverging", "step_size": "step_size",
+          "num_steps": "n_steps", "potential_energy": "lp"}
+
+
+def _numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch, without importing it
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def draws_of(obj, var_name: str = "z") -> dict[str, np.ndarray]:
+    """The draws in ``obj`` as ``{variable: numpy array (chain, draw, ...)}``.
+
+    ``obj``: an array ``(chain, draw, *dims)`` (named ``var_name``), a mapping of such arrays, or a Pyro /
+    NumPyro ``MCMC`` object after ``run`` (its draws grouped by chain).
+
+    Examples
+    --------
+    >>> sorted(draws_of({"a": np.zeros((2, 10)), "b": np.zeros((2, 10, 3))}))
+    ['a', 'b']
+    """
+    if hasattr(obj, "get_samples"):  # pyro.infer.MCMC / numpyro.infer.MCMC
+        obj = obj.get_samples(group_by_chain=True)
+    if isinstance(obj, Mapping):
+        draws = {str(k): _numpy(v) for k, v in obj.items()}
+    else:
+        draws = {var_name: _numpy(obj)}
+    if not draws:
+        raise ValueError("no draws: the mapping is empty")
+    shapes = {k: v.shape[:2] for k, v in draws.items()}
+    for k, v in draws.items():
+        if v.ndim < 2:
+            raise ValueError(f"draws of {k!r} must have shape (chain, draw, *dims), got {v.shape}")
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"every variable needs the same (chain, draw) shape, got {shapes}")
+    return draws
+
+
+def _default_dims(draws: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
+    """Name each variable's last axis ``latent`` (``<name>_latent`` when several variables have axes)."""
+    with_axes = [k for k, v in draws.items() if v.ndim > 2]
+    dims = {}
+    for k in with_axes:
+        extra = draws[k].ndim - 2
+        last = "latent" if len(with_axes) == 1 else f"{k}_latent"
+        dims[k] = [f"{k}_dim_{i}" for i in range(extra - 1)] + [last]
+    return dims
+
+
+def _sample_stats(obj) -> dict[str, np.ndarray]:
+    """Per-draw statistics of a NumPyro ``MCMC`` (its collected extra fields), under ArviZ's names."""
+    get = getattr(obj, "get_extra_fields", None)  # Pyro's MCMC keeps no per-draw statistics
+    if get is None:
+        return {}
+    stats = {}
+    for name, value in get(group_by_chain=True).items():
+        if name in _STATS:
+            value = _numpy(value)
+            stats[_STATS[name]] = -value if name == "potential_energy" else value
+    return stats
+
+
+def to_inference_data(obj, *, var_name: str = "z", sample_stats: Mapping[str, Any] | None = None,
+                      dims: Mapping[str, list[str]] | None = None, coords: Mapping[str, Any] | None = None):
+    """ArviZ data from draws: an ``InferenceData`` (ArviZ 0.2x) or a ``DataTree`` (ArviZ 1.x).
+
+    Parameters
+    ----------
+    obj : array_like, mapping or MCMC
+        Draws ``(chain, draw, *dims)`` of one variable (named ``var_name``), a mapping ``{name: draws}``, or a
+        Pyro / NumPyro ``MCMC`` after ``run``. NumPyro's collected extra fields go to ``sample_stats`` under
+        ArviZ's names (``accept_prob`` -> ``acceptance_rate``, ``potential_energy`` -> ``lp``, its negative,
+        an unnormalised log density; ``diverging``, ``step_size``).
+    var_name : str
+        Name of the variable when ``obj`` is one array.
+    sample_stats : mapping, optional
+        Extra per-draw statistics ``{name: (chain, draw)}``, e.g. ``{"lp": log_densities}``.
+    dims, coords : mapping, optional
+        As in ``az.from_dict``. By default the last axis of a variable is ``latent`` (``<name>_latent`` when
+        several variables have axes) and any earlier extra axes ``<name>_dim_<i>``.
+
+    Examples
+    --------
+    >>> data = to_inference_data(np.random.default_rng(0).normal(size=(4, 100, 3)))
+    >>> dict(data.posterior.sizes)
+    {'chain': 4, 'draw': 100, 'latent': 3}
+    """
+    draws = draws_of(obj, var_name)
+    stats = _sample_stats(obj)
+    chain_draw = next(iter(draws.values())).shape[:2]
+    for name, value in (sample_stats or {}).items():
+        value = _numpy(value)
+        if value.shape[:2] != chain_draw:
+            raise ValueError(f"sample_stats[{name!r}] must have shape {chain_draw} + ..., got {value.shape}")
+        stats[name] = value
+    for name, value in draws.items():
+        as_chains(value, name=name)  # finite: a nan posterior would make every diagnostic meaningless
+    all_dims = _default_dims(draws)
+    all_dims.update(dims or {})
+    return from_dict({"posterior": draws, "sample_stats": stats}, dims=all_dims, coords=dict(coords or {}))

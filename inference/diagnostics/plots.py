@@ -1,0 +1,123 @@
+"""PNG figures for the short-run versus long-run report: energy trajectories, marginals, rank and trace plots.
+
+Energy trajectories and marginal histograms are drawn with matplotlib's object API (no global state, no display
+needed); rank and trace plots are ArviZ's own (``az.plot_rank``, ``az.plot_trace``; ArviZ 0.2x or 1.x).
+Every function writes one PNG and returns its path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from inference.diagnostics._arviz import arviz_major, arviz_module
+from inference.diagnostics.data import to_inference_data
+
+__all__ = ["plot_energy_trajectories", "plot_marginals", "plot_rank_short_long", "plot_trace"]
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 3.5)):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("the diagnostics plots need matplotlib: pip install matplotlib") from e
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_energy_trajectories(runs: dict[str, tuple[np.ndarray, np.ndarray]], path, max_chains: int = 20) -> Path:
+    """Energy :math:`-\\log\\pi(z)` (unnormalised) along each run: the median over chains, the 10-90% band and a
+    few chains; one panel per run. ``runs`` maps a label to ``(steps (draw,), log densities (chain, draw))``.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> lp = -np.abs(np.random.default_rng(0).normal(size=(10, 5)))
+    >>> p = plot_energy_trajectories({"short": (np.arange(5), lp)}, os.path.join(tempfile.mkdtemp(), "e.png"))
+    >>> p.name
+    'e.png'
+    """
+    fig, axes = _figure(1, len(runs))
+    for ax, (label, (steps, lp)) in zip(axes[0], runs.items()):
+        energy = -np.asarray(lp)
+        ax.plot(steps, energy[:max_chains].T, color="0.6", lw=0.5, alpha=0.6)
+        lo, mid, hi = np.quantile(energy, [0.1, 0.5, 0.9], axis=0)
+        ax.fill_between(steps, lo, hi, color="C0", alpha=0.25, label="10-90%")
+        ax.plot(steps, mid, color="C0", lw=2, label="median")
+        ax.set(title=f"{label}: {energy.shape[0]} chains", xlabel="step", ylabel="energy (unnormalised)")
+        ax.legend(loc="upper right")
+    return _save(fig, path)
+
+
+def plot_marginals(samples: dict[str, np.ndarray], path, max_dims: int = 8, bins: int = 40) -> Path:
+    """Histograms of each dimension's marginal, one colour per sample; ``samples`` maps a label to ``(n, d)``.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> rng = np.random.default_rng(0)
+    >>> s = {"short": rng.normal(size=(100, 2)), "long": rng.normal(size=(100, 2))}
+    >>> plot_marginals(s, os.path.join(tempfile.mkdtemp(), "m.png")).suffix
+    '.png'
+    """
+    first = next(iter(samples.values()))
+    d = min(first.shape[-1], max_dims)
+    ncols = min(d, 4)
+    nrows = -(-d // ncols)
+    fig, axes = _figure(nrows, ncols, size=(3.2, 2.6))
+    for j, ax in enumerate(axes.ravel()):
+        if j >= d:
+            ax.set_axis_off()
+            continue
+        values = [np.asarray(s)[:, j] for s in samples.values()]
+        edges = np.histogram_bin_edges(np.concatenate(values), bins=bins)
+        for label, v in zip(samples, values):
+            ax.hist(v, bins=edges, density=True, histtype="step", lw=1.5, label=label)
+        ax.set_title(f"latent {j}")
+    axes.ravel()[0].legend(loc="upper right", fontsize="small")
+    return _save(fig, path)
+
+
+def _arviz_plot(name: str, data, path, **kwargs) -> Path:
+    """Run ``az.<name>`` and save its figure (an axes array in ArviZ 0.x, a PlotCollection in 1.x)."""
+    az = arviz_module()
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("the diagnostics plots need matplotlib: pip install matplotlib") from e
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if arviz_major() >= 1:
+        plot = getattr(az, name)(data, backend="matplotlib", **kwargs)
+        plot.savefig(path)
+        plt.close("all")
+        return path
+    axes = getattr(az, name)(data, **kwargs)
+    fig = np.ravel(axes)[0].get_figure()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_rank_short_long(short: np.ndarray, long: np.ndarray, path, max_dims: int = 8) -> Path:
+    """ArviZ rank plot of the short-run and the long-run final states as two "chains" of one variable.
+
+    Under the same law the ranks of both are uniform (flat histograms); a short run that has not reached the
+    long run's law shows sloped or U-shaped histograms. ``short`` and ``long`` are ``(n, d)`` with equal ``n``.
+    """
+    n = min(len(short), len(long))
+    pooled = np.stack([np.asarray(short)[:n, :max_dims], np.asarray(long)[:n, :max_dims]])
+    return _arviz_plot("plot_rank", to_inference_data(pooled, coords={"chain": ["short", "long"]}), path)
+
+
+def plot_trace(chains: np.ndarray, path, max_chains: int = 8, max_dims: int = 4) -> Path:
+    """ArviZ trace plot of a few chains ``(chain, draw, d)`` (their first ``max_dims`` dimensions)."""
+    chains = np.asarray(chains)[:max_chains, :, :max_dims]
+    return _arviz_plot("plot_trace", to_inference_data(chains), path)

@@ -1,0 +1,328 @@
+r"""Short-run versus long-run: is a short chain telling the truth about its target?
+
+A short-run sampler (LEBM's 60 Langevin steps) is a learned generator, not a convergent chain: its draws follow
+some law :math:`q_K` that need not be the target :math:`\pi`. :func:`short_vs_long` runs the same starting
+points for :math:`K` steps and for :math:`L \gg K` steps (a long, ideally exact chain such as MALA) and compares
+the final states: per-dimension means and standard deviations, the energy :math:`-\log\pi` (unnormalised), the
+energy distance between the two samples with a permutation p-value, R-hat of each run, R-hat between the two
+samples, and nested R-hat over super-chains of chains that share a start (Margossian et al. 2022: whether the
+chains have forgotten where they started). :func:`compare_chains` is the same comparison on arrays.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference.diagnostics.arrays import EnergyDistance, as_chains, energy_distance, nested_rhat, rhat
+from tilted_priors._validation import check_positive_int
+
+__all__ = ["ShortVsLong", "compare_chains", "short_vs_long", "trajectory"]
+
+
+@dataclass(frozen=True)
+class ShortVsLong:
+    """The short-run versus long-run comparison (see :func:`short_vs_long`).
+
+    Attributes
+    ----------
+    short, long : ndarray
+        Trajectories ``(chain, draw, d)`` (draw 0 is the start, the last draw the final state).
+    short_lp, long_lp : ndarray or None
+        Unnormalised log densities ``(chain, draw)`` along them.
+    short_steps, long_steps : ndarray
+        The step at which each draw was recorded.
+    superchain_ids : ndarray or None
+        Chains that share a start share an id.
+    distance : EnergyDistance
+        Energy distance between the final states, with its permutation p-value.
+    rhat_between : ndarray
+        Per dimension, rank R-hat of the two final samples as two "chains" (about 1 under the same law).
+    rhat_short, rhat_long : ndarray
+        Per dimension, rank-normalised split R-hat over the second half of each run's trajectories.
+    nested_rhat_short, nested_rhat_long : ndarray or None
+        Per dimension, nested R-hat of each run's final states, super-chains by start.
+    alpha : float
+        Level of the verdict :attr:`differs`.
+    figures : list of Path
+        PNG files written.
+    """
+
+    short: np.ndarray
+    long: np.ndarray
+    short_lp: np.ndarray | None
+    long_lp: np.ndarray | None
+    short_steps: np.ndarray
+    long_steps: np.ndarray
+    superchain_ids: np.ndarray | None
+    distance: EnergyDistance
+    rhat_between: np.ndarray
+    rhat_short: np.ndarray
+    rhat_long: np.ndarray
+    nested_rhat_short: np.ndarray | None
+    nested_rhat_long: np.ndarray | None
+    alpha: float = 0.01
+    figures: list = field(default_factory=list)
+
+    @property
+    def differs(self) -> bool:
+        """Whether the short run's final states differ from the long run's at level ``alpha`` (energy distance)."""
+        return self.distance.p_value < self.alpha
+
+    @property
+    def nested_rhat_baseline(self) -> float | None:
+        r"""Nested R-hat that chains which have forgotten their starts would give: the final states are one draw
+        per chain, so :math:`\hat B_\nu \approx \sigma^2 / M` and :math:`\hat W_\nu \approx \sigma^2`, giving
+        :math:`\sqrt{1 + 1/M}` for :math:`M` chains per start (not 1; compare the nested R-hats with this)."""
+        if self.superchain_ids is None:
+            return None
+        per = np.bincount(np.unique(self.superchain_ids, return_inverse=True)[1])[0]
+        return float(np.sqrt(1.0 + 1.0 / per))
+
+    def table(self) -> list[dict]:
+        """One row per latent dimension (then one for the energy): means, sds, the mean difference in standard
+        errors (chains treated as independent) and the R-hats."""
+        a, b = self.short[:, -1], self.long[:, -1]
+        rows = []
+
+        def row(name, x, y, extra):
+            se = np.sqrt(x.var(ddof=1) / x.size + y.var(ddof=1) / y.size)
+            z = (x.mean() - y.mean()) / se if se > 0 else 0.0
+            rows.append({"quantity": name, "mean short": x.mean(), "mean long": y.mean(), "z": z,
+                         "sd short": x.std(ddof=1), "sd long": y.std(ddof=1), **extra})
+
+        for j in range(a.shape[-1]):
+            extra = {"R-hat between": self.rhat_between[j], "R-hat short": self.rhat_short[j],
+                     "R-hat long": self.rhat_long[j]}
+            if self.nested_rhat_short is not None:
+                extra.update({"nR-hat short": self.nested_rhat_short[j], "nR-hat long": self.nested_rhat_long[j]})
+            row(f"latent {j}", a[:, j], b[:, j], extra)
+        if self.short_lp is not None and self.long_lp is not None:
+            row("energy", -self.short_lp[:, -1], -self.long_lp[:, -1], {})
+        return rows
+
+    def to_markdown(self) -> str:
+        """The table and the verdict as Markdown."""
+        rows = self.table()
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for r in rows:
+            lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+        d = self.distance
+        verdict = "**differ**" if self.differs else "do not differ detectably"
+        lines += ["", f"Short run ({int(self.short_steps[-1])} steps) vs long run ({int(self.long_steps[-1])} "
+                  f"steps), {self.short.shape[0]} chains: energy distance {d.statistic:.4g}, permutation p-value "
+                  f"{d.p_value:.3g} ({d.num_permutations} permutations); at level {self.alpha:g} the final "
+                  f"states {verdict}."]
+        if self.nested_rhat_baseline is not None:
+            lines.append(f"Nested R-hat (nR-hat) groups the chains by start; chains that have forgotten their "
+                         f"start give about {self.nested_rhat_baseline:.3f} here (sqrt(1 + 1/M), M chains per "
+                         "start); larger values mean the final states still depend on where the chains began.")
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, str):
+        return v
+    return f"{float(v):.3f}"
+
+
+def compare_chains(short, long, *, short_lp=None, long_lp=None, short_steps=None, long_steps=None,
+                   superchain_ids=None, alpha: float = 0.01, num_permutations: int = 200,
+                   seed: int = 0) -> ShortVsLong:
+    """Compare short-run and long-run trajectories ``(chain, draw, d)`` of the same chains (array layer).
+
+    See :func:`short_vs_long`, which runs the samplers and calls this. Both runs need the same number of chains
+    (the same starts); ``superchain_ids`` groups chains that share a start (for nested R-hat; each group needs
+    at least two chains).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> r = compare_chains(rng.normal(size=(200, 5, 2)), rng.normal(size=(200, 5, 2)))
+    >>> r.differs
+    False
+    """
+    short = as_chains(short, name="short", min_draws=1)
+    long = as_chains(long, name="long", min_draws=1)
+    if short.ndim != 3 or long.ndim != 3 or short.shape[0] != long.shape[0] or short.shape[2] != long.shape[2]:
+        raise ValueError(f"short and long must be (chain, draw, d) with the same chains and d, got {short.shape} "
+                         f"and {long.shape}")
+    if short.shape[0] < 4:
+        raise ValueError(f"compare at least 4 chains, got {short.shape[0]}")
+    lps = [None if lp is None else as_chains(np.asarray(lp)[..., None], name=n)[..., 0]
+           for n, lp in (("short_lp", short_lp), ("long_lp", long_lp))]
+    rng = np.random.default_rng(seed)
+    a, b = short[:, -1], long[:, -1]
+    # Two "chains" (short, long) whose draws are the chains' final states, in random order so that chains
+    # sharing a start do not fall in one split half.
+    order = rng.permutation(a.shape[0])
+    between = rhat(np.stack([a[order], b[order]]))
+    nested = (None, None)
+    if superchain_ids is not None:
+        nested = tuple(nested_rhat(x[:, -1:], superchain_ids) for x in (short, long))
+
+    def second_half(x):
+        half = x[:, x.shape[1] // 2:]
+        return rhat(half) if half.shape[1] >= 4 else np.full(x.shape[2], np.nan)
+
+    return ShortVsLong(
+        short=short, long=long, short_lp=lps[0], long_lp=lps[1],
+        short_steps=np.arange(short.shape[1]) if short_steps is None else np.asarray(short_steps),
+        long_steps=np.arange(long.shape[1]) if long_steps is None else np.asarray(long_steps),
+        superchain_ids=None if superchain_ids is None else np.asarray(superchain_ids),
+        distance=energy_distance(a, b, num_permutations=num_permutations, seed=seed),
+        rhat_between=between, rhat_short=second_half(short), rhat_long=second_half(long),
+        nested_rhat_short=nested[0], nested_rhat_long=nested[1], alpha=alpha)
+
+
+# --- running samplers of either backend -------------------------------------------------------------------
+def _with_steps(sampler, steps: int):
+    """A copy of ``sampler`` that runs ``steps`` steps (the samplers are immutable settings objects)."""
+    new = copy.copy(sampler)
+    object.__setattr__(new, "steps", steps)
+    if hasattr(new, "unroll"):
+        object.__setattr__(new, "unroll", min(new.unroll, steps))
+    return new
+
+
+def _backend(sampler) -> str:
+    module = type(sampler).__module__
+    if type(sampler).__name__ == "Persistent":
+        raise TypeError("short_vs_long runs fresh chains from the given starts: pass the sampler a Persistent "
+                        "wraps (its .sampler), not the Persistent itself")
+    if not hasattr(sampler, "run") or not hasattr(sampler, "steps"):
+        raise TypeError(f"a sampler needs .steps and .run(...), got {sampler!r}")
+    for name in ("numpyro", "pyro"):
+        if f".{name}." in f".{module}.":
+            return name
+    return "numpy"
+
+
+def trajectory(sampler, log_density, starts, num_draws: int = 20, seed: int = 0):
+    """Run ``sampler`` from ``starts`` ``(chain, d)``, recording ``num_draws`` states along the way.
+
+    The run is cut into ``num_draws`` segments of (nearly) equal length, each a run of the same sampler with
+    fewer steps continuing from the last state — for a Markov chain the same process as one long run.
+    ``sampler`` is a sampler of either backend (``tilted_priors.pyro`` / ``.numpyro``; its log density and
+    arrays are that backend's, randomness from ``seed``) or any object with ``steps`` and
+    ``run(log_density, init)`` on numpy arrays.
+
+    Returns
+    -------
+    steps : ndarray (draw,)
+        The step of each recorded state (0 for the start).
+    positions : ndarray (chain, draw, d)
+    log_densities : ndarray (chain, draw)
+        ``log_density`` at each recorded state (unnormalised as given).
+    """
+    num_draws = check_positive_int("num_draws", num_draws)
+    backend = _backend(sampler)
+    bounds = np.unique(np.linspace(0, sampler.steps, min(num_draws, sampler.steps) + 1).round().astype(int))
+    lengths = np.diff(bounds)
+    positions, lps = [], []
+    if backend == "pyro":
+        import torch
+
+        x = torch.as_tensor(np.asarray(starts), dtype=torch.get_default_dtype())
+        lp_of = lambda z: log_density(z).detach().cpu().numpy()  # noqa: E731
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            positions.append(x.numpy().copy())
+            lps.append(lp_of(x))
+            for m in lengths:
+                x = _with_steps(sampler, int(m)).run(log_density, x)
+                positions.append(x.detach().cpu().numpy())
+                lps.append(lp_of(x))
+    elif backend == "numpyro":
+        import jax
+        import jax.numpy as jnp
+
+        key = jax.random.PRNGKey(seed)
+        x = jnp.asarray(np.asarray(starts))
+        positions.append(np.asarray(x))
+        lps.append(np.asarray(log_density(x)))
+        for m in lengths:
+            key, sub = jax.random.split(key)
+            x = _with_steps(sampler, int(m)).run(sub, log_density, x)
+            positions.append(np.asarray(x))
+            lps.append(np.asarray(log_density(x)))
+    else:
+        x = np.asarray(starts, dtype=float)
+        positions.append(x.copy())
+        lps.append(np.asarray(log_density(x)))
+        for m in lengths:
+            x = np.asarray(_with_steps(sampler, int(m)).run(log_density, x))
+            positions.append(x)
+            lps.append(np.asarray(log_density(x)))
+    return bounds, np.stack(positions, axis=1), np.stack(lps, axis=1)
+
+
+def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_per_start: int = 4,
+                  num_draws: int = 20, alpha: float = 0.01, seed: int = 0, out=None,
+                  prefix: str = "short_vs_long") -> ShortVsLong:
+    r"""Run the same starts for :math:`K` steps (``sampler_short``) and :math:`L \gg K` (``sampler_long``) and
+    compare what they reach.
+
+    Each start is replicated ``chains_per_start`` times (a super-chain, for nested R-hat); both samplers run
+    every chain from its start, recording ``num_draws`` states (:func:`trajectory`). The final states are
+    compared by :func:`compare_chains`: per-dimension means and sds, the (unnormalised) energy
+    :math:`-\log\pi`, the energy distance with a permutation p-value (the verdict
+    :attr:`ShortVsLong.differs` at level ``alpha``), R-hat and nested R-hat. The long run is only a reference
+    when it has converged: check ``rhat_long`` (near 1) and use an exact sampler (MALA) for it.
+
+    Parameters
+    ----------
+    sampler_short, sampler_long : sampler
+        Samplers of one backend (``ShortRunLangevin``, ``MALA``), or numpy samplers (see :func:`trajectory`).
+    log_density : callable
+        ``(..., d) -> (...)`` on that backend's arrays; need not be normalised.
+    starts : array_like
+        Starting points ``(n, d)``.
+    chains_per_start : int
+        Chains per start (at least 2 for nested R-hat).
+    num_draws : int
+        States recorded along each run (for trajectories, trace plots and R-hat).
+    out : path, optional
+        A directory: write ``<prefix>_energy.png``, ``_marginals.png``, ``_rank.png``, ``_trace.png`` there.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> from tilted_priors.numpyro import MALA, ShortRunLangevin
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> starts = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (50, 2))
+    >>> r = short_vs_long(ShortRunLangevin(5, 0.05), MALA(400, 0.8), f, starts)
+    >>> r.differs
+    True
+    """
+    chains_per_start = check_positive_int("chains_per_start", chains_per_start)
+    starts_np = starts.detach().cpu().numpy() if hasattr(starts, "detach") else np.asarray(starts)
+    if starts_np.ndim != 2:
+        raise ValueError(f"starts must have shape (n, d), got {starts_np.shape}")
+    if not np.isfinite(starts_np).all():
+        raise ValueError("starts hold non-finite values")
+    backends = {_backend(sampler_short), _backend(sampler_long)}
+    if len(backends) > 1:
+        raise TypeError(f"both samplers must come from one backend, got {sorted(backends)}")
+    init = np.repeat(starts_np, chains_per_start, axis=0)
+    ids = np.repeat(np.arange(starts_np.shape[0]), chains_per_start) if chains_per_start > 1 else None
+    s_steps, short, s_lp = trajectory(sampler_short, log_density, init, num_draws, seed)
+    l_steps, long, l_lp = trajectory(sampler_long, log_density, init, num_draws, seed + 1)
+    report = compare_chains(short, long, short_lp=s_lp, long_lp=l_lp, short_steps=s_steps, long_steps=l_steps,
+                            superchain_ids=ids, alpha=alpha, seed=seed)
+    if out is not None:
+        from inference.diagnostics import plots
+
+        out = Path(out)
+        report.figures.extend([
+            plots.plot_energy_trajectories({f"short ({s_steps[-1]} steps)": (s_steps, s_lp),
+                                            f"long ({l_steps[-1]} steps)": (l_steps, l_lp)},
+                                           out / f"{prefix}_energy.png"),
+            plots.plot_marginals({"short": short[:, -1], "long": long[:, -1]}, out / f"{prefix}_marginals.png"),
+            plots.plot_rank_short_long(short[:, -1], long[:, -1], out / f"{prefix}_rank.png"),
+            plots.plot_trace(long, out / f"{prefix}_trace.png"),
+        ])
+    return report
