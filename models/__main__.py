@@ -1,9 +1,11 @@
-"""Command line: ``python -m models train|sample|evaluate|demo``.
+"""Command line: ``python -m models train|sample|evaluate|diagnose|demo``.
 
 - ``train METHOD --backend {pyro,numpyro} --data mnist|PATH --epochs N --out DIR``: train (``lebm``, or ``abp``
   with a Normal prior), then evaluate; ``--resume`` continues an interrupted run exactly.
 - ``sample DIR --n 64``: draw images from a trained run's prior into a PNG grid.
 - ``evaluate DIR``: recompute the run's samples, reconstructions and ``metrics.json``.
+- ``diagnose DIR``: prior chains short vs long, posterior chains (short-run guide vs MALA vs NUTS) for a few
+  test images; writes ``diagnostics.md``, ``diagnostics.json`` and PNGs (see :mod:`models.diagnose`).
 - ``demo``: ``make demo``'s job: LEBM on the embedded MNIST-5k for a few minutes, on the faster backend.
 - ``prior-demo``: sample a 2-D tilted prior with a known answer (an 8-mode ring, ``log Z = 0``).
 """
@@ -59,6 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("evaluate", help="samples, reconstructions and metrics of a trained run")
     ev.add_argument("run_dir")
 
+    dg = sub.add_parser("diagnose", help="short-run vs long-run chains of a trained run (diagnostics.md)")
+    dg.add_argument("run_dir")
+    dg.add_argument("--out", help="directory for the report (default: the run directory)")
+    dg.add_argument("--starts", type=_positive(int), default=100, help="prior chain starts")
+    dg.add_argument("--chains-per-start", type=_positive(int), default=4)
+    dg.add_argument("--long-steps", type=_positive(int), default=2000, help="steps of the long prior MALA run")
+    dg.add_argument("--images", type=_positive(int), default=4, help="test images for the posterior chains")
+    dg.add_argument("--short-chains", type=_positive(int), default=200, help="short-run guide chains per image")
+    dg.add_argument("--chains", type=_positive(int), default=2, help="MALA and NUTS chains")
+    dg.add_argument("--warmup", type=_positive(int), default=300)
+    dg.add_argument("--samples", type=_positive(int), default=300)
+    dg.add_argument("--max-tree-depth", type=_positive(int), default=8)
+    dg.add_argument("--seed", type=int, default=0)
+
     de = sub.add_parser("demo", help="LEBM on MNIST-5k for a few minutes (make demo)")
     de.add_argument("--out", default="demo-output")
     de.add_argument("--epochs", type=_positive(int), default=DEMO["epochs"])
@@ -86,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         result = {"wrote": str(runs.sample(args.run_dir, args.n, out=args.out, seed=args.seed))}
     elif args.command == "evaluate":
         result = runs.evaluate(args.run_dir)
+    elif args.command == "diagnose":
+        from models.diagnose import diagnose
+
+        result = diagnose(args.run_dir, out=args.out, num_starts=args.starts, chains_per_start=args.chains_per_start,
+                          long_steps=args.long_steps, num_images=args.images, short_chains=args.short_chains,
+                          num_chains=args.chains, num_warmup=args.warmup, num_samples=args.samples,
+                          max_tree_depth=args.max_tree_depth, seed=args.seed)
     else:  # demo
         settings = {k: v for k, v in DEMO.items() if k not in ("method", "epochs")}
         result = runs.train(DEMO["method"], out=args.out, epochs=args.epochs, ll_size=100, **settings)

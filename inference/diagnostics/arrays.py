@@ -251,7 +251,8 @@ def mcse(x, method: str = "mean") -> np.ndarray:
         n_eff = _ess_basic(_split(sq))
         evar = sq.mean(axis=(0, 1))
         varvar = ((sq ** 2).mean(axis=(0, 1)) - evar ** 2) / n_eff
-        value = np.sqrt(varvar / evar / 4.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = np.sqrt(varvar / evar / 4.0)
     else:
         raise ValueError(f"method must be 'mean' or 'sd', got {method!r}")
     return value.reshape(x.shape[2:])
@@ -375,7 +376,8 @@ def summary(x) -> Summary:
     sq = (cols - mean) ** 2
     n_eff_sq = _ess_basic(_split(sq))
     evar = sq.mean(axis=(0, 1))
-    mcse_sd = np.sqrt(((sq ** 2).mean(axis=(0, 1)) - evar ** 2) / n_eff_sq / evar / 4.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a constant dimension has no sd error: nan, as ArviZ
+        mcse_sd = np.sqrt(((sq ** 2).mean(axis=(0, 1)) - evar ** 2) / n_eff_sq / evar / 4.0)
     values = (mean, sd, rhat_value, _ess_basic(z),
               _ess_tail(cols, 0.05),
               sd / np.sqrt(_ess_basic(split)), mcse_sd)

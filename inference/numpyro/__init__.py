@@ -1,9 +1,10 @@
-"""Inference for NumPyro models with energy-tilted priors: guides, effect handlers and the training loop.
+"""Inference for NumPyro models with energy-tilted priors: guides, effect handlers, MCMC kernels and training.
 
 The same public names as the other backend (``inference.pyro`` / ``inference.numpyro``).
 """
 from inference.numpyro import handlers
 from inference.numpyro.guides import ShortRunPosterior
+from inference.numpyro.kernels import Langevin
 from inference.numpyro.train import FitResult, TrainingDiverged, fit
 
-__all__ = ["ShortRunPosterior", "fit", "FitResult", "TrainingDiverged", "handlers"]
+__all__ = ["ShortRunPosterior", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]

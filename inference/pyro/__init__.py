@@ -1,9 +1,10 @@
-"""Inference for Pyro models with energy-tilted priors: guides, effect handlers and the training loop.
+"""Inference for Pyro models with energy-tilted priors: guides, effect handlers, MCMC kernels and the training loop.
 
 The same public names as the other backend (``inference.pyro`` / ``inference.numpyro``).
 """
 from inference.pyro import handlers
 from inference.pyro.guides import ShortRunPosterior
+from inference.pyro.kernels import Langevin
 from inference.pyro.train import FitResult, TrainingDiverged, fit
 
-__all__ = ["ShortRunPosterior", "fit", "FitResult", "TrainingDiverged", "handlers"]
+__all__ = ["ShortRunPosterior", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]

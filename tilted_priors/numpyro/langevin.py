@@ -7,11 +7,13 @@ make the same proposal (:func:`proposal`),
 .. math:: z' = z + \tfrac{h^2}{2} \nabla \log \pi(z) + h\, \xi, \qquad \xi \sim \mathcal N(0, I),
 
 :func:`ula_step` keeps it (unadjusted Langevin, biased by :math:`O(h^2)`), :func:`mala_step` accepts it with the
-Metropolis-Hastings probability (exact stationary law :math:`\pi`). :math:`h` is the ``step_size``, the scale of
-the noise, as in LEBM (Pang et al. 2020). All arrays are batched over chains: positions ``(..., d)``, log densities
-``(...)``; chains never interact. Every function is pure, so it runs under :func:`jax.jit`, :func:`jax.vmap` and
-inside :func:`jax.lax.scan`. ``logdensity_fn`` need not be normalised. As in the torch core, the state carries no
-gradient to the log density's parameters or to the starting point (both are ``stop_gradient``-ed).
+Metropolis-Hastings probability (exact stationary law :math:`\pi`); its two halves, :func:`log_acceptance_ratio`
+and :func:`metropolis_accept`, are public for callers that need the proposal itself. :math:`h` is the
+``step_size``, the scale of the noise, as in LEBM (Pang et al. 2020). All arrays are batched over chains:
+positions ``(..., d)``, log densities ``(...)``; chains never interact. Every function is pure, so it runs under
+:func:`jax.jit`, :func:`jax.vmap` and inside :func:`jax.lax.scan`. ``logdensity_fn`` need not be normalised. As
+in the torch core, the state carries no gradient to the log density's parameters or to the starting point (both
+are ``stop_gradient``-ed).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from jax import lax
 
 from tilted_priors._validation import check_energy_shape
 
-__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "ula_step", "mala_step", "value_and_grad"]
+__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "ula_step", "mala_step", "value_and_grad",
+           "log_acceptance_ratio", "metropolis_accept"]
 
 LogDensityFn = Callable[[jax.Array], jax.Array]
 
@@ -130,13 +133,64 @@ def _log_q(to: jax.Array, frm: LangevinState, step_size: float) -> jax.Array:
     return -jnp.sum(diff * diff, -1) / (2.0 * step_size * step_size)
 
 
+def log_acceptance_ratio(state: LangevinState, new: LangevinState, step_size: float) -> jax.Array:
+    r"""Metropolis-Hastings log-ratio of moving from ``state`` to the Langevin proposal ``new``, per chain.
+
+    .. math:: \log \frac{\pi(z')\, q(z \mid z')}{\pi(z)\, q(z' \mid z)},
+              \qquad q(z' \mid z) = \mathcal N\bigl(z';\, z + \tfrac{h^2}{2}\nabla\log\pi(z),\, h^2 I\bigr)
+
+    :func:`mala_step` accepts with probability :math:`\min(1, e^{\text{ratio}})`; for an unadjusted chain the
+    same number measures the discretisation error of the step. A proposal with a non-finite log density, or a
+    ratio that is ``nan`` (e.g. a non-finite gradient there), gets :math:`-\infty` (always rejected).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> state = init(jnp.zeros(2), f)
+    >>> float(log_acceptance_ratio(state, state, 0.5))  # staying put: pi and q are symmetric
+    0.0
+    """
+    log_ratio = (new.logdensity - state.logdensity
+                 + _log_q(state.position, new, step_size) - _log_q(new.position, state, step_size))
+    valid = jnp.isfinite(new.logdensity) & ~jnp.isnan(log_ratio)
+    return jnp.where(valid, log_ratio, -jnp.inf)  # reject nan and +-inf
+
+
+def metropolis_accept(rng_key: jax.Array, state: LangevinState, new: LangevinState,
+                      log_ratio: jax.Array) -> tuple[LangevinState, LangevinInfo]:
+    r"""Keep ``new`` with probability :math:`\min(1, e^{\text{log\_ratio}})` per chain, else ``state``.
+
+    The accept step of :func:`mala_step`, for callers that need the proposal or the ratio themselves (e.g. an
+    MCMC kernel that counts divergent proposals). ``rng_key`` draws the uniform variates.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> state, new = init(jnp.zeros((3, 2)), f), init(jnp.ones((3, 2)), f)
+    >>> kept, info = metropolis_accept(jax.random.PRNGKey(0), state, new, jnp.full((3,), -jnp.inf))
+    >>> bool((kept.position == 0).all()), info.acceptance_rate.tolist()
+    (True, [0.0, 0.0, 0.0])
+    """
+    acceptance = jnp.exp(jnp.minimum(log_ratio, 0.0))
+    u = jax.random.uniform(rng_key, acceptance.shape, acceptance.dtype)
+    accept = u < acceptance
+    keep = accept[..., None]
+    merged = LangevinState(jnp.where(keep, new.position, state.position),
+                           jnp.where(accept, new.logdensity, state.logdensity),
+                           jnp.where(keep, new.logdensity_grad, state.logdensity_grad))
+    return merged, LangevinInfo(acceptance, accept)
+
+
 def mala_step(rng_key: jax.Array, state: LangevinState, logdensity_fn: LogDensityFn,
               step_size: float) -> tuple[LangevinState, LangevinInfo]:
     r"""One Metropolis-adjusted Langevin step.
 
     Accepts the proposal :math:`z'` with probability
-    :math:`\min\{1, \pi(z') q(z \mid z') / (\pi(z) q(z' \mid z))\}`; a proposal with a non-finite log density is
-    rejected. ``rng_key`` is split into the proposal's key and the accept/reject key.
+    :math:`\min\{1, \pi(z') q(z \mid z') / (\pi(z) q(z' \mid z))\}` (:func:`log_acceptance_ratio`,
+    :func:`metropolis_accept`); a proposal with a non-finite log density is rejected. ``rng_key`` is split into
+    the proposal's key and the accept/reject key.
 
     Examples
     --------
@@ -148,14 +202,4 @@ def mala_step(rng_key: jax.Array, state: LangevinState, logdensity_fn: LogDensit
     """
     key_proposal, key_accept = jax.random.split(rng_key)
     new = proposal(key_proposal, state, logdensity_fn, step_size)
-    log_ratio = (new.logdensity - state.logdensity
-                 + _log_q(state.position, new, step_size) - _log_q(new.position, state, step_size))
-    log_ratio = jnp.where(jnp.isfinite(new.logdensity) & ~jnp.isnan(log_ratio), log_ratio, -jnp.inf)
-    acceptance = jnp.exp(jnp.minimum(log_ratio, 0.0))
-    u = jax.random.uniform(key_accept, acceptance.shape, acceptance.dtype)
-    accept = u < acceptance
-    keep = accept[..., None]
-    merged = LangevinState(jnp.where(keep, new.position, state.position),
-                           jnp.where(accept, new.logdensity, state.logdensity),
-                           jnp.where(keep, new.logdensity_grad, state.logdensity_grad))
-    return merged, LangevinInfo(acceptance, accept)
+    return metropolis_accept(key_accept, state, new, log_acceptance_ratio(state, new, step_size))

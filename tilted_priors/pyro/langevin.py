@@ -7,7 +7,9 @@ the same proposal (:func:`proposal`),
 .. math:: z' = z + \tfrac{h^2}{2} \nabla \log \pi(z) + h\, \xi, \qquad \xi \sim \mathcal N(0, I),
 
 :func:`ula_step` keeps it (unadjusted Langevin, biased by :math:`O(h^2)`), :func:`mala_step` accepts it with the
-Metropolis-Hastings probability (exact stationary law :math:`\pi`). :math:`h` is the ``step_size``, the scale of
+Metropolis-Hastings probability (exact stationary law :math:`\pi`); its pieces, :func:`log_acceptance_ratio` and
+:func:`metropolis_accept`, are public for callers that need the proposal or the ratio (an MCMC kernel counting
+divergences, an unadjusted chain measuring its discretisation error). :math:`h` is the ``step_size``, the scale of
 the noise, as in LEBM (Pang et al. 2020). All arrays are batched over chains: positions ``(..., d)``, log densities
 ``(...)``; chains never interact. ``key`` is a :class:`torch.Generator` or ``None`` (torch's global generator,
 seeded by ``pyro.set_rng_seed``). ``logdensity_fn`` need not be normalised.
@@ -20,7 +22,8 @@ import torch
 
 from tilted_priors._validation import check_energy_shape
 
-__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "move", "ula_step", "mala_step", "value_and_grad"]
+__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "move", "ula_step", "mala_step", "value_and_grad",
+           "log_acceptance_ratio", "metropolis_accept"]
 
 LogDensityFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -122,13 +125,61 @@ def _log_q(to: torch.Tensor, frm: LangevinState, step_size: float) -> torch.Tens
     return -(diff * diff).sum(-1) / (2.0 * step_size * step_size)
 
 
+def log_acceptance_ratio(state: LangevinState, new: LangevinState, step_size: float) -> torch.Tensor:
+    r"""Metropolis-Hastings log-ratio of moving from ``state`` to the Langevin proposal ``new``, per chain.
+
+    .. math:: \log \frac{\pi(z')\, q(z \mid z')}{\pi(z)\, q(z' \mid z)},
+              \qquad q(z' \mid z) = \mathcal N\bigl(z';\, z + \tfrac{h^2}{2}\nabla\log\pi(z),\, h^2 I\bigr)
+
+    :func:`mala_step` accepts with probability :math:`\min(1, e^{\text{ratio}})`; for an unadjusted chain the
+    same number measures the discretisation error of the step. A proposal with a non-finite log density, or a
+    ratio that is ``nan`` (e.g. a non-finite gradient there), gets :math:`-\infty` (always rejected).
+
+    Examples
+    --------
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> state = init(torch.zeros(2), f)
+    >>> float(log_acceptance_ratio(state, state, 0.5))  # staying put: pi and q are symmetric
+    0.0
+    """
+    log_ratio = (new.logdensity - state.logdensity
+                 + _log_q(state.position, new, step_size) - _log_q(new.position, state, step_size))
+    valid = torch.isfinite(new.logdensity) & ~torch.isnan(log_ratio)
+    return torch.where(valid, log_ratio, -torch.inf)  # reject nan and +-inf
+
+
+def metropolis_accept(key: torch.Generator | None, state: LangevinState, new: LangevinState,
+                      log_ratio: torch.Tensor) -> tuple[LangevinState, LangevinInfo]:
+    r"""Keep ``new`` with probability :math:`\min(1, e^{\text{log\_ratio}})` per chain, else ``state``.
+
+    The accept step of :func:`mala_step`, for callers that need the proposal or the ratio themselves (e.g. an
+    MCMC kernel that counts divergent proposals).
+
+    Examples
+    --------
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> state, new = init(torch.zeros(3, 2), f), init(torch.ones(3, 2), f)
+    >>> kept, info = metropolis_accept(None, state, new, torch.full((3,), -torch.inf))
+    >>> bool((kept.position == 0).all()), info.acceptance_rate.tolist()
+    (True, [0.0, 0.0, 0.0])
+    """
+    acceptance = log_ratio.clamp(max=0.0).exp()
+    u = torch.rand(acceptance.shape, generator=key, dtype=acceptance.dtype, device=acceptance.device)
+    accept = u < acceptance
+    keep = accept.unsqueeze(-1)
+    merged = LangevinState(torch.where(keep, new.position, state.position),
+                           torch.where(accept, new.logdensity, state.logdensity),
+                           torch.where(keep, new.logdensity_grad, state.logdensity_grad))
+    return merged, LangevinInfo(acceptance, accept)
+
+
 def mala_step(key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,
               step_size: float) -> tuple[LangevinState, LangevinInfo]:
     r"""One Metropolis-adjusted Langevin step.
 
     Accepts the proposal :math:`z'` with probability
-    :math:`\min\{1, \pi(z') q(z \mid z') / (\pi(z) q(z' \mid z))\}`; a proposal with a non-finite log density is
-    rejected.
+    :math:`\min\{1, \pi(z') q(z \mid z') / (\pi(z) q(z' \mid z))\}` (:func:`log_acceptance_ratio`,
+    :func:`metropolis_accept`); a proposal with a non-finite log density is rejected.
 
     Examples
     --------
@@ -138,14 +189,4 @@ def mala_step(key: torch.Generator | None, state: LangevinState, logdensity_fn: 
     torch.Size([5])
     """
     new = proposal(key, state, logdensity_fn, step_size)
-    log_ratio = (new.logdensity - state.logdensity
-                 + _log_q(state.position, new, step_size) - _log_q(new.position, state, step_size))
-    log_ratio = torch.where(torch.isfinite(new.logdensity), log_ratio, -torch.inf)  # reject nan and +-inf
-    acceptance = log_ratio.clamp(max=0.0).exp()
-    u = torch.rand(acceptance.shape, generator=key, dtype=acceptance.dtype, device=acceptance.device)
-    accept = u < acceptance
-    keep = accept.unsqueeze(-1)
-    merged = LangevinState(torch.where(keep, new.position, state.position),
-                           torch.where(accept, new.logdensity, state.logdensity),
-                           torch.where(keep, new.logdensity_grad, state.logdensity_grad))
-    return merged, LangevinInfo(acceptance, accept)
+    return metropolis_accept(key, state, new, log_acceptance_ratio(state, new, step_size))

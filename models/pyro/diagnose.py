@@ -1,0 +1,63 @@
+"""The Pyro side of ``python -m models diagnose``: prior log density, MALA step search, posterior chains.
+
+See :mod:`models.diagnose` for what the report compares.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import MCMC, NUTS
+
+from inference.pyro import Langevin, ShortRunPosterior
+from inference.pyro.handlers import normalizer
+from tilted_priors.pyro import MALA, ShortRunLangevin, Unnormalized
+
+__all__ = ["prior_log_density", "prior_sampler", "tune_mala", "posterior_draws", "MALA", "ShortRunLangevin"]
+
+
+def prior_log_density(lvm):
+    """The trained prior's unnormalised log density :math:`-E(z) + \\log\\mathcal N(z)`."""
+    return lvm.prior(()).annealed_log_density(1.0)
+
+
+def prior_sampler(lvm):
+    """The sampler the trained prior draws with (LEBM's 60 x 0.4 unless the model set another)."""
+    return lvm.prior(()).sampler
+
+
+def tune_mala(log_density, starts: np.ndarray, seed: int = 0, steps: int = 100,
+              candidates=(1.0, 0.5, 0.25, 0.12, 0.06, 0.03, 0.015)) -> float:
+    """The largest MALA step size among ``candidates`` whose mean acceptance over ``steps`` steps is >= 0.5."""
+    pyro.set_rng_seed(seed)
+    x = torch.as_tensor(starts, dtype=torch.get_default_dtype())
+    for h in candidates:
+        _, info = MALA(steps, h).run(log_density, x, return_info=True)
+        if float(info.acceptance_rate.mean()) >= 0.5:
+            return h
+    return candidates[-1]
+
+
+def posterior_draws(lvm, x: np.ndarray, *, short_chains: int, steps: int, step_size: float, num_chains: int,
+                    num_warmup: int, num_samples: int, max_tree_depth: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Posterior draws of ``z`` for the images ``x`` ``(K, H, W, C)`` by three methods, ``(chain, draw, K, d)``:
+    the short-run guide (``short_chains`` independent chains, one draw each), MALA and NUTS (the backend's own
+    ``MCMC``, ``num_chains`` chains each, run one after another)."""
+    pyro.set_rng_seed(seed)
+    images = torch.as_tensor(x, dtype=torch.get_default_dtype())
+    k, d = images.shape[0], lvm.latent_dim
+    guide = ShortRunPosterior(lvm.model, steps=steps, step_size=step_size)
+    z = guide(images.repeat(short_chains, 1, 1, 1))["z"].detach()
+    draws = {"short-run guide": z.numpy().reshape(short_chains, 1, k, d)}
+    kernels = {"MALA": lambda: Langevin(lvm.model, step_size=0.05),
+               # Without its normalizer term: the contrastive term would draw prior samples at every gradient.
+               "NUTS": lambda: NUTS(normalizer(Unnormalized())(lvm.model), max_tree_depth=max_tree_depth)}
+    for name, kernel in kernels.items():
+        chains = []
+        for _ in range(num_chains):  # in this process, with a fresh kernel each (Pyro's kernels keep their set-up)
+            mcmc = MCMC(kernel(), num_samples=num_samples, warmup_steps=num_warmup, num_chains=1,
+                        disable_progbar=True)
+            mcmc.run(images)
+            chains.append(mcmc.get_samples()["z"].detach().numpy())
+        draws[name] = np.stack(chains)
+    return draws

@@ -1,0 +1,39 @@
+"""``python -m models diagnose`` end to end on a tiny trained run, both backends."""
+import json
+
+import numpy as np
+import pytest
+
+from models.__main__ import main
+
+TINY = ["--starts", "6", "--chains-per-start", "2", "--long-steps", "40", "--images", "2", "--short-chains", "8",
+        "--chains", "2", "--warmup", "20", "--samples", "20", "--max-tree-depth", "4"]
+
+
+@pytest.mark.parametrize("backend", ["pyro", "numpyro"])
+def test_diagnose_writes_the_report(tmp_path, backend):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x=(rng.uniform(size=(30, 28, 28)) * 255).astype(np.uint8))
+    run = tmp_path / "run"
+    assert main(["train", "lebm", "--backend", backend, "--data", str(data), "--out", str(run), "--steps", "2",
+                 "--batch-size", "9", "--ngf", "2", "--latent-dim", "3", "--quiet", "--no-eval"]) == 0
+    assert main(["diagnose", str(run)] + TINY) == 0
+    md = (run / "diagnostics.md").read_text()
+    assert "## Prior: short run vs long run" in md and "## Posterior" in md
+    result = json.loads((run / "diagnostics.json").read_text())
+    assert [r["quantity"] for r in result["prior"]["table"]] == ["latent 0", "latent 1", "latent 2", "energy"]
+    methods = [(r["image"], r["method"]) for r in result["posterior"]]
+    assert methods == [(i, m) for i in range(2) for m in ("short-run guide", "MALA", "NUTS")]
+    for r in result["posterior"]:
+        assert np.isfinite(r["max |mean - NUTS| / sd"])
+        assert (r["method"] == "NUTS") == ("p vs NUTS" not in r)
+    for name in ("prior_energy", "prior_marginals", "prior_rank", "prior_trace", "posterior_0_marginals",
+                 "posterior_1_nuts_trace"):
+        assert (run / f"{name}.png").stat().st_size > 1000
+        assert f"({name}.png)" in md
+
+
+def test_diagnose_needs_a_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        main(["diagnose", str(tmp_path)])
