@@ -46,6 +46,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/samplers.py
+	$(PY) benchmarks/diagnostics.py
 
 clean:
 	rm -rf $(VENV) $(AZ1_VENV) demo-output .pytest_cache

@@ -40,6 +40,15 @@ def _thinned(draws: np.ndarray) -> np.ndarray:
     return draws[:, ::stride].reshape(-1, draws.shape[-1])
 
 
+def _mala_step_size(backend, log_density, starts: np.ndarray, seed: int,
+                    candidates=(1.0, 0.5, 0.25, 0.12, 0.06, 0.03, 0.015)) -> float:
+    """The largest step size among ``candidates`` whose MALA acceptance over 100 steps is at least 0.5."""
+    for h in candidates:
+        if backend.mala_acceptance(log_density, starts, h, seed=seed) >= 0.5:
+            return h
+    return candidates[-1]
+
+
 def _posterior_rows(draws: dict[str, np.ndarray], seed: int) -> list[dict]:
     rows = []
     num_images = next(iter(draws.values())).shape[2]
@@ -90,10 +99,11 @@ def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
 
     md += ["## Prior: short run vs long run", ""]
     if config["method"] == "lebm":
-        log_density = backend.prior_log_density(lvm)
+        prior = lvm.prior(())
+        log_density = prior.annealed_log_density(1.0)  # -E(z) + log N(z), unnormalised
         starts = np.random.default_rng(seed).normal(size=(num_starts, d)).astype(np.float32)
-        step = backend.tune_mala(log_density, starts, seed=seed)
-        short = backend.prior_sampler(lvm)
+        step = _mala_step_size(backend, log_density, starts, seed)
+        short = prior.sampler
         report = short_vs_long(short, backend.MALA(long_steps, step), log_density, starts,
                                chains_per_start=chains_per_start, seed=seed, out=out, prefix="prior")
         md += [f"Short: the prior's own sampler, {short!r}. Long: MALA, {long_steps} steps of size {step:g}. "

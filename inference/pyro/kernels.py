@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from numbers import Real
-from typing import Callable, Mapping
+from typing import Callable
 
 import pyro
 import torch

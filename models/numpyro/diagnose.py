@@ -1,4 +1,4 @@
-"""The NumPyro side of ``python -m models diagnose``: prior log density, MALA step search, posterior chains.
+"""The NumPyro side of ``python -m models diagnose``: MALA's acceptance for the step search, posterior chains.
 
 See :mod:`models.diagnose` for what the report compares.
 """
@@ -12,32 +12,16 @@ from numpyro.infer import MCMC, NUTS
 
 from inference.numpyro import Langevin, ShortRunPosterior
 from inference.numpyro.handlers import normalizer
-from tilted_priors.numpyro import MALA, ShortRunLangevin, Unnormalized
+from tilted_priors.numpyro import MALA, Unnormalized
 
-__all__ = ["prior_log_density", "prior_sampler", "tune_mala", "posterior_draws", "MALA", "ShortRunLangevin"]
-
-
-def prior_log_density(lvm):
-    """The trained prior's unnormalised log density :math:`-E(z) + \\log\\mathcal N(z)` (a pytree callable)."""
-    return lvm.prior(()).annealed_log_density(1.0)
+__all__ = ["mala_acceptance", "posterior_draws", "MALA"]
 
 
-def prior_sampler(lvm):
-    """The sampler the trained prior draws with (LEBM's 60 x 0.4 unless the model set another)."""
-    return lvm.prior(()).sampler
-
-
-def tune_mala(log_density, starts: np.ndarray, seed: int = 0, steps: int = 100,
-              candidates=(1.0, 0.5, 0.25, 0.12, 0.06, 0.03, 0.015)) -> float:
-    """The largest MALA step size among ``candidates`` whose mean acceptance over ``steps`` steps is >= 0.5."""
-    key = jax.random.PRNGKey(seed)
-    x = jnp.asarray(starts)
-    for h in candidates:
-        key, sub = jax.random.split(key)
-        _, info = MALA(steps, h).run(sub, log_density, x, return_info=True)
-        if float(info.acceptance_rate.mean()) >= 0.5:
-            return h
-    return candidates[-1]
+def mala_acceptance(log_density, starts: np.ndarray, step_size: float, steps: int = 100, seed: int = 0) -> float:
+    """Mean acceptance probability of ``steps`` MALA steps of size ``step_size`` from ``starts``."""
+    _, info = MALA(steps, step_size).run(jax.random.PRNGKey(seed), log_density, jnp.asarray(starts),
+                                         return_info=True)
+    return float(info.acceptance_rate.mean())
 
 
 def posterior_draws(lvm, x: np.ndarray, *, short_chains: int, steps: int, step_size: float, num_chains: int,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import QuadraticCase, make_case
+from inference.diagnostics import to_inference_data
 
 SIGMA = 0.7
 X = np.array([1.0, -0.5])
@@ -53,8 +54,12 @@ def test_mala_recovers_posterior(backend):
     case = make_case(dim=2, seed=6)
     model = backend.regression_model(case, SIGMA)
     num_samples = 1500 if backend.name == "pyro" else 4000
-    _, samples = backend.mcmc(backend.langevin(model, step_size=0.3), X, num_warmup=500, num_samples=num_samples)
+    mcmc, samples = backend.mcmc(backend.langevin(model, step_size=0.3), X, num_warmup=500,
+                                 num_samples=num_samples)
     check_moments(samples["z"], case, X)
+    data = to_inference_data(mcmc)  # the MCMC object itself, as ArviZ data
+    assert data.posterior["z"].dims == ("chain", "draw", "latent")
+    np.testing.assert_allclose(np.asarray(data.posterior["z"]), samples["z"])
 
 
 def test_ula_matches_its_stationary_law(backend):

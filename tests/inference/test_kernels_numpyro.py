@@ -9,6 +9,7 @@ import pytest
 from numpyro.infer import MCMC
 
 from helpers import NumPyroBackend, make_case
+from inference.diagnostics import to_inference_data
 from inference.numpyro import Langevin
 from inference.numpyro.kernels import LangevinKernelState
 from tilted_priors.numpyro import langevin
@@ -136,6 +137,9 @@ def test_arviz_reads_the_run(regression):
         assert stats[name].shape == (2, 200), name
     np.testing.assert_allclose(stats["lp"].values, -np.asarray(mcmc.get_extra_fields(True)["potential_energy"]))
     assert "x" in idata.log_likelihood
+    ours = to_inference_data(mcmc)  # inference.diagnostics reads the same fields under the same names
+    for name in ("acceptance_rate", "step_size", "lp", "diverging"):
+        np.testing.assert_array_equal(np.asarray(ours.sample_stats[name]), stats[name].values)
 
 
 def test_ula_marks_divergence_on_an_exploding_model():
