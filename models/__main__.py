@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     dg.add_argument("--images", type=_positive(int), default=4, help="test images for the posterior chains")
     dg.add_argument("--short-chains", type=_positive(int), default=200, help="short-run guide chains per image")
     dg.add_argument("--chains", type=_positive(int), default=2, help="MALA and NUTS chains")
-    dg.add_argument("--warmup", type=_positive(int), default=300)
-    dg.add_argument("--samples", type=_positive(int), default=300)
-    dg.add_argument("--max-tree-depth", type=_positive(int), default=8)
+    dg.add_argument("--warmup", type=_positive(int), default=200)
+    dg.add_argument("--samples", type=_positive(int), default=200)
+    dg.add_argument("--max-tree-depth", type=_positive(int), default=6)
     dg.add_argument("--seed", type=int, default=0)
 
     de = sub.add_parser("demo", help="LEBM on MNIST-5k for a few minutes (make demo)")
