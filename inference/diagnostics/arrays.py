@@ -102,6 +102,12 @@ def _median_fold(x: np.ndarray) -> np.ndarray:
     return np.abs(x - np.median(x.reshape(-1, x.shape[-1]), axis=0))
 
 
+def _rhat_rank(split: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+    """The larger of the bulk (rank-normalised) and tail (folded) R-hat of split chains; ``z``: their ranks."""
+    z = _z_scale(split) if z is None else z
+    return np.maximum(_rhat_basic(z), _rhat_basic(_z_scale(_median_fold(split))))
+
+
 def rhat(x, method: str = "rank") -> np.ndarray:
     r"""Split R-hat of each dimension of draws ``(chain, draw, *dims)``; the same values as ``arviz.rhat``.
 
@@ -123,7 +129,7 @@ def rhat(x, method: str = "rank") -> np.ndarray:
     x = as_chains(x, min_chains=1, min_draws=4)
     cols = _split(_columns(x))
     if method == "rank":
-        value = np.maximum(_rhat_basic(_z_scale(cols)), _rhat_basic(_z_scale(_median_fold(cols))))
+        value = _rhat_rank(cols)
     elif method == "split":
         value = _rhat_basic(cols)
     else:
@@ -229,6 +235,19 @@ def ess(x, method: str = "bulk", prob: float = 0.05) -> np.ndarray:
     return value.reshape(x.shape[2:])
 
 
+def _mcse_mean(cols: np.ndarray) -> np.ndarray:
+    flat = cols.reshape(-1, cols.shape[-1])
+    return flat.std(axis=0, ddof=1) / np.sqrt(_ess_basic(_split(cols)))
+
+
+def _mcse_sd(cols: np.ndarray) -> np.ndarray:
+    sq = (cols - cols.mean(axis=(0, 1))) ** 2
+    evar = sq.mean(axis=(0, 1))
+    varvar = ((sq ** 2).mean(axis=(0, 1)) - evar ** 2) / _ess_basic(_split(sq))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a constant dimension has no sd error: nan, as ArviZ
+        return np.sqrt(varvar / evar / 4.0)
+
+
 def mcse(x, method: str = "mean") -> np.ndarray:
     r"""Monte Carlo standard error of the mean (or of the standard deviation) of each dimension.
 
@@ -241,21 +260,11 @@ def mcse(x, method: str = "mean") -> np.ndarray:
     >>> bool(0.01 < float(mcse(x)) < 0.03)
     True
     """
+    if method not in ("mean", "sd"):
+        raise ValueError(f"method must be 'mean' or 'sd', got {method!r}")
     x = as_chains(x, min_draws=4)
     cols = _columns(x)
-    flat = cols.reshape(-1, cols.shape[-1])
-    if method == "mean":
-        value = flat.std(axis=0, ddof=1) / np.sqrt(_ess_basic(_split(cols)))
-    elif method == "sd":
-        sq = (cols - flat.mean(axis=0)) ** 2
-        n_eff = _ess_basic(_split(sq))
-        evar = sq.mean(axis=(0, 1))
-        varvar = ((sq ** 2).mean(axis=(0, 1)) - evar ** 2) / n_eff
-        with np.errstate(divide="ignore", invalid="ignore"):
-            value = np.sqrt(varvar / evar / 4.0)
-    else:
-        raise ValueError(f"method must be 'mean' or 'sd', got {method!r}")
-    return value.reshape(x.shape[2:])
+    return (_mcse_mean(cols) if method == "mean" else _mcse_sd(cols)).reshape(x.shape[2:])
 
 
 # --- nested R-hat -----------------------------------------------------------------------------------------
@@ -366,22 +375,13 @@ def summary(x) -> Summary:
     ((3,), True)
     """
     x = as_chains(x, min_draws=4)
-    shape = x.shape[2:]
     cols = _columns(x)
+    flat = cols.reshape(-1, cols.shape[-1])
     split = _split(cols)
     z = _z_scale(split)
-    rhat_value = np.maximum(_rhat_basic(z), _rhat_basic(_z_scale(_median_fold(split))))
-    flat = cols.reshape(-1, cols.shape[-1])
-    mean, sd = flat.mean(axis=0), flat.std(axis=0, ddof=1)
-    sq = (cols - mean) ** 2
-    n_eff_sq = _ess_basic(_split(sq))
-    evar = sq.mean(axis=(0, 1))
-    with np.errstate(divide="ignore", invalid="ignore"):  # a constant dimension has no sd error: nan, as ArviZ
-        mcse_sd = np.sqrt(((sq ** 2).mean(axis=(0, 1)) - evar ** 2) / n_eff_sq / evar / 4.0)
-    values = (mean, sd, rhat_value, _ess_basic(z),
-              _ess_tail(cols, 0.05),
-              sd / np.sqrt(_ess_basic(split)), mcse_sd)
-    return Summary(*(v.reshape(shape) for v in values))
+    values = (flat.mean(axis=0), flat.std(axis=0, ddof=1), _rhat_rank(split, z), _ess_basic(z),
+              _ess_tail(cols, 0.05), _mcse_mean(cols), _mcse_sd(cols))
+    return Summary(*(v.reshape(x.shape[2:]) for v in values))
 
 
 # --- two-sample distance ----------------------------------------------------------------------------------
