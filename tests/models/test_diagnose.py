@@ -34,6 +34,19 @@ def test_diagnose_writes_the_report(tmp_path, backend):
         assert f"({name}.png)" in md
 
 
+def test_diagnose_of_a_normal_prior_run_skips_the_prior(tmp_path):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x=(rng.uniform(size=(20, 28, 28)) * 255).astype(np.uint8))
+    run = tmp_path / "abp"
+    assert main(["train", "abp", "--backend", "pyro", "--data", str(data), "--out", str(run), "--steps", "1",
+                 "--batch-size", "9", "--ngf", "2", "--latent-dim", "2", "--quiet", "--no-eval"]) == 0
+    assert main(["diagnose", str(run), "--out", str(tmp_path / "report")] + TINY) == 0
+    md = (tmp_path / "report" / "diagnostics.md").read_text()
+    assert "standard Normal" in md and not (tmp_path / "report" / "prior_energy.png").exists()
+    assert "prior" not in json.loads((tmp_path / "report" / "diagnostics.json").read_text())
+
+
 def test_diagnose_needs_a_run_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         main(["diagnose", str(tmp_path)])
