@@ -218,20 +218,23 @@ class ShortRunPosterior:
             for name, value in result.items():
                 self._chains[name][index] = value
             self._seen[index] = True
+        plates: dict[str, pyro.plate] = {}  # one plate object per call, re-entered by every site in it
         for name, value in result.items():
-            self._record(trace, sites[name], value)
+            self._record(trace, sites[name], value, plates)
         return result
 
     @staticmethod
-    def _record(trace: poutine.Trace, site: dict, value: torch.Tensor) -> None:
+    def _record(trace: poutine.Trace, site: dict, value: torch.Tensor, plates: dict) -> None:
         """``pyro.sample(name, Delta(value))`` inside the plates the model put the site in."""
         with contextlib.ExitStack() as stack:
             for frame in site["cond_indep_stack"]:
                 if not frame.vectorized:
                     continue
-                sub = trace.nodes.get(frame.name, {}).get("value")
-                stack.enter_context(pyro.plate(frame.name, frame.full_size or frame.size, dim=frame.dim,
-                                               subsample=sub if torch.is_tensor(sub) else None))
+                if frame.name not in plates:
+                    sub = trace.nodes.get(frame.name, {}).get("value")
+                    plates[frame.name] = pyro.plate(frame.name, frame.full_size or frame.size, dim=frame.dim,
+                                                    subsample=sub if torch.is_tensor(sub) else None)
+                stack.enter_context(plates[frame.name])
             pyro.sample(site["name"], dist.Delta(value, event_dim=site["fn"].event_dim))
 
     # --- persistent chains in checkpoints ------------------------------------------------------------------

@@ -160,3 +160,22 @@ def test_handlers_swap_sampler_and_normalizer_without_touching_the_model():
     assert fn.sampler == MALA(7, 0.3) or repr(fn.sampler) == "MALA(steps=7, step_size=0.3)"
     assert isinstance(fn.normalizer, Unnormalized)
     assert isinstance(poutine.trace(model).get_trace().nodes["z"]["fn"].normalizer, Contrastive)
+
+
+def test_two_latent_sites_in_one_plate():
+    """Both sites are recorded inside one plate object, so the guide trace has no duplicate plate site."""
+    pyro.set_rng_seed(0)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            a = pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            b = pyro.sample("b", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(a + b, 0.5).to_event(1), obs=x)
+
+    guide = ShortRunPosterior(model, steps=5, step_size=0.1)
+    x = torch.randn(4, 2)
+    loss = Trace_ELBO().differentiable_loss(model, guide, x)
+    assert torch.isfinite(loss)
+    tr = poutine.trace(guide).get_trace(x)
+    assert [f.name for f in tr.nodes["a"]["cond_indep_stack"]] == ["data"] == \
+        [f.name for f in tr.nodes["b"]["cond_indep_stack"]]
