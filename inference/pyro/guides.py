@@ -32,6 +32,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import is_validation_enabled
 
 from inference.pyro.handlers import normalizer, sampler
+from inference.pyro.modules import register_module
 from tilted_priors._validation import check_positive_int
 from tilted_priors.pyro import ShortRunLangevin, Unnormalized
 
@@ -344,19 +345,6 @@ def _structure_key(args, kwargs):
         return None
 
 
-def _register(name: str, module: torch.nn.Module) -> None:
-    """``pyro.module(name, module, update_module_params=True)``: the param store is the source of truth (a loaded
-    checkpoint resumes), with a clear error when it holds parameters of other shapes under ``name``."""
-    store = pyro.get_param_store()
-    for param_name, value in module.named_parameters():
-        full = f"{name}$$${param_name}"
-        if full in store and store[full].shape != value.shape:
-            raise ValueError(f"the param store holds {full!r} with shape {tuple(store[full].shape)}, but the encoder's "
-                             f"parameter has shape {tuple(value.shape)}: give each encoder its own name=, or call "
-                             "pyro.clear_param_store()")
-    pyro.module(name, module, update_module_params=True)
-
-
 def _make_plates(structure: _Structure) -> dict[str, pyro.plate]:
     """The model's plates, made once per call: subsample indices are the model's own when it passes them, else
     drawn here (``Trace_ELBO`` replays them into the model), as Pyro's AutoGuides do."""
@@ -547,7 +535,7 @@ class AmortizedGuide:
 
     def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         if isinstance(self.encoder, torch.nn.Module):
-            _register(self.name, self.encoder)
+            register_module(self.name, self.encoder)
         structure = self._structure(args, kwargs)
         params = self._encode(structure, args, kwargs)
         plates = _make_plates(structure)

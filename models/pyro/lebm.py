@@ -40,6 +40,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from inference.pyro.modules import register_module
 from tilted_priors._validation import check_positive_int
 from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal
 from models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
@@ -105,24 +106,6 @@ class Generator(nn.Module):
         batch = z.shape[:-1]
         x = self.net(z.reshape(-1, self.latent_dim, 1, 1))  # (B, C, H, W)
         return x.permute(0, 2, 3, 1).reshape(*batch, *self.image_shape)
-
-
-def _register(name: str, module: nn.Module) -> None:
-    """``pyro.module(name, module, update_module_params=True)``, after checking that the param store's entries
-    under ``name`` (if any) have the module's shapes.
-
-    The param store is the source of truth: on first use it adopts the module's tensors (so SVI trains the module in
-    place); when it already holds ``name``'s parameters (a loaded checkpoint, or an earlier model with the same
-    names) the module takes those, so training resumes instead of silently updating tensors the model never uses.
-    """
-    store = pyro.get_param_store()
-    for param_name, value in module.named_parameters():
-        full = f"{name}$$${param_name}"
-        if full in store and tuple(store[full].shape) != tuple(value.shape):
-            raise ValueError(f"the param store holds {full!r} with shape {tuple(store[full].shape)}, but this model's "
-                             f"parameter has shape {tuple(value.shape)}: call pyro.clear_param_store() before "
-                             "building a model of another size")
-    pyro.module(name, module, update_module_params=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,8 +215,8 @@ class LatentVariableModel:
             x = torch.as_tensor(x, dtype=next(self.generator.parameters()).dtype)
         n = self._batch_size(x, batch_size)
         if self.prior_kind == "ebm":
-            _register("energy", self.energy)
-        _register("generator", self.generator)
+            register_module("energy", self.energy)
+        register_module("generator", self.generator)
         prior = self.prior((n,))
         with pyro.plate("data", n):
             z = pyro.sample("z", prior)
