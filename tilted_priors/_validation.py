@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-__all__ = ["check_positive_int", "check_step_size", "check_energy_shape"]
+__all__ = ["check_positive_int", "check_step_size", "check_probability", "check_energy_shape"]
 
 
 def check_positive_int(name: str, value) -> int:
@@ -18,6 +18,13 @@ def check_step_size(value, name: str = "step_size") -> float:
     """Return ``value`` as a float, or raise ``ValueError`` unless it is finite and positive."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def check_probability(value, name: str) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is a number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < 1.0:  # nan fails the comparison
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
     return float(value)
 
 

@@ -7,8 +7,6 @@ the same functional core as the prior's samplers (:mod:`tilted_priors.numpyro.la
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -22,7 +20,7 @@ from numpyro.infer.util import ParamInfo, initialize_model
 from numpyro.util import identity, is_prng_key
 
 from inference.numpyro.handlers import normalizer
-from tilted_priors._validation import check_step_size
+from tilted_priors._validation import check_probability, check_step_size
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro import langevin
 
@@ -159,9 +157,6 @@ class Langevin(MCMCKernel):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         if potential_fn is not None and not callable(potential_fn):
             raise TypeError(f"potential_fn must be callable, got {type(potential_fn).__name__}")
-        if (isinstance(target_accept_prob, bool) or not isinstance(target_accept_prob, Real)
-                or not math.isfinite(target_accept_prob) or not 0.0 < target_accept_prob < 1.0):
-            raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob!r}")
         if not callable(init_strategy):
             raise TypeError(f"init_strategy must be callable, got {type(init_strategy).__name__}")
         self._model = model
@@ -169,7 +164,7 @@ class Langevin(MCMCKernel):
         self._step_size = check_step_size(step_size)
         self._adjusted = bool(adjusted)
         self._adapt_step_size = bool(adapt_step_size)
-        self._target_accept_prob = float(target_accept_prob)
+        self._target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
         self._init_strategy = init_strategy
         self._num_warmup = 0
         # set by init

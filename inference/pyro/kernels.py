@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from numbers import Real
 from typing import Callable
 
 import pyro
@@ -20,7 +19,7 @@ from pyro.ops.dual_averaging import DualAveraging
 from pyro.util import optional
 
 from inference.pyro.handlers import normalizer
-from tilted_priors._validation import check_step_size
+from tilted_priors._validation import check_probability, check_step_size
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import Unnormalized, langevin
 
@@ -121,9 +120,6 @@ class Langevin(MCMCKernel):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         self._init_step_size = check_step_size(step_size)
-        if (isinstance(target_accept_prob, bool) or not isinstance(target_accept_prob, Real)
-                or not 0.0 < target_accept_prob < 1.0):
-            raise ValueError(f"target_accept_prob must be a number in (0, 1), got {target_accept_prob!r}")
         self._min_stepsize = check_step_size(min_stepsize, "min_stepsize")
         self._max_stepsize = check_step_size(max_stepsize, "max_stepsize")
         if self._min_stepsize > self._max_stepsize:
@@ -133,7 +129,7 @@ class Langevin(MCMCKernel):
         self.transforms = transforms
         self.adjusted = bool(adjusted)
         self.adapt_step_size = bool(adapt_step_size)
-        self.target_accept_prob = float(target_accept_prob)
+        self.target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
         self._max_plate_nesting = max_plate_nesting
         self._jit_compile = jit_compile
         self._jit_options = jit_options
