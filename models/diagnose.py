@@ -26,6 +26,7 @@ import numpy as np
 
 from inference.diagnostics import energy_distance, short_vs_long, summary
 from inference.diagnostics.plots import plot_marginals, plot_trace
+from inference.diagnostics.report import markdown_table
 from inference.files import atomic_write
 from models import runs
 
@@ -70,15 +71,6 @@ def _posterior_rows(draws: dict[str, np.ndarray], seed: int) -> list[dict]:
                                                    seed=seed).p_value
             rows.append(row)
     return rows
-
-
-def _markdown_table(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (r.get(c, "") for c in columns)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, num_starts: int = 100,
@@ -131,7 +123,7 @@ def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
            f"{len(images)} test images; short-run guide {config['posterior_steps']} x "
            f"{config['posterior_step_size']:g} from noise ({short_chains} chains); MALA and NUTS: {num_chains} "
            f"chains x {num_samples} draws after {num_warmup} warm-up. NUTS is the reference.", "",
-           _markdown_table(rows), ""]
+           markdown_table(rows), ""]
     md += [f"![{p.stem}]({p.name})" for p in figures] + [""]
     result["posterior"] = rows
     atomic_write(out / "diagnostics.md", lambda f: f.write("\n".join(md).encode()))

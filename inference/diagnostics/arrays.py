@@ -20,10 +20,23 @@ import scipy.fft
 from scipy.special import ndtri
 
 __all__ = ["rhat", "ess", "mcse", "nested_rhat", "summary", "Summary", "energy_distance", "EnergyDistance",
-           "as_chains"]
+           "as_chains", "to_numpy"]
 
 
 # --- input ------------------------------------------------------------------------------------------------
+def to_numpy(x) -> np.ndarray:
+    """``x`` (numpy, a torch tensor or a JAX array) as a numpy array, detached and on the host; no torch import.
+
+    Examples
+    --------
+    >>> to_numpy([1.0, 2.0]).tolist()
+    [1.0, 2.0]
+    """
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def as_chains(x, name: str = "draws", min_chains: int = 1, min_draws: int = 1) -> np.ndarray:
     """``x`` as a float array ``(chain, draw, *dims)``, checked: finite, with enough chains and draws.
 
@@ -34,9 +47,7 @@ def as_chains(x, name: str = "draws", min_chains: int = 1, min_draws: int = 1) -
     >>> as_chains([[1.0, 2.0, 3.0, 4.0]]).shape
     (1, 4)
     """
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x, dtype=float)
+    x = np.asarray(to_numpy(x), dtype=float)
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (chain, draw, *dims), got shape {x.shape}")
     if x.shape[0] < min_chains or x.shape[1] < min_draws:

@@ -12,19 +12,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from inference.diagnostics._arviz import from_dict
-from inference.diagnostics.arrays import as_chains
+from inference.diagnostics.arrays import as_chains, to_numpy
 
 __all__ = ["to_inference_data", "draws_of"]
 
 #: NumPyro extra fields and the names ArviZ's conventions give them in ``sample_stats``.
 _STATS = {"accept_prob": "acceptance_rate", "diverging": "diverging", "step_size": "step_size",
           "num_steps": "n_steps", "potential_energy": "lp"}
-
-
-def _numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch, without importing it
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def draws_of(obj, var_name: str = "z") -> dict[str, np.ndarray]:
@@ -41,9 +35,9 @@ def draws_of(obj, var_name: str = "z") -> dict[str, np.ndarray]:
     if hasattr(obj, "get_samples"):  # pyro.infer.MCMC / numpyro.infer.MCMC
         obj = obj.get_samples(group_by_chain=True)
     if isinstance(obj, Mapping):
-        draws = {str(k): _numpy(v) for k, v in obj.items()}
+        draws = {str(k): to_numpy(v) for k, v in obj.items()}
     else:
-        draws = {var_name: _numpy(obj)}
+        draws = {var_name: to_numpy(obj)}
     if not draws:
         raise ValueError("no draws: the mapping is empty")
     shapes = {k: v.shape[:2] for k, v in draws.items()}
@@ -74,7 +68,7 @@ def _sample_stats(obj) -> dict[str, np.ndarray]:
     stats = {}
     for name, value in get(group_by_chain=True).items():
         if name in _STATS:
-            value = _numpy(value)
+            value = to_numpy(value)
             stats[_STATS[name]] = -value if name == "potential_energy" else value
     return stats
 
@@ -108,7 +102,7 @@ def to_inference_data(obj, *, var_name: str = "z", sample_stats: Mapping[str, An
     stats = _sample_stats(obj)
     chain_draw = next(iter(draws.values())).shape[:2]
     for name, value in (sample_stats or {}).items():
-        value = _numpy(value)
+        value = to_numpy(value)
         if value.shape[:2] != chain_draw:
             raise ValueError(f"sample_stats[{name!r}] must have shape {chain_draw} + ..., got {value.shape}")
         stats[name] = value

@@ -10,16 +10,18 @@ chains have forgotten where they started). :func:`compare_chains` is the same co
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from inference.diagnostics.arrays import EnergyDistance, as_chains, energy_distance, nested_rhat, rhat
+from inference.diagnostics.arrays import (EnergyDistance, as_chains, energy_distance, nested_rhat, rhat,
+                                          to_numpy)
 from tilted_priors._validation import check_positive_int
 
-__all__ = ["ShortVsLong", "compare_chains", "short_vs_long", "trajectory"]
+__all__ = ["ShortVsLong", "compare_chains", "short_vs_long", "trajectory", "markdown_table"]
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,7 @@ class ShortVsLong:
 
     def to_markdown(self) -> str:
         """The table and the verdict as Markdown."""
-        rows = self.table()
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for r in rows:
-            lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+        lines = [markdown_table(self.table())]
         d = self.distance
         verdict = "**differ**" if self.differs else "do not differ detectably"
         lines += ["", f"Short run ({int(self.short_steps[-1])} steps) vs long run ({int(self.long_steps[-1])} "
@@ -123,10 +121,24 @@ class ShortVsLong:
         return "\n".join(lines)
 
 
-def _fmt(v) -> str:
-    if isinstance(v, str):
-        return v
-    return f"{float(v):.3f}"
+def markdown_table(rows: list[dict]) -> str:
+    """Rows ``{column: value}`` as a Markdown table (columns in order of appearance; floats to 3 decimals,
+    missing cells empty).
+
+    Examples
+    --------
+    >>> print(markdown_table([{"a": 1, "b": 0.5}, {"a": 2}]))
+    | a | b |
+    |---|---|
+    | 1 | 0.500 |
+    | 2 |  |
+    """
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [f"{v:.3f}" if isinstance(v, (float, np.floating)) else str(v) for v in (r.get(c, "") for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def compare_chains(short, long, *, short_lp=None, long_lp=None, short_steps=None, long_steps=None,
@@ -222,41 +234,40 @@ def trajectory(sampler, log_density, starts, num_draws: int = 20, seed: int = 0)
     backend = _backend(sampler)
     bounds = np.unique(np.linspace(0, sampler.steps, min(num_draws, sampler.steps) + 1).round().astype(int))
     lengths = np.diff(bounds)
-    positions, lps = [], []
+    rng = contextlib.nullcontext()
     if backend == "pyro":
         import torch
 
         x = torch.as_tensor(np.asarray(starts), dtype=torch.get_default_dtype())
-        lp_of = lambda z: log_density(z).detach().cpu().numpy()  # noqa: E731
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            positions.append(x.numpy().copy())
-            lps.append(lp_of(x))
-            for m in lengths:
-                x = _with_steps(sampler, int(m)).run(log_density, x)
-                positions.append(x.detach().cpu().numpy())
-                lps.append(lp_of(x))
+        rng = torch.random.fork_rng()  # seeded inside, the global generator left as it was
+        run = lambda s, z: s.run(log_density, z)  # noqa: E731
     elif backend == "numpyro":
         import jax
         import jax.numpy as jnp
 
-        key = jax.random.PRNGKey(seed)
-        x = jnp.asarray(np.asarray(starts))
-        positions.append(np.asarray(x))
-        lps.append(np.asarray(log_density(x)))
-        for m in lengths:
-            key, sub = jax.random.split(key)
-            x = _with_steps(sampler, int(m)).run(sub, log_density, x)
-            positions.append(np.asarray(x))
-            lps.append(np.asarray(log_density(x)))
+        def segment_keys(key=jax.random.PRNGKey(seed)):
+            while True:
+                key, sub = jax.random.split(key)
+                yield sub
+
+        x, keys = jnp.asarray(np.asarray(starts)), segment_keys()
+        run = lambda s, z: s.run(next(keys), log_density, z)  # noqa: E731
     else:
         x = np.asarray(starts, dtype=float)
-        positions.append(x.copy())
-        lps.append(np.asarray(log_density(x)))
+        run = lambda s, z: s.run(log_density, z)  # noqa: E731
+
+    def record(z):
+        positions.append(np.array(to_numpy(z)))  # a copy: a numpy sampler may move its state in place
+        lps.append(to_numpy(log_density(z)))
+
+    positions, lps = [], []
+    with rng:
+        if backend == "pyro":
+            torch.manual_seed(seed)
+        record(x)
         for m in lengths:
-            x = np.asarray(_with_steps(sampler, int(m)).run(log_density, x))
-            positions.append(x)
-            lps.append(np.asarray(log_density(x)))
+            x = run(_with_steps(sampler, int(m)), x)
+            record(x)
     return bounds, np.stack(positions, axis=1), np.stack(lps, axis=1)
 
 
@@ -299,7 +310,7 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
     True
     """
     chains_per_start = check_positive_int("chains_per_start", chains_per_start)
-    starts_np = starts.detach().cpu().numpy() if hasattr(starts, "detach") else np.asarray(starts)
+    starts_np = to_numpy(starts)
     if starts_np.ndim != 2:
         raise ValueError(f"starts must have shape (n, d), got {starts_np.shape}")
     if not np.isfinite(starts_np).all():
