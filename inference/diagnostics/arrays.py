@@ -19,6 +19,8 @@ import numpy as np
 import scipy.fft
 from scipy.special import ndtri
 
+from tilted_priors._validation import check_positive_int
+
 __all__ = ["rhat", "ess", "mcse", "nested_rhat", "summary", "Summary", "energy_distance", "EnergyDistance",
            "as_chains", "to_numpy"]
 
@@ -423,6 +425,8 @@ def energy_distance(a, b, num_permutations: int = 200, max_points: int = 1000, s
     >>> bool(same.p_value > 0.05), bool(shifted.p_value < 0.01)
     (True, True)
     """
+    num_permutations = check_positive_int("num_permutations", num_permutations)
+    max_points = check_positive_int("max_points", max_points)
     rng = np.random.default_rng(seed)
     samples = []
     for name, s in (("a", a), ("b", b)):

@@ -19,7 +19,7 @@ import numpy as np
 
 from inference.diagnostics.arrays import (EnergyDistance, as_chains, energy_distance, nested_rhat, rhat,
                                           to_numpy)
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_positive_int, check_probability
 
 __all__ = ["ShortVsLong", "compare_chains", "short_vs_long", "trajectory", "markdown_table"]
 
@@ -157,6 +157,7 @@ def compare_chains(short, long, *, short_lp=None, long_lp=None, short_steps=None
     >>> r.differs
     False
     """
+    alpha = check_probability(alpha, "alpha")
     short = as_chains(short, name="short", min_draws=1)
     long = as_chains(long, name="long", min_draws=1)
     if short.ndim != 3 or long.ndim != 3 or short.shape[0] != long.shape[0] or short.shape[2] != long.shape[2]:
