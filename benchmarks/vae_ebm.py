@@ -42,8 +42,19 @@ def make_guide(method: str, vae, backend, args):
     if method in ("vae", "snelbo"):
         return vae.guide()
     if method == "refined":
+        if args.refine_sampler == "mala":
+            return backend.RefinedGuide(vae.guide(), sampler=backend_sampler(backend, args))
         return backend.RefinedGuide(vae.guide(), args.refine_steps, args.refine_step_size)
     return backend.ShortRunPosterior(vae.model)
+
+
+def backend_sampler(backend, args):
+    """The refinement chain's MALA sampler (per-datum accept) from ``backend``'s ``tilted_priors`` twin."""
+    if backend.__name__.endswith("pyro") and not backend.__name__.endswith("numpyro"):
+        from tilted_priors.pyro import MALA
+        return MALA(args.refine_steps, args.refine_step_size)
+    from tilted_priors.numpyro import MALA
+    return MALA(args.refine_steps, args.refine_step_size, unroll=True)
 
 
 def run_pyro(method: str, x_train, x_test, args) -> dict:
@@ -126,6 +137,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=VAE_EBM_CPU["batch_size"])
     parser.add_argument("--refine-steps", type=int, default=5)
     parser.add_argument("--refine-step-size", type=float, default=0.3)
+    parser.add_argument("--refine-sampler", default="ula", choices=["ula", "mala"],
+                        help="RefinedGuide's chain: ULA, or MALA with a per-datum accept step")
+    parser.add_argument("--methods", nargs="*", choices=["vae", "snelbo", "refined", "short-run"],
+                        help="train only these (default: vae snelbo refined [short-run])")
     parser.add_argument("--short-run", action="store_true", help="also train with ShortRunPosterior")
     parser.add_argument("--is-samples", type=int, default=1000)
     parser.add_argument("--log-z-chains", type=int, default=VAE_EBM_CPU["eval_log_z_samples"])
@@ -147,7 +162,7 @@ def main() -> None:
             mean, se = paired(a, b)
             print(f"| {budget} | {a.mean():.2f} | {b.mean():.2f} | {mean:+.2f} ± {se:.2f} |")
         return
-    methods = ["vae", "snelbo", "refined"] + (["short-run"] if args.short_run else [])
+    methods = args.methods or ["vae", "snelbo", "refined"] + (["short-run"] if args.short_run else [])
     backends = ["pyro", "numpyro"] if args.backend == "both" else [args.backend]
     runners = {"pyro": run_pyro, "numpyro": run_numpyro}
     results: dict = {}
@@ -173,7 +188,9 @@ def main() -> None:
     print("\n| backend | comparison | paired difference (nats) |")
     print("| --- | --- | --- |")
     for backend in backends:
-        for a, b in [("vae", "snelbo"), ("snelbo", "refined")] + ([("snelbo", "short-run")] if args.short_run else []):
+        for a, b in [("vae", "snelbo"), ("snelbo", "refined"), ("snelbo", "short-run")]:
+            if (backend, a) not in results or (backend, b) not in results:
+                continue
             mean, se = paired(results[(backend, a)]["per_datum"], results[(backend, b)]["per_datum"])
             print(f"| {backend} | {labels[b]} − {labels[a]} | {mean:+.2f} ± {se:.2f} |")
     if args.json:

@@ -33,6 +33,7 @@ from flax import nnx
 from numpyro import handlers
 from numpyro.contrib.module import nnx_module
 from numpyro.distributions import constraints
+from numpyro.infer.util import compute_log_probs
 from numpyro.infer.util import log_density as joint_log_density
 from numpyro.primitives import Messenger
 
@@ -79,9 +80,12 @@ class ShortRunPosterior:
     log density (every tilted prior's normalizer switched off with
     :func:`~inference.numpyro.handlers.normalizer`; :math:`\log Z` is constant in :math:`z`), and records the final
     state as ``Delta`` sites (log density 0) inside the model's plates. The samples carry no gradient, as in LEBM.
-    All latent sites form one chain (per-datum chains under a data plate are then exactly LEBM's; with ``MALA``
-    the accept step is joint over the batch). The model's parameters are declared in the guide too, so that the
-    chain sees the values SVI is training.
+    The model's parameters are declared in the guide too, so that the chain sees the values SVI is training.
+
+    When every latent site sits in one plate (the data plate), each member of it runs its own chain on its own
+    term of the joint, :math:`\log \tilde p(x_i, z_i)` (``per_datum=True``): ULA moves are the same as those of
+    one chain on the summed joint (LEBM's), and ``MALA`` accepts or rejects each datum's move on its own. Otherwise
+    all latent sites form one chain.
 
     Parameters
     ----------
@@ -98,6 +102,11 @@ class ShortRunPosterior:
         Overrides ``steps`` / ``step_size``.
     num_data : int, optional
         Data set size, for ``init="persistent"``.
+    per_datum : bool
+        One chain per member of the plate all latent sites share (the outermost, if several). This assumes the
+        joint factorises over that plate: sites outside it must not depend on its latents (their log density is
+        shared out evenly over the chains, which is right only when it is constant in them). ``False``: one
+        joint chain (one accept for the whole batch under ``MALA``).
     name : str
         Prefix of the mutable site of persistent chains.
 
@@ -118,10 +127,12 @@ class ShortRunPosterior:
     """
 
     def __init__(self, model: Callable, steps: int = 20, step_size: float = 0.1, init="noise", *,
-                 sampler=None, num_data: int | None = None, name: str = "short_run_posterior"):
+                 sampler=None, num_data: int | None = None, per_datum: bool = True,
+                 name: str = "short_run_posterior"):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
+        self.per_datum = bool(per_datum)
         # Fully unrolled: through a convolutional generator XLA's CPU loop is 4-5x slower (see ShortRunLangevin).
         self.sampler = ShortRunLangevin(steps, step_size, unroll=True) if sampler is None else sampler
         if not callable(getattr(self.sampler, "run", None)):
@@ -192,11 +203,17 @@ class ShortRunPosterior:
         k_start, k_chain = jax.random.split(_prng_key(type(self).__name__))
         trace = self._start_trace(k_start, args, kwargs)
         sites = self._latent_sites(trace)
-        return self._run(k_chain, sites, self._log_joint(k_start, trace, args, kwargs), kwargs)
+        plate = self._chain_plate(sites)
+        return self._run(k_chain, sites, self._log_joint(k_start, trace, args, kwargs, plate), kwargs, plate=plate)
 
-    def _log_joint(self, rng_key, trace: dict, args, kwargs) -> Callable[[dict], jax.Array]:
+    def _log_joint(self, rng_key, trace: dict, args, kwargs, plate: tuple | None = None
+                   ) -> Callable[[dict], jax.Array]:
         """``values -> log p~(x, z = values)``: the model's unnormalised joint at the parameter values SVI is
-        training (the model's params of ``trace``, declared in the guide as well, with their gradient stopped)."""
+        training (the model's params of ``trace``, declared in the guide as well, with their gradient stopped).
+
+        With ``plate = (name, dim, size)`` it is per member of that plate, shape ``(size,)``: each site's log density
+        summed over every other dimension; a site outside the plate is shared out evenly (constant in the chain's
+        latents, by the factorisation :attr:`per_datum` assumes)."""
         params = {name: numpyro.param(name, site["value"], **site["kwargs"])
                   for name, site in trace.items() if site["type"] == "param"}
         params = jax.lax.stop_gradient(params)
@@ -206,28 +223,58 @@ class ShortRunPosterior:
             # block: nothing of these runs reaches SVI's trace; the inner seed answers any key request made while
             # the chain is traced (NumPyro's block lets prng_key messages through to the outer seed otherwise).
             with handlers.block(), handlers.seed(rng_seed=rng_key):
-                return joint_log_density(model, args, kwargs, {**params, **values})[0]
+                if plate is None:
+                    return joint_log_density(model, args, kwargs, {**params, **values})[0]
+                log_probs, tr = compute_log_probs(model, args, kwargs, {**params, **values}, sum_log_prob=False)
+            return sum((_per_member(lp, tr[n]["cond_indep_stack"], plate) for n, lp in log_probs.items()),
+                       start=jnp.zeros(plate[2]))
 
         return log_joint
 
-    def _run(self, rng_key, sites: dict, log_joint: Callable, kwargs, whiten: dict | None = None) -> dict:
+    def _chain_plate(self, sites: dict) -> tuple | None:
+        """``(name, dim, size)`` of the plate whose members run one chain each (see :attr:`per_datum`), or None."""
+        if not self.per_datum:
+            return None
+        common = None
+        for site in sites.values():
+            frames = {f.name: (f.dim, f.size) for f in site["cond_indep_stack"]
+                      if jnp.ndim(site["value"]) - site["fn"].event_dim >= -f.dim
+                      and jnp.shape(site["value"])[f.dim - site["fn"].event_dim] == f.size}
+            common = frames if common is None else {n: f for n, f in common.items() if frames.get(n) == f}
+        if not common:
+            return None
+        name = min(common, key=lambda n: common[n][0])  # the outermost
+        return (name,) + common[name]
+
+    def _run(self, rng_key, sites: dict, log_joint: Callable, kwargs, whiten: dict | None = None,
+             plate: tuple | None = None) -> dict:
         """Run the chain from the latent values of ``sites`` and record its final state.
 
         ``whiten``: ``{site: (loc, scale)}``; the chain then runs in :math:`u = (z - loc) / scale` (a diagonal
-        preconditioner; the Jacobian is constant)."""
+        preconditioner; the Jacobian is constant). ``plate``: from :meth:`_chain_plate`; the chains' positions are
+        then ``(size, d)``, one row per member (``log_joint`` must be per member too)."""
         start = {name: jax.lax.stop_gradient(site["value"]) for name, site in sites.items()}
         index, state = self._persistent_start(start, kwargs) if self.init == "persistent" else (None, None)
         names = list(start)
         shift = {n: (0.0, 1.0) if whiten is None else jax.lax.stop_gradient(tuple(whiten[n])) for n in names}
-        shapes = [start[n].shape for n in names]
-        splits = list(itertools.accumulate(math.prod(s) for s in shapes))[:-1]  # static: plain Python ints
+        # Where each site's plate axis is (None for one joint chain); static: plain Python ints.
+        axes = {n: None if plate is None else jnp.ndim(start[n]) - sites[n]["fn"].event_dim + plate[1]
+                for n in names}
+        lead = () if plate is None else (plate[2],)
+        shapes = {n: start[n].shape if axes[n] is None else jnp.moveaxis(start[n], axes[n], 0).shape for n in names}
+        splits = list(itertools.accumulate(math.prod(shapes[n]) // math.prod(lead) for n in names))[:-1]
+
+        def flatten(values: dict) -> jax.Array:
+            parts = [((values[n] - shift[n][0]) / shift[n][1]) for n in names]
+            parts = [v if axes[n] is None else jnp.moveaxis(v, axes[n], 0) for n, v in zip(names, parts)]
+            return jnp.concatenate([v.reshape(lead + (-1,)) for v in parts], -1)
 
         def unflatten(flat) -> dict:
-            values = {n: v.reshape(s) for n, v, s in zip(names, jnp.split(flat, splits), shapes)}
-            return values if whiten is None else {n: shift[n][0] + shift[n][1] * v for n, v in values.items()}
+            values = {n: v.reshape(shapes[n]) for n, v in zip(names, jnp.split(flat, splits, -1))}
+            values = {n: v if axes[n] is None else jnp.moveaxis(v, 0, axes[n]) for n, v in values.items()}
+            return {n: shift[n][0] + shift[n][1] * v for n, v in values.items()}
 
-        flat = jnp.concatenate([((start[n] - shift[n][0]) / shift[n][1]).reshape(-1) for n in names])
-        result = unflatten(self.sampler.run(rng_key, lambda u: log_joint(unflatten(u)), flat))
+        result = unflatten(self.sampler.run(rng_key, lambda u: log_joint(unflatten(u)), flatten(start)))
 
         if index is not None:
             for name, value in result.items():
@@ -248,6 +295,16 @@ class ShortRunPosterior:
 
     def __repr__(self) -> str:
         return f"ShortRunPosterior(sampler={self.sampler!r}, init={self.init!r})"
+
+
+def _per_member(log_prob, frames, plate: tuple) -> jax.Array:
+    """A site's log density summed to one value per member of ``plate`` (``(name, dim, size)``); a site outside
+    the plate, or not broadcast along it, is shared out evenly."""
+    name, dim, size = plate
+    log_prob = jnp.asarray(log_prob)
+    if any(f.name == name for f in frames) and log_prob.ndim >= -dim and log_prob.shape[dim] == size:
+        return jnp.moveaxis(log_prob, dim, 0).reshape(size, -1).sum(-1)
+    return jnp.full(size, jnp.sum(log_prob) / size)
 
 
 def _in_plate(frame, inner):
@@ -614,6 +671,9 @@ class RefinedGuide:
         Overrides ``steps`` / ``step_size``.
     whiten : bool
         Run the chain in the encoder's standardised coordinates (needs Normal sites in the guide).
+    per_datum : bool
+        One chain per datum (per member of the plate every latent site shares), each with its own accept step
+        under ``MALA`` (as Hoffman's per-datum HMC); see :class:`ShortRunPosterior`.
     name : str
         Prefix of the auxiliary site.
 
@@ -639,7 +699,7 @@ class RefinedGuide:
     """
 
     def __init__(self, guide: Callable, steps: int = 10, step_size: float = 0.2, *, sampler=None,
-                 whiten: bool = True, name: str = "refined"):
+                 whiten: bool = True, per_datum: bool = True, name: str = "refined"):
         model = getattr(guide, "model", None)
         if not callable(guide) or not callable(model):
             raise TypeError("RefinedGuide refines a guide that knows its model, e.g. AmortizedGuide(model, "
@@ -647,7 +707,8 @@ class RefinedGuide:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.guide, self.model, self.whiten, self.name = guide, model, bool(whiten), name
-        self._posterior = ShortRunPosterior(model, steps, step_size, init=guide, sampler=sampler)
+        self._posterior = ShortRunPosterior(model, steps, step_size, init=guide, sampler=sampler,
+                                            per_datum=per_datum)
         self.sampler = self._posterior.sampler
 
     def __call__(self, *args, **kwargs) -> dict:
@@ -661,7 +722,8 @@ class RefinedGuide:
         missing = [n for n in sites if n not in guide_trace or guide_trace[n]["type"] != "sample"]
         if missing:
             raise ValueError(f"RefinedGuide: the guide gives no sample at the model's latent sites {missing}")
-        log_joint = self._posterior._log_joint(k_start, trace, args, kwargs)
+        plate = self._posterior._chain_plate(sites)
+        log_joint = self._posterior._log_joint(k_start, trace, args, kwargs, plate)
         self._encoder_elbo(guide_trace, {n: guide_trace[n]["value"] for n in sites}, log_joint)
         whiten = None
         if self.whiten:
@@ -669,7 +731,7 @@ class RefinedGuide:
             if any(v is None for v in whiten.values()):
                 raise ValueError("RefinedGuide(whiten=True) needs a Normal at every site of the guide; pass "
                                  "whiten=False for another guide")
-        return self._posterior._run(k_chain, sites, log_joint, kwargs, whiten)
+        return self._posterior._run(k_chain, sites, log_joint, kwargs, whiten, plate)
 
     def _encoder_elbo(self, guide_trace: dict, z: dict, log_joint: Callable) -> None:
         r"""Add the auxiliary site whose gradient is :math:`-\nabla_\phi` ELBO and whose value is 0.
@@ -678,7 +740,7 @@ class RefinedGuide:
         :math:`g = \nabla_z \log \tilde p(x, z)` taken alone (``log_joint`` stops the model's parameters)."""
         if all(isinstance(h, handlers.seed) for h in numpyro.primitives._PYRO_STACK):
             return  # seeded only: nothing would record the site
-        grads = jax.lax.stop_gradient(jax.grad(log_joint)(jax.lax.stop_gradient(z)))
+        grads = jax.lax.stop_gradient(jax.grad(lambda v: jnp.sum(log_joint(v)))(jax.lax.stop_gradient(z)))
         log_q = sum(jnp.sum(_scaled_log_prob(guide_trace[n])) for n in z)
         surrogate = sum(jnp.sum(grads[n] * z[n]) for n in z) - log_q
         numpyro.factor(f"{self.name}.encoder_elbo", -(surrogate - jax.lax.stop_gradient(surrogate)))

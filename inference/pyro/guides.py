@@ -18,6 +18,7 @@ site, inside the site's plates. With the prior's :class:`~tilted_priors.pyro.Sel
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -53,9 +54,10 @@ class _Substitute(Messenger):
     Lighter than ``trace`` + ``condition``: the chain runs the model once per gradient and keeps nothing else.
     """
 
-    def __init__(self, values: dict[str, torch.Tensor]):
+    def __init__(self, values: dict[str, torch.Tensor], plate: tuple | None = None):
         super().__init__()
         self.values = values
+        self.plate = plate  # (name, dim, size): add up per member of this plate instead
         self.total = 0.0
 
     def _process_message(self, msg):
@@ -66,8 +68,21 @@ class _Substitute(Messenger):
             return
         if not msg["is_observed"]:
             msg["value"] = self.values[msg["name"]]
-        lp = msg["fn"].log_prob(msg["value"])
-        self.total = self.total + scale_and_mask(lp, msg["scale"], msg["mask"]).sum()
+        lp = scale_and_mask(msg["fn"].log_prob(msg["value"]), msg["scale"], msg["mask"])
+        if self.plate is None:
+            self.total = self.total + lp.sum()
+        else:
+            self.total = self.total + _per_member(lp, msg["cond_indep_stack"], self.plate)
+
+
+def _per_member(log_prob, frames, plate: tuple) -> torch.Tensor:
+    """A site's log density summed to one value per member of ``plate`` (``(name, dim, size)``); a site outside
+    the plate, or not broadcast along it, is shared out evenly."""
+    name, dim, size = plate
+    log_prob = torch.as_tensor(log_prob)
+    if any(f.name == name for f in frames) and log_prob.dim() >= -dim and log_prob.shape[dim] == size:
+        return log_prob.movedim(dim, 0).reshape(size, -1).sum(-1)
+    return log_prob.sum().div(size).expand(size)
 
 
 def _is_real(support) -> bool:
@@ -87,9 +102,12 @@ class ShortRunPosterior:
 
     (:func:`~inference.pyro.handlers.normalizer` with :class:`~tilted_priors.pyro.Unnormalized`; :math:`\log Z`
     is constant in :math:`z`), and records the final state as ``Delta`` sites (log density 0) inside the model's
-    plates. Its parameters are not trained: the samples are detached, as in LEBM. All latent sites form one
-    chain (their gradient is that of the summed joint, so per-datum chains under a data plate are exactly
-    LEBM's); with ``MALA`` the accept step is then joint over the batch.
+    plates. Its parameters are not trained: the samples are detached, as in LEBM.
+
+    When every latent site sits in one plate (the data plate), each member of it runs its own chain on its own
+    term of the joint, :math:`\log \tilde p(x_i, z_i)` (``per_datum=True``): ULA moves are the same as those of
+    one chain on the summed joint (LEBM's), and ``MALA`` accepts or rejects each datum's move on its own. Otherwise
+    all latent sites form one chain.
 
     Parameters
     ----------
@@ -108,6 +126,11 @@ class ShortRunPosterior:
         Overrides ``steps`` / ``step_size`` (e.g. ``MALA(50, 0.05)``).
     num_data : int, optional
         Data set size, for ``init="persistent"``; sites' first dimension must index the batch.
+    per_datum : bool
+        One chain per member of the plate all latent sites share (the outermost, if several). This assumes the
+        joint factorises over that plate: sites outside it must not depend on its latents (their log density is
+        shared out evenly over the chains, which is right only when it is constant in them). ``False``: one
+        joint chain (one accept for the whole batch under ``MALA``).
 
     Examples
     --------
@@ -128,10 +151,11 @@ class ShortRunPosterior:
     """
 
     def __init__(self, model: Callable, steps: int = 20, step_size: float = 0.1, init="noise", *,
-                 sampler=None, num_data: int | None = None):
+                 sampler=None, num_data: int | None = None, per_datum: bool = True):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
+        self.per_datum = bool(per_datum)
         self.sampler = ShortRunLangevin(steps, step_size) if sampler is None else sampler
         if not callable(getattr(self.sampler, "run", None)):
             raise TypeError(f"sampler needs .run(log_density, init), got {self.sampler!r}")
@@ -196,16 +220,38 @@ class ShortRunPosterior:
     # --- the chain -----------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         trace = self._start_trace(args, kwargs)
-        return self._run(trace, self._latent_sites(trace), self._log_joint(trace, args, kwargs), kwargs)
+        sites = self._latent_sites(trace)
+        plate = self._chain_plate(sites)
+        return self._run(trace, sites, self._log_joint(trace, args, kwargs, plate), kwargs, plate=plate)
 
-    def _log_joint(self, trace: poutine.Trace, args, kwargs) -> Callable[[dict], torch.Tensor]:
-        """``values -> log p~(x, z = values)``: the model's unnormalised joint, the plates' subsamples of ``trace``."""
+    def _chain_plate(self, sites: dict) -> tuple | None:
+        """``(name, dim, size)`` of the plate whose members run one chain each (see :attr:`per_datum`), or None."""
+        if not self.per_datum:
+            return None
+        common = None
+        for site in sites.values():
+            batch = site["value"].shape[:site["value"].dim() - site["fn"].event_dim]
+            frames = {f.name: (f.dim, f.size) for f in site["cond_indep_stack"]
+                      if f.vectorized and len(batch) >= -f.dim and batch[f.dim] == f.size}
+            common = frames if common is None else {n: f for n, f in common.items() if frames.get(n) == f}
+        if not common:
+            return None
+        name = min(common, key=lambda n: common[n][0])  # the outermost
+        return (name,) + common[name]
+
+    def _log_joint(self, trace: poutine.Trace, args, kwargs, plate: tuple | None = None
+                   ) -> Callable[[dict], torch.Tensor]:
+        """``values -> log p~(x, z = values)``: the model's unnormalised joint, the plates' subsamples of ``trace``.
+
+        With ``plate = (name, dim, size)`` it is per member of that plate, shape ``(size,)``: each site's log density
+        summed over every other dimension; a site outside the plate is shared out evenly (constant in the chain's
+        latents, by the factorisation :attr:`per_datum` assumes)."""
         model = normalizer(Unnormalized())(self.model)
         subsamples = {name: site["value"] for name, site in trace.nodes.items()
                       if site["type"] == "sample" and type(site["fn"]).__name__ == "_Subsample"}
 
         def log_joint(values: dict) -> torch.Tensor:
-            joint = _Substitute({**subsamples, **values})
+            joint = _Substitute({**subsamples, **values}, plate)
             with poutine.block():
                 joint(model)(*args, **kwargs)
             return joint.total
@@ -213,24 +259,33 @@ class ShortRunPosterior:
         return log_joint
 
     def _run(self, trace: poutine.Trace, sites: dict, log_joint: Callable[[dict], torch.Tensor], kwargs,
-             whiten: dict | None = None) -> dict:
+             whiten: dict | None = None, plate: tuple | None = None) -> dict:
         """Run the chain from the latent values of ``trace`` and record its final state.
 
         ``whiten``: ``{site: (loc, scale)}``; the chain then runs in :math:`u = (z - loc) / scale` (a diagonal
-        preconditioner; the Jacobian is constant)."""
+        preconditioner; the Jacobian is constant). ``plate``: from :meth:`_chain_plate`; the chains' positions are
+        then ``(size, d)``, one row per member (``log_joint`` must be per member too)."""
         start = {name: site["value"].detach() for name, site in sites.items()}
         index = self._persistent_start(start, kwargs) if self.init == "persistent" else None
         names = list(start)
         shift = {n: (0.0, 1.0) if whiten is None else tuple(t.detach() for t in whiten[n]) for n in names}
-        shapes = [start[n].shape for n in names]
-        sizes = [start[n].numel() for n in names]
+        # Where each site's plate axis is (None for one joint chain).
+        axes = {n: None if plate is None else start[n].dim() - sites[n]["fn"].event_dim + plate[1] for n in names}
+        lead = () if plate is None else (plate[2],)
+        shapes = {n: start[n].shape if axes[n] is None else start[n].movedim(axes[n], 0).shape for n in names}
+        sizes = [start[n].numel() // max(1, math.prod(lead)) for n in names]
+
+        def flatten(values: dict) -> torch.Tensor:
+            parts = [((values[n] - shift[n][0]) / shift[n][1]) for n in names]
+            parts = [v if axes[n] is None else v.movedim(axes[n], 0) for n, v in zip(names, parts)]
+            return torch.cat([v.reshape(lead + (-1,)) for v in parts], -1)
 
         def unflatten(flat: torch.Tensor) -> dict:
-            values = {n: v.reshape(s) for n, v, s in zip(names, flat.split(sizes), shapes)}
-            return values if whiten is None else {n: shift[n][0] + shift[n][1] * v for n, v in values.items()}
+            values = {n: v.reshape(shapes[n]) for n, v in zip(names, flat.split(sizes, -1))}
+            values = {n: v if axes[n] is None else v.movedim(0, axes[n]) for n, v in values.items()}
+            return {n: shift[n][0] + shift[n][1] * v for n, v in values.items()}
 
-        flat = torch.cat([((start[n] - shift[n][0]) / shift[n][1]).reshape(-1) for n in names])
-        result = unflatten(self.sampler.run(lambda u: log_joint(unflatten(u)), flat))
+        result = unflatten(self.sampler.run(lambda u: log_joint(unflatten(u)), flatten(start)))
 
         if index is not None:
             for name, value in result.items():
@@ -610,6 +665,9 @@ class RefinedGuide:
         Overrides ``steps`` / ``step_size``.
     whiten : bool
         Run the chain in the encoder's standardised coordinates (needs Normal sites in the guide).
+    per_datum : bool
+        One chain per datum (per member of the plate every latent site shares), each with its own accept step
+        under ``MALA`` (as Hoffman's per-datum HMC); see :class:`ShortRunPosterior`.
     name : str
         Prefix of the auxiliary site.
 
@@ -635,7 +693,7 @@ class RefinedGuide:
     """
 
     def __init__(self, guide: Callable, steps: int = 10, step_size: float = 0.2, *, sampler=None,
-                 whiten: bool = True, name: str = "refined"):
+                 whiten: bool = True, per_datum: bool = True, name: str = "refined"):
         model = getattr(guide, "model", None)
         if not callable(guide) or not callable(model):
             raise TypeError("RefinedGuide refines a guide that knows its model, e.g. AmortizedGuide(model, "
@@ -643,7 +701,8 @@ class RefinedGuide:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.guide, self.model, self.whiten, self.name = guide, model, bool(whiten), name
-        self._posterior = ShortRunPosterior(model, steps, step_size, init=guide, sampler=sampler)
+        self._posterior = ShortRunPosterior(model, steps, step_size, init=guide, sampler=sampler,
+                                            per_datum=per_datum)
         self.sampler = self._posterior.sampler
 
     def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -656,7 +715,8 @@ class RefinedGuide:
         if missing:
             raise ValueError(f"RefinedGuide: the guide gives no sample at the model's latent sites {missing}")
         z = {n: guide_trace.nodes[n]["value"] for n in sites}
-        log_joint = self._posterior._log_joint(trace, args, kwargs)
+        plate = self._posterior._chain_plate(sites)
+        log_joint = self._posterior._log_joint(trace, args, kwargs, plate)
         self._encoder_elbo(guide_trace, z, log_joint)
         whiten = None
         if self.whiten:
@@ -664,7 +724,7 @@ class RefinedGuide:
             if any(v is None for v in whiten.values()):
                 raise ValueError("RefinedGuide(whiten=True) needs a Normal at every site of the guide; pass "
                                  "whiten=False for another guide")
-        return self._posterior._run(trace, sites, log_joint, kwargs, whiten)
+        return self._posterior._run(trace, sites, log_joint, kwargs, whiten, plate)
 
     def _encoder_elbo(self, guide_trace, z: dict, log_joint: Callable[[dict], torch.Tensor]) -> None:
         r"""Add the auxiliary site whose gradient is :math:`-\nabla_\phi` ELBO and whose value is 0.
@@ -674,7 +734,7 @@ class RefinedGuide:
         if not torch.is_grad_enabled() or not am_i_wrapped():  # nothing would record the site
             return
         leaves = {n: v.detach().requires_grad_() for n, v in z.items()}
-        grads = torch.autograd.grad(log_joint(leaves), list(leaves.values()), allow_unused=True)
+        grads = torch.autograd.grad(log_joint(leaves).sum(), list(leaves.values()), allow_unused=True)
         guide_trace.compute_log_prob()
         log_q = sum(guide_trace.nodes[n]["log_prob_sum"] for n in z)
         surrogate = sum((g * z[n]).sum() for n, g in zip(z, grads) if g is not None) - log_q

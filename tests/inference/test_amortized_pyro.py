@@ -18,7 +18,7 @@ from torch import nn
 from helpers import PyroBackend, make_case
 from inference.pyro import AmortizedGuide, RefinedGuide, ShortRunPosterior
 from inference.pyro.handlers import normalizer
-from tilted_priors.pyro import (EnergyMLP, EnergyTiltedNormal, SelfNormalized, ShortRunLangevin, Unnormalized)
+from tilted_priors.pyro import MALA, EnergyMLP, EnergyTiltedNormal, SelfNormalized, ShortRunLangevin, Unnormalized
 
 # seed 1: the importance weights exp(-E) have finite variance with room to spare (the default seed 0 puts an
 # eigenvalue of S0^-1 + 2A at 0.03, so the Monte Carlo error of Zhat is barely finite)
@@ -414,14 +414,51 @@ def test_refined_draws_follow_the_posterior_in_the_encoders_coordinates(bk):
     x0 = np.array([0.8, -0.4])
     with torch.no_grad():
         z = bk.numpy(guide(bk.array(np.tile(x0, (n, 1))))["z"])
-    w = 1.3
-    precision = CASE.precision + np.eye(D) * w ** 2 / SIGMA ** 2
-    mean = np.linalg.solve(precision, CASE.precision @ CASE.mean + w * x0 / SIGMA ** 2)
-    lam, V = np.linalg.eigh(s * s * precision)  # the target's precision in u
+    mean, posterior_cov = posterior_moments(x0)
+    lam, V = np.linalg.eigh(s * s * np.linalg.inv(posterior_cov))  # the target's precision in u
     cov = s * s * (V * (h * h / (1.0 - (1.0 - 0.5 * h * h * lam) ** 2))) @ V.T
     sd = np.sqrt(np.diag(cov))
     assert np.all(np.abs(z.mean(0) - mean) < 4 * sd / np.sqrt(n))
     assert np.all(np.abs(z.var(0, ddof=1) - np.diag(cov)) < 4 * np.diag(cov) * np.sqrt(2 / n))
+
+
+def posterior_moments(x0, w=1.3):
+    """Closed-form posterior mean and covariance of z given one datum x0 under the linear Gaussian model."""
+    precision = CASE.precision + np.eye(D) * w ** 2 / SIGMA ** 2
+    return np.linalg.solve(precision, CASE.precision @ CASE.mean + w * x0 / SIGMA ** 2), np.linalg.inv(precision)
+
+
+def test_mala_refinement_accepts_per_datum_and_is_exact(bk):
+    """MALA steps of 1.0 (in the encoder's units) from a poor encoder: each datum's chain accepts on its own, so
+    after 200 steps the 4,000 draws have the exact posterior mean and covariance (4 Monte Carlo standard errors).
+    One joint accept over the 4,000 data takes the drift towards the mode as a whole but cannot settle each datum's
+    spread: its variance stays far from the posterior's."""
+    model = linear_gaussian_model(bk)
+    n, x0 = 4000, np.array([0.8, -0.4])
+    x = bk.array(np.tile(x0, (n, 1)))
+    encoder = AmortizedGuide(model, lambda x: (torch.full_like(x, 0.3), torch.full_like(x, 0.5)))
+    with torch.no_grad():
+        z = bk.numpy(RefinedGuide(encoder, sampler=MALA(200, 1.0))(x)["z"])
+        joint = bk.numpy(RefinedGuide(encoder, sampler=MALA(200, 1.0), per_datum=False)(x)["z"])
+    mean, cov = posterior_moments(x0)
+    sd = np.sqrt(np.diag(cov))
+    assert np.all(np.abs(z.mean(0) - mean) < 4 * sd / np.sqrt(n))
+    assert np.all(np.abs(z.var(0, ddof=1) - np.diag(cov)) < 4 * np.diag(cov) * np.sqrt(2 / n))
+    assert np.all(np.abs(joint.var(0, ddof=1) - np.diag(cov)) > 10 * np.diag(cov) * np.sqrt(2 / n))
+
+
+def test_per_datum_ula_chains_are_the_joint_chain(bk):
+    """Under ULA the per-datum chains make exactly the moves of one chain on the summed joint."""
+    model = linear_gaussian_model(bk)
+    encoder = LinearEncoder()
+    x = bk.array(np.random.default_rng(3).normal(size=(6, D)))
+    draws = []
+    for per_datum in (True, False):
+        pyro.set_rng_seed(3)
+        with torch.no_grad():
+            draws.append(RefinedGuide(AmortizedGuide(model, encoder), steps=5, step_size=0.5,
+                                      per_datum=per_datum)(x)["z"])
+    torch.testing.assert_close(draws[0], draws[1])
 
 
 def test_refined_guide_errors(bk):
