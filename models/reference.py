@@ -3,10 +3,11 @@ plan (``models.pyro.lebm`` and ``models.numpyro.lebm`` export them as ``REFERENC
 VAE-EBM's of the self-normalised likelihood paper (Senetaire et al.; ``models.{pyro,numpyro}.vae_ebm``)."""
 from __future__ import annotations
 
+import math
 from numbers import Integral
 from typing import Any
 
-__all__ = ["LEBM", "LEBM_MNIST", "VAE_EBM", "VAE_EBM_CPU", "mlp_sizes", "IMAGE_SIZES", "PRIOR_KINDS", "check_image_shape", "generator_layers"]
+__all__ = ["LEBM", "LEBM_MNIST", "VAE_EBM", "VAE_EBM_CPU", "mlp_sizes", "IMAGE_SIZES", "PRIOR_KINDS", "LIKELIHOODS", "check_likelihood", "check_image_shape", "generator_layers"]
 
 #: Pang et al. (2020), reference code for SVHN (32x32x3). ``ngf`` is this module's width parameter: the generator's
 #: channels are ``4 ngf -> 2 ngf -> ngf -> C`` (512 -> 256 -> 128 -> 3; the paper's code writes ngf=64 with
@@ -80,6 +81,23 @@ def mlp_sizes(image_shape: tuple[int, int, int], latent_dim: int, hidden) -> tup
 
 IMAGE_SIZES = (28, 32)
 PRIOR_KINDS = ("ebm", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def check_likelihood(likelihood: str, obs_scale: float) -> tuple[str, float]:
+    """The VAE's image likelihood and the Gaussian one's standard deviation, checked.
+
+    Examples
+    --------
+    >>> check_likelihood("gaussian", 0.1)
+    ('gaussian', 0.1)
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    obs_scale = float(obs_scale)
+    if not (math.isfinite(obs_scale) and obs_scale > 0):
+        raise ValueError(f"obs_scale must be positive and finite, got {obs_scale!r}")
+    return likelihood, obs_scale
 
 
 def check_image_shape(image_shape) -> tuple[int, int, int]:

@@ -49,7 +49,7 @@ from flax import nnx
 from inference.numpyro import AmortizedGuide
 from models.metrics import log_mean_exp, summarize_with_log_z
 from models.numpyro.lebm import _bind, _symmetric_uniform, _with_pure_params, latent_prior
-from models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, mlp_sizes
+from models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, check_likelihood, mlp_sizes
 from tilted_priors._validation import check_positive_int
 from tilted_priors.numpyro import AnnealedImportance, EnergyMLP, SelfNormalized
 
@@ -254,6 +254,11 @@ class VAEModel:
         ``"ebm"`` or ``"gaussian"``.
     normalizer, prior_sampler : optional
         Of the :class:`~tilted_priors.numpyro.EnergyTiltedNormal` prior.
+    likelihood : str
+        ``"bernoulli"`` (binary images, the decoder's output as logits) or ``"gaussian"``
+        (``Normal(sigmoid(decoder(z)), obs_scale)`` per pixel).
+    obs_scale : float
+        The Gaussian likelihood's standard deviation.
 
     Examples
     --------
@@ -275,6 +280,20 @@ class VAEModel:
     prior_kind: str
     normalizer: Any = None
     prior_sampler: Any = None
+    likelihood: str = "bernoulli"
+    obs_scale: float = 0.1
+
+    def observation(self, z: jax.Array, decoder=None) -> dist.Distribution:
+        """The likelihood :math:`p(x \mid z)`, normalised, event shape ``image_shape`` (``decoder``: default the
+        module's current weights).
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> build(4, hidden=(8,)).observation(jnp.zeros((3, 4))).event_shape
+        (28, 28, 1)
+        """
+        return _observation(self.likelihood, self.obs_scale, (decoder or self.decoder)(z))
 
     def _prior_with(self, energy, batch_shape, rng_key=None) -> dist.Distribution:
         return latent_prior(self, energy, self.decoder.layers[0].kernel.get_value().dtype, batch_shape, rng_key)
@@ -320,7 +339,7 @@ class VAEModel:
         prior = self._prior_with(energy, (n,))
         with numpyro.plate("data", n):
             z = numpyro.sample("z", prior)
-            numpyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(3), obs=x)
+            numpyro.sample("x", self.observation(z, decoder), obs=x)
         return z
 
     def guide(self) -> AmortizedGuide:
@@ -383,7 +402,7 @@ class VAEModel:
 def build(latent_dim: int = VAE_EBM["latent_dim"], *, image_shape: tuple[int, int, int] = (28, 28, 1),
           prior: str = "ebm", hidden=VAE_EBM["hidden"], energy_hidden: int = VAE_EBM["energy_hidden"],
           energy_depth: int = VAE_EBM["energy_depth"], normalizer=None, prior_sampler=None,
-          seed: int | None = 0) -> VAEModel:
+          likelihood: str = "bernoulli", obs_scale: float = 0.1, seed: int | None = 0) -> VAEModel:
     r"""Build the VAE-EBM's networks (or the plain VAE's) and model.
 
     Parameters
@@ -403,6 +422,10 @@ def build(latent_dim: int = VAE_EBM["latent_dim"], *, image_shape: tuple[int, in
         The prior's; default ``SelfNormalized(REFERENCE["snl_samples"])`` (the SNELBO).
     prior_sampler : optional
         The prior's sampler (default ``ShortRunLangevin(60, 0.4)``).
+    likelihood : {"bernoulli", "gaussian"}
+        Of the images given the latent (see :class:`VAEModel`).
+    obs_scale : float
+        Standard deviation of the Gaussian likelihood.
     seed : int or None
         Seed of the initial weights (the encoder, decoder and energy get separate streams); ``None`` draws a fresh
         one.
@@ -435,6 +458,7 @@ def build(latent_dim: int = VAE_EBM["latent_dim"], *, image_shape: tuple[int, in
         seed = secrets.randbits(31)
     elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
+    likelihood, obs_scale = check_likelihood(likelihood, obs_scale)
     if prior == "ebm" and normalizer is None:
         normalizer = SelfNormalized(VAE_EBM["snl_samples"])
     key_enc, key_dec, key_e = jax.random.split(jax.random.PRNGKey(int(seed)), 3)
@@ -442,27 +466,38 @@ def build(latent_dim: int = VAE_EBM["latent_dim"], *, image_shape: tuple[int, in
     decoder = Decoder(latent_dim, image_shape, hidden, rngs=nnx.Rngs(params=key_dec))
     energy = (EnergyMLP(latent_dim, energy_hidden, energy_depth, activation=_leaky_relu,
                         rngs=nnx.Rngs(params=key_e)) if prior == "ebm" else None)
-    return VAEModel(encoder, decoder, energy, latent_dim, image_shape, prior, normalizer, prior_sampler)
+    return VAEModel(encoder, decoder, energy, latent_dim, image_shape, prior, normalizer, prior_sampler,
+                    likelihood, obs_scale)
 
 
-@partial(jax.jit, static_argnames=("num_samples",))
-def _importance_log_weights(encoder, decoder, energy, x, rng_key, log_z, num_samples: int):
+def _observation(likelihood: str, obs_scale: float, out: jax.Array) -> dist.Distribution:
+    if likelihood == "gaussian":
+        return dist.Normal(jax.nn.sigmoid(out), obs_scale).to_event(3)
+    return dist.Bernoulli(logits=out).to_event(3)
+
+
+def _encoder_proposal(encoder, x) -> dist.Distribution:
+    return dist.Normal(*encoder(x)).to_event(1)
+
+
+@partial(jax.jit, static_argnames=("num_samples", "likelihood", "obs_scale"))
+def _importance_log_weights(proposal, decoder, energy, x, rng_key, log_z, num_samples: int, likelihood: str,
+                            obs_scale: float):
     r"""``(num_samples, B)`` log weights :math:`\log p(x \mid z) + \log p(z) - \log q(z \mid x)`, :math:`z \sim q`."""
-    loc, scale = encoder(x)
-    q = dist.Normal(loc, scale).to_event(1)
+    q = proposal(x)
     z = q.sample(rng_key, (num_samples,))
-    base = dist.Normal(jnp.zeros_like(loc[0]), jnp.ones_like(scale[0])).to_event(1)
+    base = dist.Normal(jnp.zeros(z.shape[-1], z.dtype), 1.0).to_event(1)
     log_prior = base.log_prob(z) - log_z
     if energy is not None:
         log_prior = log_prior - energy(z)
-    log_lik = dist.Bernoulli(logits=decoder(z)).to_event(3).log_prob(x)
+    log_lik = _observation(likelihood, obs_scale, decoder(z)).log_prob(x)
     return log_lik + log_prior - q.log_prob(z)
 
 
 def log_likelihood(vae: VAEModel, x, *, num_samples: int = VAE_EBM["eval_importance_samples"],
                    log_z_chains: int = VAE_EBM["eval_log_z_samples"], log_z_steps: int = 100,
-                   batch_size: int = 100, seed: int = 0) -> dict[str, Any]:
-    r"""Importance-weighted test log-likelihood with the encoder as proposal and :math:`\log Z` by AIS.
+                   batch_size: int = 100, seed: int = 0, proposal=None) -> dict[str, Any]:
+    r"""Importance-weighted test log-likelihood with the encoder (or ``proposal``) as proposal, :math:`\log Z` by AIS.
 
     .. math:: \log p(x) \approx \log \frac1K \sum_{k=1}^K
               \frac{p(x \mid z_k)\, e^{-E(z_k)} \mathcal N(z_k; 0, I)}{Z\, q_\phi(z_k \mid x)},
@@ -488,6 +523,10 @@ def log_likelihood(vae: VAEModel, x, *, num_samples: int = VAE_EBM["eval_importa
         Images per compiled batch.
     seed : int
         Seed of the AIS chains and the importance samples.
+    proposal : callable, optional
+        ``x -> q(z | x)``, a distribution of batch shape ``(B,)`` and event shape ``(latent_dim,)`` (e.g. a mixture
+        of encoders), passed to :func:`jax.jit` as a pytree (a :class:`jax.tree_util.Partial` or an NNX module);
+        default the encoder's Normal.
 
     Returns
     -------
@@ -514,6 +553,8 @@ def log_likelihood(vae: VAEModel, x, *, num_samples: int = VAE_EBM["eval_importa
     if x.ndim != 4 or tuple(x.shape[1:]) != vae.image_shape or x.shape[0] < 1 or not np.isfinite(x).all():
         raise ValueError(f"x must be finite with shape (N, {', '.join(map(str, vae.image_shape))}), N >= 1")
     dtype = vae.decoder.layers[0].kernel.get_value().dtype
+    if proposal is None:
+        proposal = jax.tree_util.Partial(_encoder_proposal, vae.encoder)
     key_z, key_is = jax.random.split(jax.random.PRNGKey(seed))
     if vae.prior_kind == "ebm":
         log_z_chains = check_positive_int("log_z_chains", log_z_chains)
@@ -525,8 +566,9 @@ def log_likelihood(vae: VAEModel, x, *, num_samples: int = VAE_EBM["eval_importa
     per_datum = []
     for i, start in enumerate(range(0, x.shape[0], batch_size)):
         xb = jnp.asarray(x[start:start + batch_size], dtype)
-        log_w = _importance_log_weights(vae.encoder, vae.decoder, vae.energy, xb, jax.random.fold_in(key_is, i),
-                                        jnp.asarray(log_z, dtype), num_samples=num_samples)
+        log_w = _importance_log_weights(proposal, vae.decoder, vae.energy, xb, jax.random.fold_in(key_is, i),
+                                        jnp.asarray(log_z, dtype), num_samples=num_samples,
+                                        likelihood=vae.likelihood, obs_scale=vae.obs_scale)
         per_datum.append(log_mean_exp(np.asarray(log_w, dtype=np.float64), axis=0)[0])
     return {**summarize_with_log_z(np.concatenate(per_datum), log_z, log_z_se), "num_samples": num_samples,
             "log_z_chains": log_z_chains if vae.prior_kind == "ebm" else 0}

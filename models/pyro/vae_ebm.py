@@ -40,7 +40,7 @@ from inference.pyro import AmortizedGuide
 from inference.pyro.modules import register_module
 from models.metrics import log_mean_exp, summarize_with_log_z
 from models.pyro.lebm import latent_prior
-from models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, mlp_sizes
+from models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, check_likelihood, mlp_sizes
 from tilted_priors._validation import check_positive_int
 from tilted_priors.pyro import AnnealedImportance, EnergyMLP, SelfNormalized
 
@@ -122,6 +122,11 @@ class VAEModel:
         ``"ebm"`` or ``"gaussian"``.
     normalizer, prior_sampler : optional
         Of the :class:`~tilted_priors.pyro.EnergyTiltedNormal` prior.
+    likelihood : str
+        ``"bernoulli"`` (binary images, the decoder's output as logits) or ``"gaussian"``
+        (``Normal(sigmoid(decoder(z)), obs_scale)`` per pixel).
+    obs_scale : float
+        The Gaussian likelihood's standard deviation.
 
     Examples
     --------
@@ -141,6 +146,21 @@ class VAEModel:
     prior_kind: str
     normalizer: Any = None
     prior_sampler: Any = None
+    likelihood: str = "bernoulli"
+    obs_scale: float = 0.1
+
+    def observation(self, z: torch.Tensor) -> dist.TorchDistribution:
+        """The likelihood :math:`p(x \mid z)`, normalised, event shape ``image_shape``.
+
+        Examples
+        --------
+        >>> build(4, hidden=(8,)).observation(torch.zeros(3, 4)).event_shape
+        torch.Size([28, 28, 1])
+        """
+        out = self.decoder(z)
+        if self.likelihood == "gaussian":
+            return dist.Normal(torch.sigmoid(out), self.obs_scale).to_event(3)
+        return dist.Bernoulli(logits=out).to_event(3)
 
     def prior(self, batch_shape: tuple[int, ...] | torch.Size = ()) -> dist.TorchDistribution:
         """The prior over ``z``: batch shape ``batch_shape``, event shape ``(latent_dim,)``; normalised for the
@@ -177,7 +197,7 @@ class VAEModel:
         register_module("decoder", self.decoder)
         with pyro.plate("data", n):
             z = pyro.sample("z", self.prior((n,)))
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(3), obs=x)
+            pyro.sample("x", self.observation(z), obs=x)
         return z
 
     def guide(self) -> AmortizedGuide:
@@ -195,7 +215,7 @@ class VAEModel:
 def build(latent_dim: int = VAE_EBM["latent_dim"], *, image_shape: tuple[int, int, int] = (28, 28, 1),
           prior: str = "ebm", hidden=VAE_EBM["hidden"], energy_hidden: int = VAE_EBM["energy_hidden"],
           energy_depth: int = VAE_EBM["energy_depth"], normalizer=None, prior_sampler=None,
-          seed: int | None = 0) -> VAEModel:
+          likelihood: str = "bernoulli", obs_scale: float = 0.1, seed: int | None = 0) -> VAEModel:
     r"""Build the VAE-EBM's networks (or the plain VAE's) and model.
 
     Parameters
@@ -213,6 +233,10 @@ def build(latent_dim: int = VAE_EBM["latent_dim"], *, image_shape: tuple[int, in
         The prior's; default ``SelfNormalized(REFERENCE["snl_samples"])`` (the SNELBO).
     prior_sampler : optional
         The prior's sampler (default ``ShortRunLangevin(60, 0.4)``).
+    likelihood : {"bernoulli", "gaussian"}
+        Of the images given the latent (see :class:`VAEModel`).
+    obs_scale : float
+        Standard deviation of the Gaussian likelihood.
     seed : int or None
         Seed of the initial weights (torch's global RNG is restored afterwards).
 
@@ -228,6 +252,7 @@ def build(latent_dim: int = VAE_EBM["latent_dim"], *, image_shape: tuple[int, in
     image_shape = tuple(int(s) for s in image_shape)
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise ValueError(f"image_shape must be three positive integers (H, W, C), got {image_shape!r}")
+    likelihood, obs_scale = check_likelihood(likelihood, obs_scale)
     if prior == "ebm" and normalizer is None:
         normalizer = SelfNormalized(VAE_EBM["snl_samples"])
     with torch.random.fork_rng(devices=[]):
@@ -237,13 +262,14 @@ def build(latent_dim: int = VAE_EBM["latent_dim"], *, image_shape: tuple[int, in
         decoder = Decoder(latent_dim, image_shape, hidden)
         energy = (EnergyMLP(latent_dim, energy_hidden, energy_depth, activation=lambda: nn.LeakyReLU(0.2))
                   if prior == "ebm" else None)
-    return VAEModel(encoder, decoder, energy, latent_dim, image_shape, prior, normalizer, prior_sampler)
+    return VAEModel(encoder, decoder, energy, latent_dim, image_shape, prior, normalizer, prior_sampler,
+                    likelihood, obs_scale)
 
 
 def log_likelihood(vae: VAEModel, x, *, num_samples: int = VAE_EBM["eval_importance_samples"],
                    log_z_chains: int = VAE_EBM["eval_log_z_samples"], log_z_steps: int = 100,
-                   batch_size: int = 100, seed: int = 0) -> dict[str, Any]:
-    r"""Importance-weighted test log-likelihood with the encoder as proposal and :math:`\log Z` by AIS.
+                   batch_size: int = 100, seed: int = 0, proposal=None) -> dict[str, Any]:
+    r"""Importance-weighted test log-likelihood with the encoder (or ``proposal``) as proposal, :math:`\log Z` by AIS.
 
     .. math:: \log p(x) \approx \log \frac1K \sum_{k=1}^K
               \frac{p(x \mid z_k)\, e^{-E(z_k)} \mathcal N(z_k; 0, I)}{Z\, q_\phi(z_k \mid x)},
@@ -252,7 +278,9 @@ def log_likelihood(vae: VAEModel, x, *, num_samples: int = VAE_EBM["eval_importa
     a stochastic lower bound (in expectation) that tightens as :math:`K` grows. :math:`\log Z` comes from
     :class:`~tilted_priors.pyro.AnnealedImportance` (``log_z_chains`` chains, ``log_z_steps`` temperatures; 0 for
     the Gaussian prior). The reported ``stderr`` combines the spread over the test set with the standard error of
-    :math:`\log \hat Z` (shared by every datum).
+    :math:`\log \hat Z` (shared by every datum). ``proposal``: a callable ``x -> q(z | x)`` (a distribution of
+    batch shape ``(B,)`` and event shape ``(latent_dim,)``, e.g. a mixture of encoders), default the encoder's
+    Normal.
 
     Returns
     -------
@@ -283,11 +311,10 @@ def log_likelihood(vae: VAEModel, x, *, num_samples: int = VAE_EBM["eval_importa
         base = dist.Normal(torch.zeros(vae.latent_dim), torch.ones(vae.latent_dim)).to_event(1)
         per_datum = []
         for xb in x.split(batch_size):
-            loc, scale = vae.encoder(xb)
-            q = dist.Normal(loc, scale).to_event(1)
+            q = dist.Normal(*vae.encoder(xb)).to_event(1) if proposal is None else proposal(xb)
             z = q.sample((num_samples,))
             log_prior = base.log_prob(z) - (vae.energy(z) if vae.energy is not None else 0.0) - log_z
-            log_w = dist.Bernoulli(logits=vae.decoder(z)).to_event(3).log_prob(xb) + log_prior - q.log_prob(z)
+            log_w = vae.observation(z).log_prob(xb) + log_prior - q.log_prob(z)
             per_datum.append(log_mean_exp(log_w.numpy().astype(np.float64), axis=0)[0])
     return {**summarize_with_log_z(np.concatenate(per_datum), log_z, log_z_se), "num_samples": num_samples,
             "log_z_chains": log_z_chains if vae.prior_kind == "ebm" else 0}

@@ -33,10 +33,10 @@ def fresh():
     torch.set_num_threads(threads)
 
 
-def twins(prior="ebm", latent_dim=LATENT, widen=None, tilt=1.0):
+def twins(prior="ebm", latent_dim=LATENT, widen=None, tilt=1.0, likelihood="bernoulli"):
     """The Pyro VAE and a NumPyro VAE holding the same weights. ``widen``: set the encoder's scale head to that
     constant (bounded importance weights); ``tilt``: multiply the energy's output layer."""
-    kwargs = dict(image_shape=SHAPE, hidden=(8,), prior=prior, energy_hidden=8, energy_depth=3)
+    kwargs = dict(image_shape=SHAPE, hidden=(8,), prior=prior, energy_hidden=8, energy_depth=3, likelihood=likelihood)
     p = pvae.build(latent_dim, seed=1, **kwargs)
     n = nvae.build(latent_dim, seed=2, **kwargs)  # another seed: every weight must come from the copy
     with torch.no_grad():
@@ -91,11 +91,11 @@ def test_networks_agree():
         close(p.energy(torch.as_tensor(zz)), n.energy(zz))
 
 
-@pytest.mark.parametrize("prior", ["ebm", "gaussian"])
-def test_model_log_densities_agree(prior):
+@pytest.mark.parametrize("prior, likelihood", [("ebm", "bernoulli"), ("gaussian", "bernoulli"), ("ebm", "gaussian")])
+def test_model_log_densities_agree(prior, likelihood):
     """Per-site log densities of the program, conditioned on the same z, every tilted normaliser switched off
-    (``log p(z) = -E(z) + log N(z; 0, I)``; ``log p(x | z)`` Bernoulli), and their sum."""
-    p, n = twins(prior, tilt=10.0)
+    (``log p(z) = -E(z) + log N(z; 0, I)``; ``log p(x | z)`` Bernoulli or Gaussian), and their sum."""
+    p, n = twins(prior, tilt=10.0, likelihood=likelihood)
     x, z = data()
 
     model = pyro.poutine.condition(pyro_normalizer(PyroUnnormalized())(p.model), data={"z": torch.as_tensor(z)})
@@ -118,6 +118,10 @@ def test_model_log_densities_agree(prior):
     if prior == "ebm":
         expected = expected - np.asarray(n.energy(z))
     close(n_sites["z"], expected)
+    if likelihood == "gaussian":  # log N(x; sigmoid(decoder(z)), 0.1^2) by hand
+        mean = 1.0 / (1.0 + np.exp(-np.asarray(n.decoder(z), np.float64)))
+        by_hand = (-0.5 * ((x - mean) / 0.1) ** 2 - np.log(0.1 * np.sqrt(2 * np.pi))).reshape(len(x), -1).sum(-1)
+        close(n_sites["x"], by_hand)
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "ebm"])
