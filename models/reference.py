@@ -7,7 +7,7 @@ import math
 from numbers import Integral
 from typing import Any
 
-__all__ = ["LEBM", "LEBM_MNIST", "VAE_EBM", "VAE_EBM_CPU", "mlp_sizes", "IMAGE_SIZES", "PRIOR_KINDS", "LIKELIHOODS", "check_likelihood", "check_image_shape", "generator_layers"]
+__all__ = ["LEBM", "LEBM_MNIST", "VAE_EBM", "VAE_EBM_CPU", "RME", "mlp_sizes", "IMAGE_SIZES", "PRIOR_KINDS", "LIKELIHOODS", "check_likelihood", "check_image_shape", "generator_layers"]
 
 #: Pang et al. (2020), reference code for SVHN (32x32x3). ``ngf`` is this module's width parameter: the generator's
 #: channels are ``4 ngf -> 2 ngf -> ngf -> C`` (512 -> 256 -> 128 -> 3; the paper's code writes ngf=64 with
@@ -61,6 +61,13 @@ VAE_EBM: dict[str, Any] = {
 #: times the learning rates (the reference's 100k iterations at 1e-4 take hours on two cores).
 VAE_EBM_CPU: dict[str, Any] = {**VAE_EBM, "batch_size": 128, "iterations": 3_000, "lr_energy": 2e-4,
                                "lr_other": 1e-3}
+
+#: The RME VAE (Kim and Pavlovic 2020) as this project runs it on MNIST-5k: the VAE-EBM's networks (latent 16,
+#: MLP 784-512-256) for each of up to 5 encoder components, amortised mixing weights from a 784-64 MLP, the
+#: diversity barrier C, and the CPU budget per component (the paper's settings are not public).
+RME: dict[str, Any] = {"latent_dim": 16, "hidden": (512, 256), "num_components": 5, "mixing_hidden": 64,
+                       "barrier": 2.0, "batch_size": 128, "lr": 1e-3, "steps_per_component": 600,
+                       "eval_importance_samples": 1_000}
 
 
 def mlp_sizes(image_shape: tuple[int, int, int], latent_dim: int, hidden) -> tuple[list[int], list[int]]:

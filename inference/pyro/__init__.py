@@ -5,6 +5,8 @@ The same public names as the other backend (``inference.pyro`` / ``inference.num
 from inference.pyro import handlers
 from inference.pyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
 from inference.pyro.kernels import Langevin
+from inference.pyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
 from inference.pyro.train import FitResult, TrainingDiverged, fit
 
-__all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]
+__all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
+           "fit_recursive", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]

@@ -605,17 +605,23 @@ class AmortizedGuide:
                              f"{float(scale.min()):.3g}); map the encoder's raw output through softplus or exp, "
                              "e.g. scale = softplus(h) + 1e-4")
 
-    def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+    def _loc_scale(self, structure: _Structure, plates: dict, args, kwargs) -> dict[str, LocScale]:
+        """Register the encoder and give its checked ``{site: (loc, scale)}`` (the subsample's rows of ``plates``)."""
         if isinstance(self.encoder, torch.nn.Module):
             register_module(self.name, self.encoder)
+        out = {}
+        for name, (loc, scale) in self._encode(structure, args, kwargs).items():
+            site = structure.sites[name]
+            out[name] = _select(loc, site, plates), _select(scale, site, plates)
+            self._check(name, *out[name], site)
+        return out
+
+    def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         structure = self._structure(args, kwargs)
-        params = self._encode(structure, args, kwargs)
         plates = _make_plates(structure)
         result = {}
-        for name, (loc, scale) in params.items():
+        for name, (loc, scale) in self._loc_scale(structure, plates, args, kwargs).items():
             site = structure.sites[name]
-            loc, scale = _select(loc, site, plates), _select(scale, site, plates)
-            self._check(name, loc, scale, site)
             with contextlib.ExitStack() as stack:
                 for frame in site.frames:
                     stack.enter_context(plates[frame.name])

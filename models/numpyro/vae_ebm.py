@@ -284,7 +284,7 @@ class VAEModel:
     obs_scale: float = 0.1
 
     def observation(self, z: jax.Array, decoder=None) -> dist.Distribution:
-        """The likelihood :math:`p(x \mid z)`, normalised, event shape ``image_shape`` (``decoder``: default the
+        r"""The likelihood :math:`p(x \mid z)`, normalised, event shape ``image_shape`` (``decoder``: default the
         module's current weights).
 
         Examples

@@ -150,7 +150,7 @@ class VAEModel:
     obs_scale: float = 0.1
 
     def observation(self, z: torch.Tensor) -> dist.TorchDistribution:
-        """The likelihood :math:`p(x \mid z)`, normalised, event shape ``image_shape``.
+        r"""The likelihood :math:`p(x \mid z)`, normalised, event shape ``image_shape``.
 
         Examples
         --------
