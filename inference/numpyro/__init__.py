@@ -5,7 +5,8 @@ The same public names as the other backend (``inference.pyro`` / ``inference.num
 from inference.numpyro import handlers
 from inference.numpyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
 from inference.numpyro.kernels import Langevin
+from inference.numpyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
 from inference.numpyro.train import FitResult, TrainingDiverged, fit
 
-__all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "Langevin", "fit", "FitResult", "TrainingDiverged",
-           "handlers"]
+__all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
+           "fit_recursive", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]

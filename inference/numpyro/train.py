@@ -56,6 +56,32 @@ def _flat_params(params: Mapping) -> dict:
     return out
 
 
+def _nest_params(given: Mapping, template: Mapping) -> dict:
+    """``given`` (values by site name, or a pytree site's leaves as ``site/key/...``, as ``FitResult.params`` names
+    them) regrouped onto the param sites of ``template`` (a fresh ``svi.get_params``), in their dtypes; names that
+    are no site of ``template`` are left out."""
+    out = {}
+    for name, value in template.items():
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        if name in given:
+            new = jax.tree_util.tree_leaves(given[name])
+            if jax.tree_util.tree_structure(given[name]) != treedef:
+                raise ValueError(f"init_params[{name!r}] does not have the structure of the param site {name!r}")
+            keys = [name] * len(leaves)
+        else:
+            keys = list(_flat_params({name: value}))
+            if not all(key in given for key in keys):
+                continue
+            new = [given[key] for key in keys]
+        for key, old, leaf in zip(keys, leaves, new):
+            if np.shape(leaf) != np.shape(old):
+                raise ValueError(f"init_params: {key!r} has shape {tuple(np.shape(leaf))}, but the param site "
+                                 f"expects {tuple(np.shape(old))}")
+        out[name] = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf, dtype=jnp.result_type(old))
+                                                           for leaf, old in zip(new, leaves)])
+    return out
+
+
 def _extra_state(obj) -> dict | None:
     if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
         return None
@@ -71,8 +97,8 @@ def _extra_state(obj) -> dict | None:
 
 
 class _NumPyroTrainer:
-    def __init__(self, model, guide, loss, plan: TrainingPlan):
-        self.model, self.guide, self.plan = model, guide, plan
+    def __init__(self, model, guide, loss, plan: TrainingPlan, init_params: Mapping | None = None):
+        self.model, self.guide, self.plan, self.init_params = model, guide, plan, init_params
         self.svi = SVI(model, guide, optax_to_numpyro(_optimizer(plan)), loss)
         self.data = jnp.asarray(plan.data, dtype=jnp.result_type(float))
         self.state = None
@@ -108,6 +134,9 @@ class _NumPyroTrainer:
         # A fresh state from the seed: the run's initial state, or on resume the template whose tree structure
         # receives the checkpoint's leaves.
         state = self.svi.init(jax.random.PRNGKey(self.plan.seed), x, **kwargs)
+        if payload is None and self.init_params is not None:
+            init_params = _nest_params(self.init_params, self.svi.get_params(state))
+            state = self.svi.init(jax.random.PRNGKey(self.plan.seed), x, init_params=init_params, **kwargs)
         names = sorted(self.svi.optim.get_params(state.optim_state))
         if payload is not None:
             leaves, treedef = jax.tree_util.tree_flatten(state)
@@ -159,7 +188,7 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
         lr_decay: float = 1.0, clip_norm: float | None = None, loss: Any = None, seed: int = 0,
         out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
         progress: bool = True, pass_index: bool = False,
-        callback: Callable[[dict], Any] | None = None) -> FitResult:
+        callback: Callable[[dict], Any] | None = None, init_params: Mapping | None = None) -> FitResult:
     """Train a NumPyro model and guide with NumPyro's ``SVI`` (jitted updates) on minibatches of ``data``.
 
     Parameters
@@ -208,6 +237,13 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
     callback : callable, optional
         Called after every update with the history record (a dict); returning ``True`` stops training (a final
         checkpoint is still written).
+    init_params : mapping, optional
+        Starting values (constrained) of param sites, passed to ``svi.init(..., init_params=...)``: by site name,
+        as ``SVI.init`` takes them, or as ``FitResult.params`` names them (a pytree site's leaves as
+        ``site/key/...``), so that a run can continue from another's parameters (``init_params=result.params``;
+        the optimizer state starts afresh). Only param sites that exist at init are set (a pytree site only when
+        all its leaves are given); other names are ignored, and sites not named keep their own initial values.
+        Ignored on resume (the checkpoint holds the parameters).
 
     Returns
     -------
@@ -251,4 +287,7 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
                      lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
                      resume=resume, progress=progress, pass_index=pass_index, callback=callback,
                      loss_name=type(loss).__name__, backend="numpyro", checkpoint_name="checkpoint.npz")
-    return run_training(plan, _NumPyroTrainer(model, guide, loss, plan))
+    if init_params is not None and not isinstance(init_params, Mapping):
+        raise TypeError(f"init_params must be a mapping of param site names to values, got "
+                        f"{type(init_params).__name__}")
+    return run_training(plan, _NumPyroTrainer(model, guide, loss, plan, init_params))

@@ -45,6 +45,9 @@ REFERENCE = RME  #: this project's settings (see :mod:`models.reference`)
 class MixingNet(nn.Module):
     r"""The amortised mixing logits :math:`\ell_2(x), \dots, \ell_M(x)`: a one-hidden-layer MLP (ReLU).
 
+    The output layer starts at weight 0 and bias :math:`\ell_k = -\log(k - 1)`, so every stage starts with equal
+    weights among its active components, as the guide's global default does.
+
     Examples
     --------
     >>> MixingNet(3, hidden=4)(torch.zeros(5, 28, 28, 1)).shape
@@ -56,6 +59,9 @@ class MixingNet(nn.Module):
         super().__init__()
         pixels = image_shape[0] * image_shape[1] * image_shape[2]
         self.net = nn.Sequential(nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, num_components - 1))
+        with torch.no_grad():
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.copy_(-torch.log(torch.arange(1, num_components, dtype=torch.float32)))
 
     def forward(self, x: torch.Tensor, *, batch_size: int | None = None, index=None) -> torch.Tensor:
         return self.net(x.reshape(x.shape[0], -1))
