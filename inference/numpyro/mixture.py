@@ -285,6 +285,10 @@ class RecursiveMixtureELBO(ELBO):
         Independent estimates averaged.
     vectorize_particles : bool or callable
         As :class:`numpyro.infer.elbo.ELBO`.
+    recursive : bool
+        ``False`` gives the non-recursive mixture encoder (the baseline RME is compared with): every active
+        component, the mixing and the model maximise :math:`\mathrm{ELBO}(Q_m)` together, nothing frozen, no
+        barrier term.
 
     Examples
     --------
@@ -305,9 +309,11 @@ class RecursiveMixtureELBO(ELBO):
     (['a0', 'a1', 'rme.mixing', 'w'], True)
     """
 
-    def __init__(self, barrier: float | None = None, num_particles: int = 1, vectorize_particles: bool = True):
+    def __init__(self, barrier: float | None = None, num_particles: int = 1, vectorize_particles: bool = True, *,
+                 recursive: bool = True):
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
         self.barrier = None if barrier is None else _check_barrier(barrier)
+        self.recursive = bool(recursive)
 
     def loss(self, rng_key, param_map: dict, model: Callable, guide: Callable, *args: Any, **kwargs: Any):
         r""":math:`-\mathrm{ELBO}(Q_m)` plus a zero-valued surrogate routing each parameter's gradient (see above)."""
@@ -316,7 +322,7 @@ class RecursiveMixtureELBO(ELBO):
         barrier = guide.barrier if self.barrier is None else self.barrier
 
         def particle(key):
-            return self._particle(key, param_map, model, guide, barrier, args, kwargs)
+            return self._particle(key, param_map, model, guide, barrier, args, kwargs, self.recursive)
 
         if self.num_particles == 1:
             return particle(rng_key)
@@ -324,7 +330,7 @@ class RecursiveMixtureELBO(ELBO):
 
     @staticmethod
     def _particle(rng_key, params: dict, model: Callable, guide: RecursiveMixtureGuide, barrier: float,
-                  args: tuple, kwargs: dict):
+                  args: tuple, kwargs: dict, recursive: bool = True):
         model_key, guide_key = jax.random.split(rng_key)  # as Trace_ELBO
         site = guide._structure(args, kwargs)[1]
         frame = site.frames[0]
@@ -337,7 +343,7 @@ class RecursiveMixtureELBO(ELBO):
             component = handlers.substitute(handlers.seed(guide.components[k], key), data=params)
             tr = handlers.trace(component).get_trace(*args, **kwargs)[site.name]
             draw = (tr["value"], *_loc_scale(tr["fn"]))
-            draws.append(draw if k == m - 1 else stop_gradient(draw))
+            draws.append(draw if k == m - 1 or not recursive else stop_gradient(draw))
 
         def log_q(k, z, stop=True):  # per datum; component k's loc and scale stopped unless stop=False
             _, loc, scale = draws[k]
@@ -355,10 +361,13 @@ class RecursiveMixtureELBO(ELBO):
         with handlers.substitute(data=params):
             logits = guide._logits(site, args, kwargs) if m > 1 else jnp.zeros(guide._batch(site) + (0,))
         log_pi = _log_pi(logits, m).reshape(size, m)
-        zs = [stop_gradient(z) for z, _, _ in draws]
-        log_mix = jnp.stack([logsumexp(log_pi + jnp.stack([log_q(j, z) for j in range(m)], -1), -1) for z in zs], -1)
+        zs = [stop_gradient(z) if recursive else z for z, _, _ in draws]
+        log_mix = jnp.stack([logsumexp(log_pi + jnp.stack([log_q(j, z, recursive) for j in range(m)], -1), -1)
+                             for z in zs], -1)
         log_joint = jnp.stack([log_p(z, params) for z in zs], -1)
         elbo = jnp.sum(jnp.exp(log_pi) * (log_joint - log_mix))
+        if not recursive:  # the non-recursive mixture: everything on ELBO(Q_m)
+            return -elbo
 
         # ELBO(q_m) + min(KL(q_m || Q_{m-1}), C): for the new component only (the model and the weights stopped)
         z = draws[-1][0]

@@ -174,6 +174,13 @@ def test_each_parameter_gets_the_gradient_of_its_own_objective(barrier):
     if barrier == 0.6:  # the barrier binds for some data, not for others
         assert np.any(kl > barrier) and np.any(kl < barrier), kl
 
+    # the non-recursive mixture: every parameter learns from ELBO(Q_2), the components included
+    loss, grads = jax.value_and_grad(
+        lambda p: RecursiveMixtureELBO(recursive=False).loss(key, p, model, guide, X))(params)
+    np.testing.assert_allclose(loss, neg_elbo_mixture(params), rtol=1e-5)
+    for name in params:
+        np.testing.assert_allclose(grads[name], mixture_grads[name], rtol=2e-5, atol=1e-5, err_msg=name)
+
 
 # --- 4. the recursive schedule -------------------------------------------------------------------------------------
 class Encoder(nnx.Module):
