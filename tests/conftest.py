@@ -1,4 +1,4 @@
-"""Shared fixtures: the quadratic reference case and the backend adapter (see helpers.py)."""
+"""Shared fixtures: the quadratic reference case, the backend adapter (see helpers.py), and torch/Pyro state."""
 import pytest
 
 from helpers import BACKENDS, QuadraticCase, make_case
@@ -14,3 +14,24 @@ def quadratic_case() -> QuadraticCase:
 def backend(request):
     """Each test that takes it runs once on Pyro and once on NumPyro."""
     return BACKENDS[request.param](seed=0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors: one torch thread is steadier than two on a shared 2-core machine (see NOTES-APIS.md); the
+    previous count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_pyro(one_torch_thread):
+    """Pyro seeded at 0 with an empty param store (Pyro models adopt stored weights for their module names)."""
+    import pyro
+
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()

@@ -7,10 +7,7 @@ import torch
 from models.pyro import rme, vae_ebm
 
 
-@pytest.fixture(autouse=True)
-def fresh():
-    pyro.clear_param_store()
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 X = torch.as_tensor((np.random.default_rng(0).random((6, 28, 28, 1)) < 0.3).astype(np.float32))

@@ -23,14 +23,7 @@ LATENT = 3
 RTOL, ATOL = 1e-5, 1e-6  # float32 on both sides
 
 
-@pytest.fixture(autouse=True)
-def fresh():
-    pyro.set_rng_seed(0)
-    pyro.clear_param_store()  # the Pyro model adopts stored weights for its module names: start empty
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def twins(prior="ebm", latent_dim=LATENT, widen=None, tilt=1.0, likelihood="bernoulli"):

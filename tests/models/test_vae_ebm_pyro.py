@@ -15,14 +15,7 @@ from tilted_priors.pyro import ShortRunLangevin
 SHAPE = (2, 2, 1)
 
 
-@pytest.fixture(autouse=True)
-def fresh():
-    pyro.set_rng_seed(0)
-    pyro.clear_param_store()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def binary(n, seed=0):
