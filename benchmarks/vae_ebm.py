@@ -23,6 +23,7 @@ budget (one run per guide, continued with ``fit(..., resume=True)``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -49,12 +50,12 @@ def make_guide(method: str, vae, backend, args):
 
 
 def backend_sampler(backend, args):
-    """The refinement chain's MALA sampler (per-datum accept) from ``backend``'s ``tilted_priors`` twin."""
-    if backend.__name__.endswith("pyro") and not backend.__name__.endswith("numpyro"):
-        from tilted_priors.pyro import MALA
-        return MALA(args.refine_steps, args.refine_step_size)
-    from tilted_priors.numpyro import MALA
-    return MALA(args.refine_steps, args.refine_step_size, unroll=True)
+    """The refinement chain's MALA sampler (per-datum accept) from ``backend``'s ``tilted_priors`` twin (NumPyro's
+    loop fully unrolled, as RefinedGuide's default ULA chain is)."""
+    name = backend.__name__.rsplit(".", 1)[-1]
+    mala = importlib.import_module(f"tilted_priors.{name}").MALA
+    unroll = {"unroll": True} if name == "numpyro" else {}
+    return mala(args.refine_steps, args.refine_step_size, **unroll)
 
 
 def run_pyro(method: str, x_train, x_test, args) -> dict:
@@ -176,8 +177,8 @@ def main() -> None:
 
     print(f"\nBinarised MNIST-5k, {args.iterations} iterations of batch {args.batch_size}; test log-likelihood (nats, "
           f"1,000 test digits, {args.is_samples} importance samples from the encoder, log Z by AIS with "
-          f"{args.log_z_chains} chains x 100 temperatures); RefinedGuide: {args.refine_steps} whitened ULA steps "
-          f"of {args.refine_step_size}.\n")
+          f"{args.log_z_chains} chains x 100 temperatures); RefinedGuide: {args.refine_steps} whitened "
+          f"{args.refine_sampler.upper()} steps of {args.refine_step_size}.\n")
     print("| backend | model / guide | test log-likelihood | log Z | train time (s) |")
     print("| --- | --- | --- | --- | --- |")
     labels = {"vae": "VAE, AmortizedGuide (ELBO)", "snelbo": "VAE-EBM, AmortizedGuide (SNELBO)",
