@@ -49,8 +49,13 @@ def pairwise_kl(locs: np.ndarray, scales: np.ndarray) -> float:
     return float(kl[:, ~np.eye(m, dtype=bool)].mean())
 
 
+def summarize_mixture(out: dict, locs: np.ndarray, scales: np.ndarray, weights: np.ndarray) -> dict:
+    """The log-likelihood result with the mean weights and the mean pairwise KL between components."""
+    return {**out, "weights": weights.mean(0).tolist(), "pairwise_kl": pairwise_kl(locs, scales)}
+
+
 class PyroRunner:
-    """Build, train and evaluate with Pyro."""
+    """Build, train and evaluate with Pyro (the param store holds the weights: the model is trained in place)."""
 
     def __init__(self, args):
         import pyro
@@ -65,21 +70,20 @@ class PyroRunner:
         self.pyro.clear_param_store()
         return self.rme.build(components, barrier=barrier)
 
+    def fit(self, model, data, steps, guide, loss=None):
+        """Train; returns the trained model."""
+        self.backend.fit(model.model, guide, data, num_steps=steps, loss=loss, **fit_kwargs(self.args))
+        return model
+
     def fit_vae(self, model, data, steps):
-        self.backend.fit(model.model, model.vae.guide(), data, num_steps=steps, **self.fit_kwargs())
+        return self.fit(model, data, steps, model.vae.guide())
 
     def fit_mixture(self, model, data, steps):
-        self.backend.fit(model.model, model.guide, data, num_steps=steps,
-                         loss=self.backend.RecursiveMixtureELBO(recursive=False), **self.fit_kwargs())
+        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(recursive=False))
 
     def fit_stage(self, model, data, steps):
         """Train the guide's current stage (``num_active`` set by the caller)."""
-        self.backend.fit(model.model, model.guide, data, num_steps=steps, loss=self.backend.RecursiveMixtureELBO(),
-                         **self.fit_kwargs())
-
-    def fit_kwargs(self):
-        return dict(batch_size=self.args.batch_size, lr=self.args.lr, betas=(0.9, 0.999), seed=self.args.seed,
-                    progress=False)
+        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO())
 
     def evaluate(self, model, x, mixture: bool) -> dict:
         kwargs = dict(num_samples=self.args.is_samples, seed=self.args.seed)
@@ -89,13 +93,59 @@ class PyroRunner:
         with self.torch.no_grad():
             xt = self.torch.as_tensor(x)
             pairs = [enc(xt) for enc in model.encoders[:model.guide.num_active]]
-            weights = model.guide.log_weights(xt).exp().mean(0).numpy()
-        locs = np.stack([p[0].numpy() for p in pairs], 1)
-        scales = np.stack([p[1].numpy() for p in pairs], 1)
-        return {**out, "weights": weights.tolist(), "pairwise_kl": pairwise_kl(locs, scales)}
+            weights = model.guide.log_weights(xt).exp().numpy()
+        return summarize_mixture(out, np.stack([p[0].numpy() for p in pairs], 1),
+                                 np.stack([p[1].numpy() for p in pairs], 1), weights)
 
 
-RUNNERS = {"pyro": PyroRunner}
+class NumPyroRunner:
+    """Build, train and evaluate with NumPyro: each stage starts from the parameters the previous one ended with,
+    and the trained model is ``with_params`` of them."""
+
+    def __init__(self, args):
+        import jax
+
+        import inference.numpyro as backend
+        from models.numpyro import rme, vae_ebm
+        self.jax, self.backend, self.rme, self.vae_ebm, self.args = jax, backend, rme, vae_ebm, args
+        self.params: dict[int, dict] = {}  # id(trained model) -> its parameters (flat)
+
+    def build(self, components: int, barrier: float):
+        return self.rme.build(components, barrier=barrier, seed=self.args.seed)
+
+    def fit(self, model, data, steps, guide, loss=None):
+        result = self.backend.fit(model.model, guide, data, num_steps=steps, loss=loss,
+                                  init_params=self.params.get(id(model)), **fit_kwargs(self.args))
+        trained = model.with_params(result.params)
+        self.params[id(trained)] = result.params
+        return trained
+
+    def fit_vae(self, model, data, steps):
+        return self.fit(model, data, steps, model.vae.guide())
+
+    def fit_mixture(self, model, data, steps):
+        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(recursive=False))
+
+    def fit_stage(self, model, data, steps):
+        """Train the guide's current stage (``num_active`` set by the caller)."""
+        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO())
+
+    def evaluate(self, model, x, mixture: bool) -> dict:
+        kwargs = dict(num_samples=self.args.is_samples, seed=self.args.seed)
+        if not mixture:
+            return self.vae_ebm.log_likelihood(model.vae, x, **kwargs)
+        out = self.rme.log_likelihood(model, x, **kwargs)
+        pairs = [enc(x) for enc in model.encoders[:model.guide.num_active]]
+        weights = np.exp(np.asarray(model.proposal(x).mixing_distribution.logits))
+        return summarize_mixture(out, np.stack([np.asarray(p[0]) for p in pairs], 1),
+                                 np.stack([np.asarray(p[1]) for p in pairs], 1), weights / weights.sum(-1, keepdims=True))
+
+
+def fit_kwargs(args) -> dict:
+    return dict(batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.999), seed=args.seed, progress=False)
+
+
+RUNNERS = {"pyro": PyroRunner, "numpyro": NumPyroRunner}
 
 
 def main() -> None:
@@ -129,12 +179,12 @@ def main() -> None:
 
     start = time.perf_counter()
     vae = runner.build(1, args.barrier)
-    runner.fit_vae(vae, x_train, total)
+    vae = runner.fit_vae(vae, x_train, total)
     record("VAE", vae, False, time.perf_counter() - start)
 
     start = time.perf_counter()
     mix = runner.build(M, args.barrier)
-    runner.fit_mixture(mix, x_train, total)
+    mix = runner.fit_mixture(mix, x_train, total)
     record(f"mixture, M = {M}", mix, True, time.perf_counter() - start)
 
     for barrier in [args.barrier] + [c for c in args.barriers if c != args.barrier]:
@@ -143,7 +193,7 @@ def main() -> None:
         for m in range(1, M + 1):
             model.guide.num_active = m
             start = time.perf_counter()
-            runner.fit_stage(model, x_train, args.steps)
+            model = runner.fit_stage(model, x_train, args.steps)
             seconds += time.perf_counter() - start
             if barrier == args.barrier or m == M:
                 record(f"RME, M = {m}, C = {barrier:g}", model, True, seconds)

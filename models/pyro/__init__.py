@@ -1,5 +1,6 @@
 """Ready Pyro generators: ``lebm`` (LEBM and its Gaussian-prior baseline), ``vae_ebm`` (the VAE with an
-energy-tilted prior and the plain VAE) and evaluation (``evaluate``)."""
-from models.pyro import evaluate, lebm, vae_ebm
+energy-tilted prior and the plain VAE), ``rme`` (the VAE with a recursive mixture of encoders) and evaluation
+(``evaluate``)."""
+from models.pyro import evaluate, lebm, rme, vae_ebm
 
-__all__ = ["lebm", "vae_ebm", "evaluate"]
+__all__ = ["lebm", "vae_ebm", "rme", "evaluate"]
