@@ -6,7 +6,8 @@ from inference.numpyro import handlers
 from inference.numpyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
 from inference.numpyro.kernels import Langevin
 from inference.numpyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
+from inference.numpyro.reparam import FlowBackbone
 from inference.numpyro.train import FitResult, TrainingDiverged, fit
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
-           "fit_recursive", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]
+           "fit_recursive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]

@@ -6,7 +6,8 @@ from inference.pyro import handlers
 from inference.pyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
 from inference.pyro.kernels import Langevin
 from inference.pyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
+from inference.pyro.reparam import FlowBackbone
 from inference.pyro.train import FitResult, TrainingDiverged, fit
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
-           "fit_recursive", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]
+           "fit_recursive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]
