@@ -1,0 +1,267 @@
+"""Do latent-space chains mix where data-space Langevin does not? (Nijkamp et al. 2022's claim, issue 7 item 4.)
+
+A multimodal target in 2-D, sampled two ways at the same number of gradient evaluations (MALA, one gradient per
+step, many parallel chains):
+
+- **latent**: chains in the flow's latent space on :math:`\\log p(u) = -E(T(u)) + \\log\\mathcal N(u; 0, I)`, from
+  :math:`u_0 \\sim \\mathcal N(0, I)`, draws pushed through :math:`T`;
+- **data**: chains in data space on :math:`-E(x) + \\log q_T(x)`, from :math:`x_0 = T(u_0)`, the flow's samples
+  (``--data-init normal``: from :math:`\\mathcal N(0, I)` in x).
+
+Targets (NumPyro backend, :mod:`models.numpyro.ntebm`):
+
+- ``exact``: the ring of 8 Gaussians. A flow is fit to ring samples by maximum likelihood, then the energy is set to
+  :math:`E(x) = \\log q_T(x) - \\log p_{\\text{ring}}(x)`, so :math:`e^{-E} q_T = p_{\\text{ring}}` exactly and the
+  mode weights are known (1/8 each). Then the data-space target is :math:`\\log p_{\\text{ring}}(x)` and the latent
+  one :math:`\\log p_{\\text{ring}}(T(u)) + \\log|\\det \\partial T/\\partial u|` (the same densities, written without
+  the flow's inverse).
+- ``trained``: an NT-EBM trained on ring data (:func:`~models.numpyro.ntebm.fit_flow`, then
+  :func:`~models.numpyro.ntebm.fit_energy`); the reference mode weights are the data's (1/8), approximately.
+
+Step sizes are tuned per space by short pilot runs: the grid value whose mean acceptance is closest to 0.574.
+Diagnostics over the last half of each chain: split rank R-hat (max over x coordinates and over the 8 mode
+indicators), nested R-hat (chains grouped in super-chains of ``--superchain`` consecutive chains), bulk ESS, the
+number of modes the pooled draws visit, the mean number of modes one chain visits, and the largest deviation of
+the pooled mode frequencies from 1/8. A draw's mode is its nearest centre.
+
+Run: ``.venv/bin/python benchmarks/mixing.py [--chains 64] [--steps 2000] [--targets exact,trained] [--out DIR]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from functools import partial
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+from inference.diagnostics import ess, nested_rhat, rhat
+from models.data import toy_mixture, toy_mixture_centres
+from models.numpyro import ntebm
+from tilted_priors.numpyro import langevin
+
+OPTIMAL_ACCEPTANCE = 0.574
+STEP_GRID = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.7, 2.2)
+
+
+# --- targets ---------------------------------------------------------------------------------------------
+def ring_log_density(x, centres, sd):
+    d2 = jnp.sum((x[..., None, :] - centres) ** 2, -1)
+    return logsumexp(-0.5 * d2 / sd ** 2, -1) - jnp.log(centres.shape[0]) - jnp.log(2 * jnp.pi * sd ** 2)
+
+
+def exact_target(model, centres, sd):
+    """(latent log density, data log density, push-forward) for E = log q_T - log p_ring."""
+    t = model.transform()
+
+    def latent(u):
+        x, inter = t.call_with_intermediates(u)
+        return ring_log_density(x, centres, sd) + t.log_abs_det_jacobian(u, x, intermediates=inter)
+
+    return latent, partial(ring_log_density, centres=centres, sd=sd), lambda u: t(u)
+
+
+def trained_target(model):
+    t, q, energy = model.transform(), model.flow_dist(), model.energy
+    return (ntebm.latent_log_density(model), lambda x: -energy(x) + q.log_prob(x), lambda u: t(u))
+
+
+# --- chains ----------------------------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("log_density", "push", "steps"))
+def run_chain(key, init, step_size, log_density, push, steps):
+    """MALA for ``steps`` steps from ``init`` (chains, d); returns pushed positions (chains, steps, d), acceptance."""
+    state = langevin.init(init, log_density)
+
+    def body(state, k):
+        state, info = langevin.mala_step(k, state, log_density, step_size)
+        return state, (push(state.position), info.acceptance_rate)
+
+    _, (xs, acc) = jax.lax.scan(body, state, jax.random.split(key, steps))
+    return jnp.swapaxes(xs, 0, 1), acc.mean()
+
+
+def tune(key, init, log_density, push, pilot_steps):
+    best, best_gap, table = None, np.inf, []
+    for h in STEP_GRID:
+        _, acc = run_chain(key, init, h, log_density, push, pilot_steps)
+        acc = float(acc)
+        table.append((h, acc))
+        if abs(acc - OPTIMAL_ACCEPTANCE) < best_gap:
+            best, best_gap = h, abs(acc - OPTIMAL_ACCEPTANCE)
+    return best, table
+
+
+# --- diagnostics -----------------------------------------------------------------------------------------
+def diagnose(draws: np.ndarray, centres: np.ndarray, superchain: int) -> dict:
+    """draws: (chains, draws, 2), the last half of the chains."""
+    m = draws.shape[0]
+    modes = np.argmin(((draws[..., None, :] - centres) ** 2).sum(-1), -1)           # (chains, draws)
+    onehot = (modes[..., None] == np.arange(len(centres))).astype(float)             # (chains, draws, K)
+    ids = np.arange(m) // superchain
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_x, r_mode = rhat(draws), rhat(onehot)
+        nr_x, nr_mode = nested_rhat(draws, ids), nested_rhat(onehot, ids)
+        e_x, e_mode = ess(draws), ess(onehot)
+    freq = onehot.reshape(-1, len(centres)).mean(0)
+    # a constant indicator (a mode no chain or every draw visits) has no R-hat: it is left out (nanmax)
+    return {
+        "rhat_x": float(np.max(r_x)), "rhat_mode": float(np.nanmax(r_mode)),
+        "nrhat_x": float(np.max(nr_x)), "nrhat_mode": float(np.nanmax(nr_mode)),
+        "ess_x": float(np.min(e_x)), "ess_mode": float(np.nanmin(e_mode)),
+        "modes": int((freq > 0).sum()),
+        "modes_per_chain": float(np.mean([len(np.unique(c)) for c in modes])),
+        "max_dev": float(np.max(np.abs(freq - 1.0 / len(centres)))),
+        "freq": freq,
+    }
+
+
+def compare(name, key, latent_ld, data_ld, push, args, centres, data_init_x):
+    k_init, k_lat, k_dat, k_tune = jax.random.split(key, 4)
+    u0 = jax.random.normal(k_init, (args.chains, 2))
+    x0 = push(u0) if args.data_init == "pushforward" else u0
+    ident = lambda x: x  # noqa: E731
+    h_lat, t_lat = tune(k_tune, u0, latent_ld, push, args.pilot)
+    h_dat, t_dat = tune(k_tune, x0, data_ld, ident, args.pilot)
+    out = {}
+    for side, ld, init, h, psh, k in (("latent", latent_ld, u0, h_lat, push, k_lat),
+                                      ("data", data_ld, x0, h_dat, ident, k_dat)):
+        t0 = time.perf_counter()
+        xs, acc = run_chain(k, init, h, ld, psh, args.steps)
+        xs = np.asarray(jax.block_until_ready(xs), dtype=np.float64)
+        wall = time.perf_counter() - t0
+        res = diagnose(xs[:, args.steps // 2:], centres, args.superchain)
+        res.update(step_size=h, acceptance=float(acc), wall=wall, trace=xs)
+        out[side] = res
+    out["tuning"] = {"latent": t_lat, "data": t_dat}
+    return out
+
+
+# --- output ----------------------------------------------------------------------------------------------
+def _r(v: float) -> str:
+    """R-hat for the table: a chain-constant indicator with different values across chains gives W = 0, R-hat inf."""
+    return f"{v:.3f}" if np.isfinite(v) and v < 100 else "inf (stuck)"
+
+
+def table(results: dict, args) -> str:
+    head = ("| target | space | step size | accept | R-hat x | nested R-hat x | R-hat mode | nested R-hat mode | "
+            "ESS x (min) | ESS mode (min) | modes visited | modes / chain | max dev. from 1/8 |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for target, res in results.items():
+        for side in ("latent", "data"):
+            r = res[side]
+            lines.append(f"| {target} | {side} | {r['step_size']:g} | {r['acceptance']:.2f} | {_r(r['rhat_x'])} | "
+                         f"{_r(r['nrhat_x'])} | {_r(r['rhat_mode'])} | {_r(r['nrhat_mode'])} | {r['ess_x']:.0f} | "
+                         f"{r['ess_mode']:.0f} | {r['modes']}/8 | {r['modes_per_chain']:.2f} | "
+                         f"{r['max_dev']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, centres, sd, out_dir: str, args) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = np.linspace(-4.5, 4.5, 200)
+    xx = np.stack(np.meshgrid(g, g), -1)
+    dens = np.exp(np.asarray(ring_log_density(jnp.asarray(xx), jnp.asarray(centres), sd)))
+    paths = []
+    for target, res in results.items():
+        fig, ax = plt.subplots(2, 2, figsize=(11, 9))
+        for j, side in enumerate(("latent", "data")):
+            r = res[side]
+            draws = r["trace"][:, args.steps // 2:].reshape(-1, 2)
+            sub = draws[np.random.default_rng(0).choice(len(draws), min(4000, len(draws)), replace=False)]
+            a = ax[0, j]
+            a.contour(g, g, dens, levels=8, colors="0.6", linewidths=0.7)
+            a.scatter(sub[:, 0], sub[:, 1], s=2, alpha=0.35, color="C0" if side == "latent" else "C3")
+            a.set_title(f"{target}: {side} chains (R-hat {r['rhat_x']:.2f}, {r['modes']}/8 modes)")
+            a.set_aspect("equal"); a.set_xlim(-4.5, 4.5); a.set_ylim(-4.5, 4.5)
+            a = ax[1, j]
+            angle = np.arctan2(r["trace"][..., 1], r["trace"][..., 0])
+            for c in range(min(6, angle.shape[0])):
+                a.plot(angle[c], lw=0.6)
+            a.set_xlabel("step (= gradient evaluations)"); a.set_ylabel("angle of x")
+            a.set_title(f"{side}: traces of 6 chains (MALA, h={r['step_size']:g})")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"mixing_{target}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backend", choices=["numpyro"], default="numpyro", help="only NumPyro is implemented")
+    p.add_argument("--targets", default="exact,trained")
+    p.add_argument("--chains", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2000, help="MALA steps = gradient evaluations per chain")
+    p.add_argument("--pilot", type=int, default=200, help="steps of each tuning run")
+    p.add_argument("--superchain", type=int, default=4, help="chains per super-chain for nested R-hat")
+    p.add_argument("--radius", type=float, default=3.0)
+    p.add_argument("--sd", type=float, default=0.25)
+    p.add_argument("--flow-steps", type=int, default=3000)
+    p.add_argument("--energy-steps", type=int, default=300)
+    p.add_argument("--data-init", choices=["pushforward", "normal"], default="pushforward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the pictures (default: a new temp folder)")
+    args = p.parse_args(argv)
+    out_dir = args.out or tempfile.mkdtemp(prefix="mixing-")
+    os.makedirs(out_dir, exist_ok=True)
+
+    centres_np = toy_mixture_centres("ring", modes=8, radius=args.radius)
+    centres = jnp.asarray(centres_np, jnp.float32)
+    data = toy_mixture(5000, "ring", seed=args.seed, radius=args.radius, sd=args.sd).astype(np.float32)
+    t0 = time.perf_counter()
+    model = ntebm.build(2, **{k: ntebm.REFERENCE[k] for k in ("flow_layers", "flow_hidden", "energy_hidden",
+                                                               "energy_depth")}, seed=args.seed)
+    nll = ntebm.fit_flow(model, data, args.flow_steps, lr=ntebm.REFERENCE["flow_lr"], seed=args.seed)
+    ref_nll = -float(np.mean(toy_mixture_log_density_np(data, args)))
+    print(f"flow fit: NLL {np.mean(nll[:20]):.3f} -> {np.mean(nll[-50:]):.3f} nats (true density {ref_nll:.3f}), "
+          f"{time.perf_counter() - t0:.0f} s")
+
+    key = jax.random.PRNGKey(args.seed)
+    results = {}
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for i, target in enumerate(targets):
+        t1 = time.perf_counter()
+        if target == "exact":
+            lat, dat, push = exact_target(model, centres, args.sd)
+        elif target == "trained":
+            hist = ntebm.fit_energy(model, data, args.energy_steps, chain_steps=ntebm.REFERENCE["chain_steps"],
+                                    step_size=ntebm.REFERENCE["step_size"], lr=ntebm.REFERENCE["energy_lr"],
+                                    reg=0.01, seed=args.seed)
+            print(f"energy fit: contrastive loss {np.mean(hist[:10]):.3f} -> {np.mean(hist[-10:]):.3f}")
+            lat, dat, push = trained_target(model)
+        else:
+            raise SystemExit(f"unknown target {target!r}")
+        results[target] = compare(target, jax.random.fold_in(key, i), lat, dat, push, args, centres_np, None)
+        print(f"{target}: {time.perf_counter() - t1:.0f} s; tuning (step, acceptance): "
+              + "; ".join(f"{s}: " + ", ".join(f"{h:g}:{a:.2f}" for h, a in results[target]['tuning'][s])
+                          for s in ("latent", "data")))
+        for side in ("latent", "data"):
+            print(f"  {side} mode frequencies: {np.round(results[target][side]['freq'], 3).tolist()}, "
+                  f"chain wall time {results[target][side]['wall']:.1f} s")
+
+    print(f"\n{args.chains} chains x {args.steps} MALA steps (= gradient evaluations) per space; diagnostics over "
+          f"the last {args.steps - args.steps // 2} draws; nested R-hat with super-chains of {args.superchain}; "
+          f"ring radius {args.radius}, sd {args.sd}; data chains start from "
+          f"{'the flow samples T(u0)' if args.data_init == 'pushforward' else 'N(0, I)'}.\n")
+    print(table(results, args))
+    for path in plot(results, centres_np, args.sd, out_dir, args):
+        print(f"picture: {path}")
+
+
+def toy_mixture_log_density_np(x, args):
+    from models.data import toy_mixture_log_density
+    return toy_mixture_log_density(x, "ring", radius=args.radius, sd=args.sd)
+
+
+if __name__ == "__main__":
+    main()
