@@ -1,12 +1,16 @@
 """RME (recursive mixture encoders, Kim and Pavlovic 2020) on binarised MNIST-5k: test log-likelihood with error bars.
 
-All runs share the decoder's initial weights, the minibatches and the total number of updates
-(``--steps`` per component x ``--components``), batch 128, Adam at ``--lr``:
+All runs share the decoder's initial weights, the minibatches and the number of decoder updates, batch 128, Adam at
+``--lr``:
 
 - ``vae``: the single-encoder VAE (:class:`AmortizedGuide`, the ELBO);
 - ``mixture``: the non-recursive mixture encoder with the same ``M`` (``RecursiveMixtureELBO(recursive=False)``: all
   components, the weights and the decoder on the mixture's ELBO from the start);
-- ``rme``: RME grown by ``fit_recursive``; it is evaluated after each stage, which gives RME with ``M = 1..M``;
+- ``rme``: RME grown stage by stage (``--first-steps`` updates for stage 1, which is the VAE, then ``--steps`` per
+  new component; ``--warm-start`` starts each new component from the last one's weights); it is evaluated after
+  each stage, which gives RME with ``M = 1..M``. By default the decoder trains in every stage on ELBO(Q_m) and the
+  baselines get as many updates as RME in all; with ``--freeze-decoder`` the stages after the first train only the
+  encoders and weights, and the baselines get stage 1's updates (so every decoder gets the same number);
 - ``--barriers``: RME with other barriers ``C`` (the ablation).
 
 Evaluation on the 1,000 test digits: importance sampling with the trained guide as proposal (``--is-samples`` per
@@ -70,9 +74,9 @@ class PyroRunner:
         self.pyro.clear_param_store()
         return self.rme.build(components, barrier=barrier)
 
-    def fit(self, model, data, steps, guide, loss=None):
+    def fit(self, model, data, steps, guide, loss=None, lr=None):
         """Train; returns the trained model."""
-        self.backend.fit(model.model, guide, data, num_steps=steps, loss=loss, **fit_kwargs(self.args))
+        self.backend.fit(model.model, guide, data, num_steps=steps, loss=loss, **fit_kwargs(self.args, lr))
         return model
 
     def fit_vae(self, model, data, steps):
@@ -81,9 +85,17 @@ class PyroRunner:
     def fit_mixture(self, model, data, steps):
         return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(recursive=False))
 
-    def fit_stage(self, model, data, steps):
-        """Train the guide's current stage (``num_active`` set by the caller)."""
-        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO())
+    def fit_stage(self, model, data, steps, freeze_model=False):
+        """Train the guide's current stage (``num_active`` set by the caller); ``freeze_model``: the decoder at
+        learning rate 0."""
+        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(),
+                        lr=frozen_model_lr(self.args) if freeze_model else None)
+
+    def warm_start(self, model, m: int):
+        """Component ``m`` (1-based) starts from the weights component ``m - 1`` ended with."""
+        with self.torch.no_grad():
+            for new, old in zip(model.encoders[m - 1].parameters(), model.encoders[m - 2].parameters()):
+                new.copy_(old)
 
     def evaluate(self, model, x, mixture: bool) -> dict:
         kwargs = dict(num_samples=self.args.is_samples, seed=self.args.seed)
@@ -113,9 +125,9 @@ class NumPyroRunner:
     def build(self, components: int, barrier: float):
         return self.rme.build(components, barrier=barrier, seed=self.args.seed)
 
-    def fit(self, model, data, steps, guide, loss=None):
+    def fit(self, model, data, steps, guide, loss=None, lr=None):
         result = self.backend.fit(model.model, guide, data, num_steps=steps, loss=loss,
-                                  init_params=self.params.get(id(model)), **fit_kwargs(self.args))
+                                  init_params=self.params.get(id(model)), **fit_kwargs(self.args, lr))
         trained = model.with_params(result.params)
         self.params[id(trained)] = result.params
         return trained
@@ -126,9 +138,17 @@ class NumPyroRunner:
     def fit_mixture(self, model, data, steps):
         return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(recursive=False))
 
-    def fit_stage(self, model, data, steps):
-        """Train the guide's current stage (``num_active`` set by the caller)."""
-        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO())
+    def fit_stage(self, model, data, steps, freeze_model=False):
+        """Train the guide's current stage (``num_active`` set by the caller); ``freeze_model``: the decoder at
+        learning rate 0."""
+        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(),
+                        lr=frozen_model_lr(self.args) if freeze_model else None)
+
+    def warm_start(self, model, m: int):
+        """Component ``m`` (1-based) starts from the weights component ``m - 1`` ended with."""
+        params = self.params[id(model)]
+        old, new = f"rme.component{m - 2}$params", f"rme.component{m - 1}$params"
+        params.update({new + k[len(old):]: v for k, v in params.items() if k.startswith(old + "/")})
 
     def evaluate(self, model, x, mixture: bool) -> dict:
         kwargs = dict(num_samples=self.args.is_samples, seed=self.args.seed)
@@ -141,8 +161,14 @@ class NumPyroRunner:
                                  np.stack([np.asarray(p[1]) for p in pairs], 1), weights / weights.sum(-1, keepdims=True))
 
 
-def fit_kwargs(args) -> dict:
-    return dict(batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.999), seed=args.seed, progress=False)
+def fit_kwargs(args, lr=None) -> dict:
+    return dict(batch_size=args.batch_size, lr=args.lr if lr is None else lr, betas=(0.9, 0.999), seed=args.seed,
+                progress=False)
+
+
+def frozen_model_lr(args) -> dict:
+    """Learning rates by parameter-name prefix that keep the decoder (the model of the Gaussian prior) where it is."""
+    return {"decoder": 0.0, "": args.lr}
 
 
 RUNNERS = {"pyro": PyroRunner, "numpyro": NumPyroRunner}
@@ -153,6 +179,11 @@ def main() -> None:
     parser.add_argument("--backend", default="pyro", choices=sorted(RUNNERS))
     parser.add_argument("--components", type=int, default=RME["num_components"])
     parser.add_argument("--steps", type=int, default=RME["steps_per_component"], help="updates per component")
+    parser.add_argument("--first-steps", type=int, help="updates of RME's first stage (the VAE); default --steps")
+    parser.add_argument("--warm-start", action="store_true", help="start each new component from the previous one")
+    parser.add_argument("--freeze-decoder", action="store_true",
+                        help="RME's stages after the first train the encoders and weights only")
+    parser.add_argument("--methods", nargs="*", default=["vae", "mixture", "rme"], choices=["vae", "mixture", "rme"])
     parser.add_argument("--batch-size", type=int, default=RME["batch_size"])
     parser.add_argument("--lr", type=float, default=RME["lr"])
     parser.add_argument("--barrier", type=float, default=RME["barrier"])
@@ -166,7 +197,11 @@ def main() -> None:
     x_train = load_mnist("train", binarize="stochastic")
     x_test = load_mnist("test", binarize="stochastic")
     runner = RUNNERS[args.backend](args)
-    M, total = args.components, args.components * args.steps
+    M = args.components
+    steps = [args.steps if args.first_steps is None else args.first_steps] + [args.steps] * (M - 1)
+    # every model's decoder gets the same number of updates: all of them, or stage 1's when RME's later stages
+    # train only its encoders and weights
+    total = steps[0] if args.freeze_decoder else sum(steps)
     results: dict[str, dict] = {}
 
     def record(label, model, mixture, seconds):
@@ -177,42 +212,47 @@ def main() -> None:
         print(f"{label:22s} test LL {res['mean']:8.2f} ± {res['stderr']:.2f}  train {seconds:5.0f} s{extra}",
               flush=True)
 
-    start = time.perf_counter()
-    vae = runner.build(1, args.barrier)
-    vae = runner.fit_vae(vae, x_train, total)
-    record("VAE", vae, False, time.perf_counter() - start)
+    if "vae" in args.methods:
+        start = time.perf_counter()
+        vae = runner.fit_vae(runner.build(1, args.barrier), x_train, total)
+        record("VAE", vae, False, time.perf_counter() - start)
 
-    start = time.perf_counter()
-    mix = runner.build(M, args.barrier)
-    mix = runner.fit_mixture(mix, x_train, total)
-    record(f"mixture, M = {M}", mix, True, time.perf_counter() - start)
+    if "mixture" in args.methods:
+        start = time.perf_counter()
+        mix = runner.fit_mixture(runner.build(M, args.barrier), x_train, total)
+        record(f"mixture, M = {M}", mix, True, time.perf_counter() - start)
 
-    for barrier in [args.barrier] + [c for c in args.barriers if c != args.barrier]:
+    for barrier in ([args.barrier] + [c for c in args.barriers if c != args.barrier]) * ("rme" in args.methods):
         model = runner.build(M, barrier)
         seconds = 0.0
         for m in range(1, M + 1):
             model.guide.num_active = m
+            if args.warm_start and m > 1:
+                runner.warm_start(model, m)
             start = time.perf_counter()
-            model = runner.fit_stage(model, x_train, args.steps)
+            model = runner.fit_stage(model, x_train, steps[m - 1], args.freeze_decoder and m > 1)
             seconds += time.perf_counter() - start
             if barrier == args.barrier or m == M:
                 record(f"RME, M = {m}, C = {barrier:g}", model, True, seconds)
 
-    print(f"\nBinarised MNIST-5k, {args.backend}; {total} updates of batch {args.batch_size} for every model "
-          f"(RME: {args.steps} per component); test log-likelihood (nats, 1,000 test digits, {args.is_samples} "
+    print(f"\nBinarised MNIST-5k, {args.backend}; {total} updates of batch {args.batch_size} for the VAE and the "
+          f"mixture (RME: {steps} per stage{', each new component started from the last' if args.warm_start else ''}"
+          f"{', decoder frozen after stage 1' if args.freeze_decoder else ''}); "
+          f"test log-likelihood (nats, 1,000 test digits, {args.is_samples} "
           "importance samples from the trained guide).\n")
     print("| model | test log-likelihood | − VAE (paired) | mean weights | pairwise KL | train (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    base = results["VAE"]["per_datum"]
+    base = results["VAE"]["per_datum"] if "VAE" in results else None
     for label, res in results.items():
-        diff = "" if label == "VAE" else "{:+.2f} ± {:.2f}".format(*paired(base, res["per_datum"]))
+        diff = "" if base is None or label == "VAE" else "{:+.2f} ± {:.2f}".format(*paired(base, res["per_datum"]))
         weights = " ".join(f"{w:.2f}" for w in res.get("weights", []))
         kl = "" if "pairwise_kl" not in res or np.isnan(res["pairwise_kl"]) else f"{res['pairwise_kl']:.1f}"
         print(f"| {label} | {res['mean']:.2f} ± {res['stderr']:.2f} | {diff} | {weights} | {kl} | "
               f"{res['train_seconds']:.0f} |")
-    best = f"RME, M = {M}, C = {args.barrier:g}"
-    mean, se = paired(results[f"mixture, M = {M}"]["per_datum"], results[best]["per_datum"])
-    print(f"\nRME (M = {M}) − non-recursive mixture (M = {M}), paired: {mean:+.2f} ± {se:.2f}")
+    best, mixture = f"RME, M = {M}, C = {args.barrier:g}", f"mixture, M = {M}"
+    if best in results and mixture in results:
+        mean, se = paired(results[mixture]["per_datum"], results[best]["per_datum"])
+        print(f"\nRME (M = {M}) − non-recursive mixture (M = {M}), paired: {mean:+.2f} ± {se:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {k: {n: (v.tolist() if isinstance(v, np.ndarray) else v) for n, v in r.items()}
