@@ -23,7 +23,7 @@ from inference.files import atomic_write
 
 __all__ = [
     "TrainingDiverged", "FitResult", "LearningRates", "TrainingPlan", "TrainerBackend", "make_plan",
-    "batch_order", "write_history", "run_training",
+    "batch_order", "write_history", "run_training", "stage_settings",
 ]
 
 CHECKPOINT_FORMAT = "tilted-priors.fit/1"
@@ -185,6 +185,28 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def stage_settings(steps_per_component, num_components: int, fit_kwargs: dict) -> list[tuple[int, dict]]:
+    """``(num_steps, fit keywords)`` of each stage of ``fit_recursive``: ``steps_per_component`` is one number or
+    one per component, and so may ``fit_kwargs["lr"]`` be (a list or tuple: one rate or prefix dict per stage).
+
+    Examples
+    --------
+    >>> stage_settings([20, 5], 2, {"lr": [1e-3, {"decoder": 0.0, "": 1e-3}], "seed": 1})[1]
+    (5, {'seed': 1, 'lr': {'decoder': 0.0, '': 0.001}})
+    """
+    def per_stage(name, value):
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * num_components
+        if len(values) != num_components:
+            raise ValueError(f"{name} must be a single value or a list of {num_components}, one per component; "
+                             f"got {len(values)}")
+        return values
+
+    steps = [_check_int("steps_per_component", s) for s in per_stage("steps_per_component", steps_per_component)]
+    kwargs = {k: v for k, v in fit_kwargs.items() if k != "lr"}
+    rates = per_stage("lr", fit_kwargs["lr"]) if "lr" in fit_kwargs else [None] * num_components
+    return [(n, kwargs if lr is None else {**kwargs, "lr": lr}) for n, lr in zip(steps, rates)]
 
 
 def batch_order(seed: int, epoch: int, num_data: int, batch_size: int) -> np.ndarray:

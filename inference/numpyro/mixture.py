@@ -30,6 +30,7 @@ from numpyro.contrib.module import nnx_module
 from numpyro.infer.elbo import ELBO
 from numpyro.infer.util import compute_log_probs
 
+from inference._training import stage_settings
 from inference.numpyro.guides import AmortizedGuide, _in_plate, _loc_scale, _per_member, _Site
 from inference.numpyro.train import FitResult, fit
 
@@ -382,7 +383,7 @@ class RecursiveMixtureELBO(ELBO):
 
 
 def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per_component: int | Sequence[int], *,
-                  barrier: float | None = None, **fit_kwargs: Any) -> list[FitResult]:
+                  barrier: float | None = None, warm_start: bool = False, **fit_kwargs: Any) -> list[FitResult]:
     r"""Train a :class:`RecursiveMixtureGuide` and its model stage by stage (RME's schedule).
 
     For :math:`m = 1..M`: ``guide.num_active = m``, then ``fit(model, guide, data, num_steps=steps[m - 1],
@@ -402,9 +403,15 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
         Updates per stage: one number for all, or one per component (length ``M``).
     barrier : float, optional
         :math:`C`; default the guide's.
+    warm_start : bool
+        Start each new component from the parameters the previous one ended with instead of its own initial ones
+        (the encoders must be Flax NNX modules of one architecture: their param sites are copied).
     **fit_kwargs
         Passed to :func:`~inference.numpyro.fit` (not ``epochs``, ``num_steps``, ``loss``, ``init_params``). With
         ``out``, stage :math:`m` writes to ``out / f"component{m}"`` (so ``resume=True`` resumes per stage).
+        ``lr`` may be a list with one rate (or prefix dict) per stage: e.g.
+        ``[1e-3] + [{"decoder": 0.0, "": 1e-3}] * (M - 1)`` trains the decoder in stage 1 only (the protocol of
+        ``benchmarks/rme.py``).
 
     Returns
     -------
@@ -431,17 +438,24 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
     clash = sorted({"epochs", "num_steps", "loss", "init_params"} & set(fit_kwargs))
     if clash:
         raise TypeError(f"fit_recursive sets {clash} itself (steps come from steps_per_component)")
-    num = guide.num_components
-    steps = [steps_per_component] * num if isinstance(steps_per_component, int) else list(steps_per_component)
-    if len(steps) != num:
-        raise ValueError(f"steps_per_component must be an int or give one number per component ({num}), got "
-                         f"{len(steps)}")
-    loss = RecursiveMixtureELBO(barrier)
     out = fit_kwargs.pop("out", None)
+    stages = stage_settings(steps_per_component, guide.num_components, fit_kwargs)
+    if warm_start and not all(isinstance(c.encoder, nnx.Module) for c in guide.components):
+        raise TypeError("fit_recursive(warm_start=True) copies each component's parameters into the next: the "
+                        "encoders must be Flax NNX modules")
+    loss = RecursiveMixtureELBO(barrier)
     results: list[FitResult] = []
-    for m, num_steps in enumerate(steps, start=1):
+    for m, (num_steps, kwargs) in enumerate(stages, start=1):
         guide.num_active = m
-        results.append(fit(model, guide, data, num_steps=num_steps, loss=loss,
-                           init_params=results[-1].params if results else None,
-                           out=None if out is None else Path(out) / f"component{m}", **fit_kwargs))
+        params = dict(results[-1].params) if results else None
+        if warm_start and m > 1:
+            params.update(_copied_component(params, guide.name, m - 2, m - 1))
+        results.append(fit(model, guide, data, num_steps=num_steps, loss=loss, init_params=params,
+                           out=None if out is None else Path(out) / f"component{m}", **kwargs))
     return results
+
+
+def _copied_component(params: dict, name: str, source: int, target: int) -> dict:
+    """Component ``source``'s module parameters (flat ``site/key`` names) renamed to component ``target``'s."""
+    old, new = f"{name}.component{source}$params", f"{name}.component{target}$params"
+    return {new + key[len(old):]: value for key, value in params.items() if key == old or key.startswith(old + "/")}

@@ -23,6 +23,7 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
+from inference._training import stage_settings
 from inference.pyro.guides import AmortizedGuide, _is_subsample, _make_plates, _per_member, _select, _Site
 from inference.pyro.modules import register_module
 from inference.pyro.train import FitResult, fit
@@ -373,7 +374,7 @@ class RecursiveMixtureELBO(ELBO):
 
 
 def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per_component: int | Sequence[int], *,
-                  barrier: float | None = None, **fit_kwargs) -> list[FitResult]:
+                  barrier: float | None = None, warm_start: bool = False, **fit_kwargs) -> list[FitResult]:
     r"""Train a :class:`RecursiveMixtureGuide` and its model stage by stage (RME's schedule).
 
     For :math:`m = 1, \dots, M`: ``guide.num_active = m``, then
@@ -390,11 +391,16 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
         Updates per stage: one number for all, or ``M`` of them.
     barrier : float, optional
         :math:`C`; default ``guide.barrier``.
+    warm_start : bool
+        Start each new component from the weights the previous one ended with (``load_state_dict``; the encoders
+        must be torch modules of one architecture) instead of its own initial weights.
     **fit_kwargs
         Passed to every stage's :func:`~inference.pyro.fit` (``batch_size``, ``lr``, ``seed``, ...). With ``out``,
         stage :math:`m` (1-based) writes to ``out / f"component{m}"``, so ``resume=True`` resumes each stage from
-        its own checkpoint. ``lr`` prefixes must name parameters that exist from the first stage on (a later
-        component's or the mixing's are created at their stage).
+        its own checkpoint. ``lr`` may be a list with one rate (or prefix dict) per stage: e.g.
+        ``[1e-3] + [{"decoder": 0.0, "": 1e-3}] * (M - 1)`` trains the decoder in stage 1 only (the protocol of
+        ``benchmarks/rme.py``). A prefix must name parameters that exist in its stage (a later component's or the
+        mixing's are created at their stage).
 
     Returns
     -------
@@ -427,16 +433,22 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
     clash = sorted({"num_steps", "epochs", "loss"} & set(fit_kwargs))
     if clash:
         raise TypeError(f"fit_recursive sets {clash} itself (use steps_per_component and barrier)")
-    M = guide.num_components
-    steps = [steps_per_component] * M if isinstance(steps_per_component, int) else list(steps_per_component)
-    if len(steps) != M:
-        raise ValueError(f"steps_per_component must be an int or {M} numbers (one per component), got {len(steps)}")
-    steps = [check_positive_int("steps_per_component", s) for s in steps]
-    loss = RecursiveMixtureELBO(barrier)
     out = fit_kwargs.pop("out", None)
+    stages = stage_settings(steps_per_component, guide.num_components, fit_kwargs)
+    encoders = [component.encoder for component in guide.components]
+    if warm_start and not all(isinstance(e, torch.nn.Module) for e in encoders):
+        raise TypeError("fit_recursive(warm_start=True) copies each component's weights into the next: the "
+                        "encoders must be torch modules")
+    loss = RecursiveMixtureELBO(barrier)
     results = []
-    for m, num_steps in enumerate(steps, start=1):
+    for m, (num_steps, kwargs) in enumerate(stages, start=1):
         guide.num_active = m
+        if warm_start and m > 1:
+            try:
+                encoders[m - 1].load_state_dict(encoders[m - 2].state_dict())
+            except RuntimeError as err:
+                raise ValueError(f"fit_recursive(warm_start=True): encoder {m - 1} does not have the architecture "
+                                 f"of encoder {m - 2}: {err}") from None
         stage_out = None if out is None else Path(out) / f"component{m}"
-        results.append(fit(model, guide, data, num_steps=num_steps, loss=loss, out=stage_out, **fit_kwargs))
+        results.append(fit(model, guide, data, num_steps=num_steps, loss=loss, out=stage_out, **kwargs))
     return results

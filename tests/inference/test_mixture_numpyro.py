@@ -290,7 +290,7 @@ def test_errors():
         RecursiveMixtureELBO().loss(jax.random.PRNGKey(0), params, model, AmortizedGuide(model, encoder(0)), X)
     with pytest.raises(TypeError, match="RecursiveMixtureGuide"):
         fit_recursive(model, AmortizedGuide(model, encoder(0)), np.asarray(X), 1)
-    with pytest.raises(ValueError, match="one number per component"):
+    with pytest.raises(ValueError, match="one per component"):
         fit_recursive(model, guide, np.asarray(X), [1, 2, 3])
     with pytest.raises(TypeError, match="num_steps"):
         fit_recursive(model, guide, np.asarray(X), 1, num_steps=3)

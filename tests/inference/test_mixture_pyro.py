@@ -284,6 +284,10 @@ def test_bad_arguments(bk):
         fit_recursive(model, guide, x.numpy(), [10, 10, 10])
     with pytest.raises(TypeError, match="num_steps"):
         fit_recursive(model, guide, x.numpy(), 10, num_steps=5)
+    with pytest.raises(TypeError, match="torch modules"):
+        fit_recursive(model, guide, x.numpy(), 10, warm_start=True)
+    with pytest.raises(ValueError, match="one per component"):
+        fit_recursive(model, guide, x.numpy(), 10, lr=[1e-3])
 
 
 def test_bad_models_and_mixing(bk):

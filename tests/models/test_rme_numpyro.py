@@ -8,7 +8,7 @@ import pytest
 from numpyro import handlers
 
 from inference.files import unflatten_state
-from inference.numpyro import fit_recursive
+from inference.numpyro import RecursiveMixtureGuide, fit_recursive
 from models.numpyro import rme, vae_ebm
 
 X = jnp.asarray((np.random.default_rng(0).random((6, 28, 28, 1)) < 0.3).astype(np.float32))
@@ -58,3 +58,20 @@ def test_with_params_puts_every_trained_module_back():
 
 def _nested(flat):
     return unflatten_state({k: jnp.asarray(v) for k, v in flat.items()}, int_keys=True)
+
+
+def test_warm_start_and_a_frozen_decoder_after_stage_one():
+    model = rme.build(2, latent_dim=2, hidden=(8,), mixing_hidden=4)
+    lr = 1e-2
+    stages = fit_recursive(model.model, model.guide, np.asarray(X), [3, 1], batch_size=3, lr=[lr, {"decoder": 0.0,
+                           "": lr}], warm_start=True, progress=False)
+    first, second = stages[0].params, stages[1].params
+    for key, value in first.items():
+        if key.startswith("decoder$params"):
+            np.testing.assert_array_equal(second[key], value)  # frozen in stage 2
+        if key.startswith("rme.component0$params"):
+            new = second[key.replace("component0", "component1")]
+            assert np.abs(new - value).max() <= lr * (1 + 1e-3)  # started there, then one Adam step
+    with pytest.raises(TypeError, match="Flax NNX modules"):
+        plain = RecursiveMixtureGuide(model.model, [model.encoders[0], lambda x, **kw: model.encoders[1](x)])
+        fit_recursive(model.model, plain, np.asarray(X), 1, batch_size=3, warm_start=True, progress=False)

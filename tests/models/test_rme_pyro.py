@@ -4,6 +4,7 @@ import pyro
 import pytest
 import torch
 
+from inference.pyro import fit_recursive
 from models.pyro import rme, vae_ebm
 
 
@@ -37,3 +38,15 @@ def test_one_component_is_the_vae():
     torch.testing.assert_close(model.proposal(X).log_prob(z), pyro.distributions.Normal(loc, scale).to_event(1)
                                .log_prob(z))
     assert rme.log_likelihood(model, X, num_samples=5)["per_datum"].shape == (6,)
+
+
+def test_warm_start_and_a_frozen_decoder_after_stage_one():
+    model = rme.build(2, latent_dim=2, hidden=(8,), mixing_hidden=4)
+    lr, seen = 1e-2, []
+    fit_recursive(model.model, model.guide, X.numpy(), [3, 1], batch_size=3, lr=[lr, {"decoder": 0.0, "": lr}],
+                  warm_start=True, progress=False,
+                  callback=lambda record: seen.append([p.detach().clone() for p in model.vae.decoder.parameters()]))
+    for a, b in zip(seen[2], seen[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # frozen in stage 2
+    for old, new in zip(model.encoders[0].parameters(), model.encoders[1].parameters()):
+        assert (new - old).abs().max() <= lr * (1 + 1e-3)  # started there, then one Adam step
