@@ -58,7 +58,23 @@ def summarize_mixture(out: dict, locs: np.ndarray, scales: np.ndarray, weights: 
     return {**out, "weights": weights.mean(0).tolist(), "pairwise_kl": pairwise_kl(locs, scales)}
 
 
-class PyroRunner:
+class Runner:
+    """What both backends' runners share: the three ways to train, through the backend's ``fit``."""
+
+    def fit_vae(self, model, data, steps):
+        return self.fit(model, data, steps, model.vae.guide())
+
+    def fit_mixture(self, model, data, steps):
+        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(recursive=False))
+
+    def fit_stage(self, model, data, steps, freeze_model=False):
+        """Train the guide's current stage (``num_active`` set by the caller); ``freeze_model``: the decoder at
+        learning rate 0."""
+        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(),
+                        lr=frozen_model_lr(self.args) if freeze_model else None)
+
+
+class PyroRunner(Runner):
     """Build, train and evaluate with Pyro (the param store holds the weights: the model is trained in place)."""
 
     def __init__(self, args):
@@ -79,18 +95,6 @@ class PyroRunner:
         self.backend.fit(model.model, guide, data, num_steps=steps, loss=loss, **fit_kwargs(self.args, lr))
         return model
 
-    def fit_vae(self, model, data, steps):
-        return self.fit(model, data, steps, model.vae.guide())
-
-    def fit_mixture(self, model, data, steps):
-        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(recursive=False))
-
-    def fit_stage(self, model, data, steps, freeze_model=False):
-        """Train the guide's current stage (``num_active`` set by the caller); ``freeze_model``: the decoder at
-        learning rate 0."""
-        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(),
-                        lr=frozen_model_lr(self.args) if freeze_model else None)
-
     def warm_start(self, model, m: int):
         """Component ``m`` (1-based) starts from the weights component ``m - 1`` ended with."""
         with self.torch.no_grad():
@@ -110,7 +114,7 @@ class PyroRunner:
                                  np.stack([p[1].numpy() for p in pairs], 1), weights)
 
 
-class NumPyroRunner:
+class NumPyroRunner(Runner):
     """Build, train and evaluate with NumPyro: each stage starts from the parameters the previous one ended with,
     and the trained model is ``with_params`` of them."""
 
@@ -131,18 +135,6 @@ class NumPyroRunner:
         trained = model.with_params(result.params)
         self.params[id(trained)] = result.params
         return trained
-
-    def fit_vae(self, model, data, steps):
-        return self.fit(model, data, steps, model.vae.guide())
-
-    def fit_mixture(self, model, data, steps):
-        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(recursive=False))
-
-    def fit_stage(self, model, data, steps, freeze_model=False):
-        """Train the guide's current stage (``num_active`` set by the caller); ``freeze_model``: the decoder at
-        learning rate 0."""
-        return self.fit(model, data, steps, model.guide, self.backend.RecursiveMixtureELBO(),
-                        lr=frozen_model_lr(self.args) if freeze_model else None)
 
     def warm_start(self, model, m: int):
         """Component ``m`` (1-based) starts from the weights component ``m - 1`` ended with."""
