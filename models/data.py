@@ -43,6 +43,7 @@ __all__ = [
     "load_images",
     "load_dataset",
     "batches",
+    "batch_stream",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -813,6 +814,29 @@ def batches(
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
     stop = n - n % batch_size if drop_last else n
     return _epoch(x, order, int(batch_size), stop)   # arguments are checked now, not at the first next()
+
+
+def batch_stream(x: Any, batch_size: int, steps: int, *, seed: Any) -> Iterator[Any]:
+    """``steps`` mini-batches of ``min(batch_size, N)`` rows drawn without replacement, over as many epochs as
+    needed: one seeded generator draws a fresh permutation whenever the current one has too few rows left.
+
+    For training loops counted in steps rather than epochs (``models.{pyro,numpyro}.ntebm``). ``x`` is anything
+    indexable by an integer NumPy array along its first axis (a NumPy array, a torch tensor).
+
+    Examples
+    --------
+    >>> [b.tolist() for b in batch_stream(np.arange(5), 2, 3, seed=0)]
+    [[2, 4], [3, 0], [4, 1]]
+    """
+    rng = np.random.default_rng(seed)
+    n = int(x.shape[0])
+    b = min(batch_size, n)
+    order, pos = rng.permutation(n), 0
+    for _ in range(steps):
+        if pos + b > n:
+            order, pos = rng.permutation(n), 0
+        yield x[order[pos:pos + b]]
+        pos += b
 
 
 def _epoch(x: Any, order: np.ndarray, batch_size: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -57,6 +57,7 @@ from numpyro.distributions.transforms import ComposeTransform, PermuteTransform
 from numpyro.nn import AutoregressiveNN
 
 from inference.numpyro.reparam import FlowBackbone
+from models.data import batch_stream
 from tilted_priors._validation import check_positive_int, check_step_size
 from tilted_priors.numpyro import EnergyMLP, EnergyTilted, ShortRunLangevin, Unnormalized
 
@@ -224,18 +225,6 @@ def build(data_dim: int, *, flow: str = "iaf", flow_layers: int = 6, flow_hidden
     return NTEBM(d, params, energy, tuple(applies), np.arange(d)[::-1].copy())
 
 
-def _batches(x: np.ndarray, batch_size: int, steps: int, seed: int):
-    rng = np.random.default_rng(seed)
-    n = x.shape[0]
-    b = min(batch_size, n)
-    perm, pos = rng.permutation(n), 0
-    for _ in range(steps):
-        if pos + b > n:
-            perm, pos = rng.permutation(n), 0
-        yield x[perm[pos:pos + b]]
-        pos += b
-
-
 def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: float = 3e-3,
              seed: int = 0, schedule: str = "constant") -> list[float]:
     r"""Fit the flow alone by maximum likelihood: minimise :math:`-\frac1B\sum_i \log q_T(x_i)` with optax Adam.
@@ -297,7 +286,7 @@ def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: 
 
     params, opt_state = ntebm.flow_params, opt.init(ntebm.flow_params)
     history = []
-    for xb in _batches(x, check_positive_int("batch_size", batch_size), steps, seed):
+    for xb in batch_stream(x, check_positive_int("batch_size", batch_size), steps, seed=seed):
         params, opt_state, loss = step(params, opt_state, xb)
         history.append(float(loss))
         if not math.isfinite(history[-1]):
@@ -437,7 +426,7 @@ def fit_energy(ntebm: NTEBM, data: Any, steps: int, *, chain_steps: int = 40, st
     opt_state = opt.init(state)
     key = jax.random.PRNGKey(seed)
     history = []
-    for i, xb in enumerate(_batches(x, check_positive_int("batch_size", batch_size), steps, seed)):
+    for i, xb in enumerate(batch_stream(x, check_positive_int("batch_size", batch_size), steps, seed=seed)):
         state, opt_state, loss = step(state, opt_state, ntebm.flow_params, xb, jax.random.fold_in(key, i))
         history.append(float(loss))
         if not math.isfinite(history[-1]):

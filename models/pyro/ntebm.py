@@ -53,6 +53,7 @@ from pyro import poutine
 from torch import nn
 
 from inference.pyro.reparam import FlowBackbone
+from models.data import batch_stream
 from tilted_priors._validation import check_positive_int, check_step_size
 from tilted_priors.pyro import EnergyMLP, EnergyTilted, ShortRunLangevin, Unnormalized
 
@@ -224,18 +225,6 @@ def build(data_dim: int, *, flow: str = "spline", flow_layers: int = 4, flow_hid
     return NTEBM(d, transforms, energy, modules)
 
 
-def _batches(x: torch.Tensor, batch_size: int, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    b = min(batch_size, n)
-    perm, pos = torch.randperm(n, generator=g), 0
-    for _ in range(steps):
-        if pos + b > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        yield x[perm[pos:pos + b]]
-        pos += b
-
-
 def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: float = 3e-3,
              seed: int = 0) -> list[float]:
     r"""Fit the flow alone by maximum likelihood: minimise :math:`-\frac1B\sum_i \log q_T(x_i)` with Adam.
@@ -277,7 +266,7 @@ def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: 
     steps = check_positive_int("steps", steps)
     opt = torch.optim.Adam(ntebm.flow.parameters(), lr=check_step_size(lr, "lr"))
     history = []
-    for xb in _batches(x, check_positive_int("batch_size", batch_size), steps, seed):
+    for xb in batch_stream(x, check_positive_int("batch_size", batch_size), steps, seed=seed):
         loss = -ntebm.flow_dist().log_prob(xb).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fit_flow: non-finite NLL at step {len(history)}; lower lr")
@@ -399,7 +388,7 @@ def fit_energy(ntebm: NTEBM, data: Any, steps: int, *, chain_steps: int = 40, st
     pyro.set_rng_seed(seed)
     opt = torch.optim.Adam(ntebm.energy.parameters(), lr=check_step_size(lr, "lr"), betas=(0.5, 0.999))
     history = []
-    for xb in _batches(x, check_positive_int("batch_size", batch_size), steps, seed):
+    for xb in batch_stream(x, check_positive_int("batch_size", batch_size), steps, seed=seed):
         neg = sample(ntebm, xb.shape[0], sampler, space="latent")
         e_pos, e_neg = ntebm.energy(xb), ntebm.energy(neg)
         loss = e_pos.mean() - e_neg.mean()
