@@ -28,8 +28,9 @@ $(AZ1_STAMP):
 	$(AZ1_VENV)/bin/python -m pip install -q numpy scipy matplotlib "arviz==1.3.0" "pytest>=8"
 	touch $(AZ1_STAMP)
 
+# Two pytest-xdist workers, one per core (tests/conftest.py gives each one XLA and torch thread).
 test: $(STAMP)
-	$(PY) -m pytest -q --doctest-modules tests tilted_priors inference models
+	$(PY) -m pytest -q -n 2 --doctest-modules tests tilted_priors inference models
 ifneq ($(PY312),)
 	$(MAKE) test-arviz1
 else

@@ -1,5 +1,14 @@
 """Shared fixtures: the quadratic reference case, the backend adapter (see helpers.py), and torch/Pyro state."""
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # ``make test`` runs the suite in two pytest-xdist workers on the two cores: one compute thread each (XLA's and
+    # torch's), so that the workers do not oversubscribe the cores. Set before anything imports JAX or torch.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                               " intra_op_parallelism_threads=1").strip()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from helpers import BACKENDS, QuadraticCase, make_case
 
@@ -14,6 +23,13 @@ def quadratic_case() -> QuadraticCase:
 def backend(request):
     """Each test that takes it runs once on Pyro and once on NumPyro."""
     return BACKENDS[request.param](seed=0)
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
