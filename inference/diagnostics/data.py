@@ -61,16 +61,31 @@ def _default_dims(draws: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
 
 
 def _sample_stats(obj) -> dict[str, np.ndarray]:
-    """Per-draw statistics of a NumPyro ``MCMC`` (its collected extra fields), under ArviZ's names."""
-    get = getattr(obj, "get_extra_fields", None)  # Pyro's MCMC keeps no per-draw statistics
+    """Per-draw statistics of an ``MCMC`` under ArviZ's names: NumPyro's collected extra fields, or Pyro's
+    divergent draws (``diagnostics()["divergences"]``, post-warm-up indices per chain) as ``diverging``."""
+    get = getattr(obj, "get_extra_fields", None)
     if get is None:
-        return {}
+        return _pyro_diverging(obj)
     stats = {}
     for name, value in get(group_by_chain=True).items():
         if name in _STATS:
             value = to_numpy(value)
             stats[_STATS[name]] = -value if name == "potential_energy" else value
     return stats
+
+
+def _pyro_diverging(obj) -> dict[str, np.ndarray]:
+    """``{"diverging": (chain, draw) bool}`` of a Pyro ``MCMC`` whose kernel counts divergences, else ``{}``."""
+    if not hasattr(obj, "diagnostics") or not hasattr(obj, "get_samples"):
+        return {}
+    divergences = obj.diagnostics().get("divergences")
+    if not divergences:
+        return {}
+    chains, draws = next(iter(draws_of(obj).values())).shape[:2]
+    diverging = np.zeros((chains, draws), bool)
+    for key, index in divergences.items():  # "chain 0", "chain 1", ...: by number, so that "chain 10" follows 9
+        diverging[int(str(key).split()[-1]), np.asarray(index, dtype=int)] = True
+    return {"diverging": diverging}
 
 
 def to_inference_data(obj, *, var_name: str = "z", sample_stats: Mapping[str, Any] | None = None,
@@ -83,7 +98,8 @@ def to_inference_data(obj, *, var_name: str = "z", sample_stats: Mapping[str, An
         Draws ``(chain, draw, *dims)`` of one variable (named ``var_name``), a mapping ``{name: draws}``, or a
         Pyro / NumPyro ``MCMC`` after ``run``. NumPyro's collected extra fields go to ``sample_stats`` under
         ArviZ's names (``accept_prob`` -> ``acceptance_rate``, ``potential_energy`` -> ``lp``, its negative,
-        an unnormalised log density; ``diverging``, ``step_size``).
+        an unnormalised log density; ``diverging``, ``step_size``); Pyro's divergent draws (its kernels'
+        ``diagnostics()["divergences"]``: NUTS, HMC, :class:`inference.pyro.Langevin`) to ``diverging``.
     var_name : str
         Name of the variable when ``obj`` is one array.
     sample_stats : mapping, optional

@@ -15,6 +15,7 @@ from pyro.infer import MCMC
 from pyro.infer.mcmc import api
 
 from helpers import PyroBackend, make_case
+from inference.diagnostics import to_inference_data
 from inference.pyro import Langevin
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import MALA, EnergyTiltedNormal, Importance, ShortRunLangevin
@@ -117,6 +118,9 @@ def test_mala_rejects_and_counts_divergences():
     assert torch.isfinite(mcmc.get_samples()["z"]).all()
     data = az.from_pyro(mcmc)
     assert int(data.sample_stats["diverging"].sum()) == len(divergences)
+    ours = to_inference_data(mcmc)  # keeps them too, at the same draws
+    np.testing.assert_array_equal(np.asarray(ours.sample_stats["diverging"]),
+                                  np.asarray(data.sample_stats["diverging"]))
 
 
 # --- the MCMC interface ----------------------------------------------------------------------------------
