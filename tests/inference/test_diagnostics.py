@@ -183,6 +183,10 @@ def test_energy_distance_matches_scipy_in_one_dimension():
     a, b = rng.normal(size=150), rng.normal(0.3, 1.2, size=120)
     ours = energy_distance(a[:, None], b[:, None], num_permutations=10)
     assert ours.statistic == pytest.approx(scipy_energy(a, b) ** 2, rel=1e-10)  # scipy gives the square root
+    alone = energy_distance(a[:, None], b[:, None], num_permutations=0)  # the statistic without a test
+    assert alone.statistic == ours.statistic and np.isnan(alone.p_value) and alone.num_permutations == 0
+    with pytest.raises(ValueError, match="non-negative integer"):
+        energy_distance(a[:, None], b[:, None], num_permutations=-1)
 
 
 def test_energy_distance_p_value_is_calibrated():
