@@ -158,6 +158,7 @@ def compare_chains(short, long, *, short_lp=None, long_lp=None, short_steps=None
     False
     """
     alpha = check_probability(alpha, "alpha")
+    check_positive_int("num_permutations", num_permutations)  # the verdict is a permutation test
     short = as_chains(short, name="short", min_draws=1)
     long = as_chains(long, name="long", min_draws=1)
     if short.ndim != 3 or long.ndim != 3 or short.shape[0] != long.shape[0] or short.shape[2] != long.shape[2]:
