@@ -282,8 +282,9 @@ class Generator(nnx.Module):
         """
         out = {}
         for i, layer in enumerate(self.layers):
-            out[f"net.{2 * i}.weight"] = np.asarray(layer.kernel.get_value()).transpose(3, 2, 0, 1)
-            out[f"net.{2 * i}.bias"] = np.asarray(layer.bias.get_value())
+            # copies: writable and contiguous, as torch.as_tensor / load_state_dict want them
+            out[f"net.{2 * i}.weight"] = np.ascontiguousarray(np.array(layer.kernel.get_value()).transpose(3, 2, 0, 1))
+            out[f"net.{2 * i}.bias"] = np.array(layer.bias.get_value())
         return out
 
 

@@ -143,8 +143,10 @@ def test_generator_layer_shapes_agree_across_backends(image_shape):
     from models.pyro.lebm import Generator as TorchGenerator
 
     torch_shapes = {k: tuple(v.shape) for k, v in TorchGenerator(LATENT, image_shape, NGF).state_dict().items()}
-    jax_shapes = {k: v.shape for k, v in JaxGenerator(LATENT, image_shape, NGF).torch_state_dict().items()}
+    state = JaxGenerator(LATENT, image_shape, NGF).torch_state_dict()
+    jax_shapes = {k: v.shape for k, v in state.items()}
     assert torch_shapes == jax_shapes
+    assert all(v.flags.writeable and v.flags.c_contiguous for v in state.values())  # torch.as_tensor takes them
     assert torch_shapes["net.0.weight"] == (LATENT, 4 * NGF, image_shape[0] // 4, image_shape[0] // 4)
     assert torch_shapes["net.6.weight"] == (NGF, image_shape[2], 3, 3)
 
