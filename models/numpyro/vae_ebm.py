@@ -52,6 +52,7 @@ from models.numpyro.lebm import _bind, _symmetric_uniform, _with_pure_params, la
 from models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, check_likelihood, mlp_sizes
 from tilted_priors._validation import check_positive_int
 from tilted_priors.numpyro import AnnealedImportance, EnergyMLP, SelfNormalized
+from tilted_priors.numpyro.energies import _TorchTwin
 
 __all__ = ["REFERENCE", "CPU", "Encoder", "Decoder", "VAEModel", "build", "log_likelihood"]
 
@@ -93,69 +94,6 @@ def _mlp(layers, h):
     for layer in layers[:-1]:
         h = jax.nn.relu(layer(h))
     return layers[-1](h)
-
-
-def _load_torch_linears(layers, state_dict: Mapping[str, Any], who: str) -> None:
-    """Copy torch ``net.{2 i}.weight`` (``(out, in)``) and ``net.{2 i}.bias`` into ``layers[i]`` (kernel ``(in, out)``).
-
-    The layout of an ``nn.Sequential`` of ``Linear`` layers with one activation module between them (the Pyro
-    :class:`models.pyro.vae_ebm.Encoder` / ``Decoder`` and :class:`tilted_priors.pyro.EnergyMLP`).
-    """
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"{who}: state_dict must be a mapping (a torch module's state_dict()), got "
-                        f"{type(state_dict).__name__}")
-    expected = {f"net.{2 * i}.{p}" for i in range(len(layers)) for p in ("weight", "bias")}
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{who}: the state_dict does not match this module's {len(layers)} linear layers "
-                         f"(missing {missing}, unexpected {unexpected})")
-    new = []
-    for i, layer in enumerate(layers):
-        kernel, bias = layer.kernel.get_value(), layer.bias.get_value()
-        w = np.asarray(state_dict[f"net.{2 * i}.weight"]).T
-        b = np.asarray(state_dict[f"net.{2 * i}.bias"])
-        if w.shape != kernel.shape or b.shape != bias.shape:
-            raise ValueError(f"{who}: net.{2 * i} has weight {w.T.shape} and bias {b.shape} in the state_dict, but "
-                             f"this module's layer {i} needs {kernel.T.shape} and {bias.shape} (torch's (out, in))")
-        new.append((jnp.asarray(w, kernel.dtype), jnp.asarray(b, bias.dtype)))
-    for layer, (w, b) in zip(layers, new):  # all checked first: nothing changes on an error
-        layer.kernel.set_value(w)
-        layer.bias.set_value(b)
-
-
-def _torch_linears(layers) -> dict[str, np.ndarray]:
-    out = {}
-    for i, layer in enumerate(layers):
-        out[f"net.{2 * i}.weight"] = np.array(layer.kernel.get_value()).T.copy()
-        out[f"net.{2 * i}.bias"] = np.array(layer.bias.get_value())
-    return out
-
-
-class _TorchTwin:
-    """Weights exchanged with the module's torch twin (``models.pyro.vae_ebm``): its ``state_dict()`` names and
-    layouts (a torch ``Linear`` weight is ``(out, in)``, an NNX kernel ``(in, out)``)."""
-
-    def load_torch_state_dict(self, state_dict: Mapping[str, Any]):
-        """Copy the weights of the torch twin's ``state_dict()`` (tensors or numpy arrays); returns ``self``.
-
-        Examples
-        --------
-        >>> e = Encoder(2, (2, 2, 1), (8,))
-        >>> e.load_torch_state_dict(e.torch_state_dict()) is e
-        True
-        """
-        _load_torch_linears(self.layers, state_dict, f"{type(self).__name__}.load_torch_state_dict")
-        return self
-
-    def torch_state_dict(self) -> dict[str, np.ndarray]:
-        """The weights in the torch twin's names and layouts (numpy arrays).
-
-        Examples
-        --------
-        >>> Decoder(2, (2, 2, 1), (8,)).torch_state_dict()["net.2.weight"].shape   # (out, in)
-        (4, 8)
-        """
-        return _torch_linears(self.layers)
 
 
 class Encoder(_TorchTwin, nnx.Module):
@@ -395,7 +333,7 @@ class VAEModel:
         if energy is not None:
             if self.energy is None:
                 raise ValueError("load_torch_state_dicts: this VAE has a Gaussian prior and no energy")
-            _load_torch_linears(self.energy.layers, energy, "load_torch_state_dicts(energy=...)")
+            self.energy.load_torch_state_dict(energy)
         return self
 
 

@@ -30,6 +30,23 @@ def test_energy_mlp_agrees():
                                    e_torch(torch.as_tensor(z)).detach().numpy(), rtol=1e-10, atol=1e-10)
 
 
+def test_energy_mlp_copies_weights_from_and_to_its_torch_twin():
+    """The public exchange (float32): torch state_dict() in, the same energies out, and back unchanged."""
+    torch.manual_seed(3)
+    e_torch = tt.EnergyMLP(4, 10, 3)
+    e_flax = tn.EnergyMLP(4, 10, 3, rngs=5).load_torch_state_dict(e_torch.state_dict())
+    z = np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(e_flax(jnp.asarray(z))), e_torch(torch.as_tensor(z)).detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+    back = e_flax.torch_state_dict()
+    assert set(back) == set(e_torch.state_dict())
+    for name, value in e_torch.state_dict().items():
+        np.testing.assert_array_equal(back[name], value.numpy())
+    e_torch.load_state_dict({k: torch.as_tensor(v) for k, v in back.items()})  # and into torch again
+    with pytest.raises(ValueError, match="does not match"):
+        tn.EnergyMLP(4, 10, 2).load_torch_state_dict(e_torch.state_dict())  # one layer fewer
+
+
 @pytest.mark.parametrize("batch", [(), (3,)])
 def test_log_prob_agrees(batch):
     rng = np.random.default_rng(1)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tilted_priors._validation import check_positive_int
@@ -25,7 +27,72 @@ def _torch_linear_init(layer: nnx.Linear, key) -> None:
     layer.kernel.set_value(jax.random.uniform(k_w, kernel.shape, kernel.dtype, -bound, bound))
     layer.bias.set_value(jax.random.uniform(k_b, bias.shape, bias.dtype, -bound, bound))
 
-class EnergyMLP(nnx.Module):
+def _load_torch_linears(layers, state_dict: Mapping[str, Any], who: str) -> None:
+    """Copy torch ``net.{2 i}.weight`` (``(out, in)``) and ``net.{2 i}.bias`` into ``layers[i]`` (kernel ``(in, out)``).
+
+    The layout of an ``nn.Sequential`` of ``Linear`` layers with one activation module between them (the Pyro
+    :class:`models.pyro.vae_ebm.Encoder` / ``Decoder`` and :class:`tilted_priors.pyro.EnergyMLP`).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{who}: state_dict must be a mapping (a torch module's state_dict()), got "
+                        f"{type(state_dict).__name__}")
+    expected = {f"net.{2 * i}.{p}" for i in range(len(layers)) for p in ("weight", "bias")}
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{who}: the state_dict does not match this module's {len(layers)} linear layers "
+                         f"(missing {missing}, unexpected {unexpected})")
+    new = []
+    for i, layer in enumerate(layers):
+        kernel, bias = layer.kernel.get_value(), layer.bias.get_value()
+        w = np.asarray(state_dict[f"net.{2 * i}.weight"]).T
+        b = np.asarray(state_dict[f"net.{2 * i}.bias"])
+        if w.shape != kernel.shape or b.shape != bias.shape:
+            raise ValueError(f"{who}: net.{2 * i} has weight {w.T.shape} and bias {b.shape} in the state_dict, but "
+                             f"this module's layer {i} needs {kernel.T.shape} and {bias.shape} (torch's (out, in))")
+        new.append((jnp.asarray(w, kernel.dtype), jnp.asarray(b, bias.dtype)))
+    for layer, (w, b) in zip(layers, new):  # all checked first: nothing changes on an error
+        layer.kernel.set_value(w)
+        layer.bias.set_value(b)
+
+
+def _torch_linears(layers) -> dict[str, np.ndarray]:
+    out = {}
+    for i, layer in enumerate(layers):
+        out[f"net.{2 * i}.weight"] = np.array(layer.kernel.get_value()).T.copy()
+        out[f"net.{2 * i}.bias"] = np.array(layer.bias.get_value())
+    return out
+
+
+class _TorchTwin:
+    """Weights exchanged with the module's torch twin (an ``nn.Sequential`` ``net`` of ``Linear`` layers with one
+    activation between them: :class:`tilted_priors.pyro.EnergyMLP`, ``models.pyro.vae_ebm``'s networks), in its
+    ``state_dict()`` names and layouts (a torch ``Linear`` weight is ``(out, in)``, an NNX kernel ``(in, out)``).
+    The class using it keeps its linear layers, in order, in ``self.layers``."""
+
+    def load_torch_state_dict(self, state_dict: Mapping[str, Any]):
+        """Copy the weights of the torch twin's ``state_dict()`` (tensors or numpy arrays); returns ``self``.
+
+        Examples
+        --------
+        >>> e = EnergyMLP(2, hidden=8)
+        >>> e.load_torch_state_dict(e.torch_state_dict()) is e
+        True
+        """
+        _load_torch_linears(self.layers, state_dict, f"{type(self).__name__}.load_torch_state_dict")
+        return self
+
+    def torch_state_dict(self) -> dict[str, np.ndarray]:
+        """The weights in the torch twin's names and layouts (numpy arrays).
+
+        Examples
+        --------
+        >>> EnergyMLP(2, hidden=8).torch_state_dict()["net.2.weight"].shape   # (out, in)
+        (8, 8)
+        """
+        return _torch_linears(self.layers)
+
+
+class EnergyMLP(_TorchTwin, nnx.Module):
     r"""The LEBM prior energy: an MLP :math:`E_\alpha: \mathbb R^d \to \mathbb R` (a Flax NNX module).
 
     ``latent_dim -> hidden -> ... -> hidden -> 1`` with ``depth`` hidden layers, each followed by ``activation``
@@ -36,7 +103,8 @@ class EnergyMLP(nnx.Module):
     The layers are ``self.layers``, a list of ``depth + 1`` :class:`flax.nnx.Linear` in order (the hidden layers,
     then the output layer), each with a ``kernel`` of shape ``(in, out)`` — the transpose of torch's
     ``Linear.weight`` ``(out, in)`` — and a ``bias``; so the torch :class:`tilted_priors.pyro.EnergyMLP`'s
-    ``net[2 * i]`` corresponds to ``layers[i]``. Weights are initialised as torch initialises ``nn.Linear``
+    ``net[2 * i]`` corresponds to ``layers[i]``, and :meth:`load_torch_state_dict` / :meth:`torch_state_dict` copy
+    the weights from and to its ``state_dict()``. Weights are initialised as torch initialises ``nn.Linear``
     (uniform on :math:`\pm 1/\sqrt{\text{fan\_in}}`), so both backends start from the same law of energies.
     The module is a pytree of its parameters: it can be the ``energy`` of an
     :class:`~tilted_priors.numpyro.EnergyTiltedNormal` directly.
