@@ -336,6 +336,12 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
                                            out / f"{prefix}_energy.png"),
             plots.plot_marginals({"short": short[:, -1], "long": long[:, -1]}, out / f"{prefix}_marginals.png"),
             plots.plot_rank_short_long(short[:, -1], long[:, -1], out / f"{prefix}_rank.png"),
-            plots.plot_trace(long, out / f"{prefix}_trace.png"),
+            # one chain from each of up to 8 starts spread over them (the first chains would share a start)
+            plots.plot_trace(long[_spread(starts_np.shape[0], 8) * chains_per_start], out / f"{prefix}_trace.png"),
         ])
     return report
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` distinct indices spread evenly over ``0 .. n - 1``, first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int))

@@ -259,11 +259,17 @@ def test_short_vs_long_flags_a_ten_step_chain_on_a_bimodal_energy():
     assert "**differ**" in md and "| latent 0 |" in md
 
 
-def test_short_vs_long_writes_its_plots(tmp_path):
+def test_short_vs_long_writes_its_plots(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    from inference.diagnostics import plots
+
+    traced, plot_trace = [], plots.plot_trace
+    monkeypatch.setattr(plots, "plot_trace", lambda chains, path: traced.append(chains) or plot_trace(chains, path))
     starts = np.random.default_rng(14).normal(size=(20, 2))
-    r = short_vs_long(NumpyULA(10, 0.1), ExactBimodal(50), bimodal_log_density, starts, num_draws=10,
-                      out=tmp_path)
+    r = short_vs_long(NumpyULA(10, 0.1), NumpyULA(50, 0.01), bimodal_log_density, starts, num_draws=10,
+                      out=tmp_path, chains_per_start=3)
+    # the trace shows 8 chains from 8 different starts, first and last included (tiny steps: near their starts)
+    np.testing.assert_allclose(traced[0][:, 0], starts[[0, 3, 5, 8, 11, 14, 16, 19]], atol=0.3)
     assert [p.name for p in r.figures] == ["short_vs_long_energy.png", "short_vs_long_marginals.png",
                                            "short_vs_long_rank.png", "short_vs_long_trace.png"]
     assert all(p.stat().st_size > 1000 for p in r.figures)
