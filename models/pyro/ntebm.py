@@ -226,7 +226,7 @@ def build(data_dim: int, *, flow: str = "spline", flow_layers: int = 4, flow_hid
 
 
 def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: float = 3e-3,
-             seed: int = 0) -> list[float]:
+             seed: int = 0, schedule: str = "constant") -> list[float]:
     r"""Fit the flow alone by maximum likelihood: minimise :math:`-\frac1B\sum_i \log q_T(x_i)` with Adam.
 
     .. math:: \log q_T(x) = \log\mathcal N(T^{-1}(x); 0, I) - \log\bigl|\det \partial T/\partial u\,(T^{-1}(x))\bigr|
@@ -239,9 +239,13 @@ def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: 
     steps, batch_size : int
         Adam steps and minibatch size (minibatches drawn without replacement, reshuffled each epoch).
     lr : float
-        Adam learning rate.
+        Adam learning rate (the peak rate with ``schedule="cosine"``).
     seed : int
         Minibatch order.
+    schedule : {"constant", "cosine"}
+        ``"cosine"``: linear warm-up over the first 5% of the steps, then cosine decay to ``lr / 100``, with the
+        gradient's global norm clipped at 10 (a longer, steadier fit for deep flows); the rates of NumPyro's
+        ``fit_flow`` (``optax.warmup_cosine_decay_schedule``).
 
     Returns
     -------
@@ -251,7 +255,7 @@ def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: 
     Raises
     ------
     ValueError
-        Bad data shape or non-finite data.
+        Bad data shape or non-finite data, an unknown ``schedule``.
 
     Examples
     --------
@@ -264,7 +268,11 @@ def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: 
     """
     x = check_data(data, ntebm.data_dim, dtype=_dtype(ntebm))
     steps = check_positive_int("steps", steps)
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     opt = torch.optim.Adam(ntebm.flow.parameters(), lr=check_step_size(lr, "lr"))
+    rate = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: 1.0) if schedule == "constant" else (lambda s: _warmup_cosine(s, steps)))
     history = []
     for xb in batch_stream(x, check_positive_int("batch_size", batch_size), steps, seed=seed):
         loss = -ntebm.flow_dist().log_prob(xb).mean()
@@ -272,9 +280,22 @@ def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: 
             raise FloatingPointError(f"fit_flow: non-finite NLL at step {len(history)}; lower lr")
         opt.zero_grad()
         loss.backward()
+        if schedule == "cosine":
+            torch.nn.utils.clip_grad_norm_(ntebm.flow.parameters(), 10.0)
         opt.step()
+        rate.step()
         history.append(float(loss.detach()))
     return history
+
+
+def _warmup_cosine(step: int, steps: int) -> float:
+    """The factor of the peak rate at update ``step`` (0-based) of ``steps``: linear from 0 over the first 5%, then
+    a cosine down to 1/100 (``optax.warmup_cosine_decay_schedule(0, 1, warmup, steps, 0.01)``)."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return step / warmup
+    decay = max(steps, warmup + 1) - warmup
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, decay) / decay))
 
 
 def latent_log_density(ntebm: NTEBM) -> Callable[[torch.Tensor], torch.Tensor]:

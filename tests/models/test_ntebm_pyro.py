@@ -1,5 +1,6 @@
 """models.pyro.ntebm: the NT-EBM's densities, flow fit, energy fit, sampling and input checks (small and fast)."""
 import math
+from unittest import mock
 
 import numpy as np
 import pyro
@@ -45,6 +46,20 @@ def test_fit_flow_lowers_ring_nll(model):
     data = toy_mixture(1024, "ring", seed=0)
     hist = ntebm.fit_flow(model, data, steps=40, batch_size=256, lr=1e-2)
     assert np.mean(hist[-5:]) < np.mean(hist[:5]) - 0.2
+
+
+def test_cosine_schedule_is_numpyros(model):
+    """``schedule="cosine"``: the rates optax gives NumPyro's fit_flow (warm-up, cosine decay to lr / 100)."""
+    import optax
+
+    steps, lr = 60, 1e-2
+    expected = optax.warmup_cosine_decay_schedule(0.0, lr, 3, steps, lr / 100)
+    rates = []
+    with mock.patch.object(torch.optim.Adam, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"])):
+        ntebm.fit_flow(model, toy_mixture(256, "ring", seed=0), steps=steps, lr=lr, schedule="cosine")
+    np.testing.assert_allclose(rates, [float(expected(s)) for s in range(steps)], rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        ntebm.fit_flow(model, toy_mixture(16, "ring"), steps=1, schedule="linear")
 
 
 def test_fit_energy_finite_and_only_energy_moves(model):
