@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 
 from inference.files import atomic_write
+from tilted_priors._validation import check_nonnegative_int
 
 __all__ = [
     "TrainingDiverged", "FitResult", "LearningRates", "TrainingPlan", "TrainerBackend", "make_plan",
@@ -337,8 +338,7 @@ def make_plan(data, *, epochs, num_steps, batch_size, lr, betas, lr_decay, clip_
     lr_decay = _check_rate(lr_decay, "lr_decay", allow_zero=False)
     if clip_norm is not None:
         clip_norm = _check_rate(clip_norm, "clip_norm", allow_zero=False)
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_nonnegative_int("seed", seed)
     if checkpoint_every is not None:
         checkpoint_every = _check_int("checkpoint_every", checkpoint_every)
         if out is None:

@@ -32,6 +32,8 @@ from typing import Any, Literal, NamedTuple, Union
 
 import numpy as np
 
+from tilted_priors._validation import check_nonnegative_int
+
 __all__ = [
     "Dataset",
     "MNIST_SIZE",
@@ -354,8 +356,7 @@ def toy_mixture(
     >>> x.shape, bool(abs(np.linalg.norm(x, axis=1).mean() - 2.5) < 0.1)
     ((1000, 2), True)
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative integer; got {n!r}")
+    check_nonnegative_int("n", n)
     kind, m = _check_kind(kind, modes)
     r = _check_positive("radius", radius)
     s = _check_positive("sd", sd)

@@ -4,13 +4,21 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-__all__ = ["check_positive_int", "check_step_size", "check_probability", "check_energy_shape"]
+__all__ = ["check_positive_int", "check_nonnegative_int", "check_step_size", "check_probability",
+           "check_energy_shape"]
 
 
 def check_positive_int(name: str, value) -> int:
     """Return ``value`` as an int, or raise ``ValueError`` unless it is a positive integer."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_nonnegative_int(name: str, value) -> int:
+    """Return ``value`` as an int, or raise ``ValueError`` unless it is an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 

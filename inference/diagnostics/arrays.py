@@ -13,14 +13,13 @@ draws for the statistic asked for.
 """
 from __future__ import annotations
 
-from numbers import Integral
 from typing import NamedTuple
 
 import numpy as np
 import scipy.fft
 from scipy.special import ndtri
 
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_nonnegative_int, check_positive_int
 
 __all__ = ["rhat", "ess", "mcse", "nested_rhat", "summary", "Summary", "energy_distance", "EnergyDistance",
            "as_chains", "to_numpy"]
@@ -415,8 +414,8 @@ def energy_distance(a, b, num_permutations: int = 200, max_points: int = 1000, s
     zero if and only if :math:`P = Q` (the V-statistic, Euclidean distance: the MMD with the kernel
     :math:`k(x, y) = -\|x - y\|`). The p-value is the share of ``num_permutations`` random relabellings of the
     pooled sample whose statistic is at least the observed one (with the observed labelling counted in);
-    ``num_permutations=0`` gives the statistic alone (``p_value`` is ``nan``). Samples larger than ``max_points`` are subsampled (the same seed) to keep the cost at
-    :math:`O(\text{max\_points}^2)` per permutation.
+    ``num_permutations=0`` gives the statistic alone (``p_value`` is ``nan``). Samples larger than ``max_points``
+    are subsampled (the same seed) to keep the cost at :math:`O(\text{max\_points}^2)` per permutation.
 
     Examples
     --------
@@ -426,8 +425,7 @@ def energy_distance(a, b, num_permutations: int = 200, max_points: int = 1000, s
     >>> bool(same.p_value > 0.05), bool(shifted.p_value < 0.01)
     (True, True)
     """
-    if isinstance(num_permutations, bool) or not isinstance(num_permutations, Integral) or num_permutations < 0:
-        raise ValueError(f"num_permutations must be a non-negative integer, got {num_permutations!r}")
+    num_permutations = check_nonnegative_int("num_permutations", num_permutations)
     max_points = check_positive_int("max_points", max_points)
     rng = np.random.default_rng(seed)
     samples = []
@@ -459,4 +457,4 @@ def energy_distance(a, b, num_permutations: int = 200, max_points: int = 1000, s
     if num_permutations == 0:
         return EnergyDistance(observed, float("nan"), 0)
     exceed = sum(stat(rng.permutation(labels)) >= observed for _ in range(num_permutations))
-    return EnergyDistance(observed, (exceed + 1) / (num_permutations + 1), int(num_permutations))
+    return EnergyDistance(observed, (exceed + 1) / (num_permutations + 1), num_permutations)
