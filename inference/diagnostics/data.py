@@ -60,12 +60,13 @@ def _default_dims(draws: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
     return dims
 
 
-def _sample_stats(obj) -> dict[str, np.ndarray]:
+def _sample_stats(obj, chain_draw: tuple[int, int]) -> dict[str, np.ndarray]:
     """Per-draw statistics of an ``MCMC`` under ArviZ's names: NumPyro's collected extra fields, or Pyro's
-    divergent draws (``diagnostics()["divergences"]``, post-warm-up indices per chain) as ``diverging``."""
+    divergent draws (``diagnostics()["divergences"]``, post-warm-up indices per chain) as ``diverging``, of shape
+    ``chain_draw``."""
     get = getattr(obj, "get_extra_fields", None)
     if get is None:
-        return _pyro_diverging(obj)
+        return _pyro_diverging(obj, chain_draw)
     stats = {}
     for name, value in get(group_by_chain=True).items():
         if name in _STATS:
@@ -74,15 +75,14 @@ def _sample_stats(obj) -> dict[str, np.ndarray]:
     return stats
 
 
-def _pyro_diverging(obj) -> dict[str, np.ndarray]:
+def _pyro_diverging(obj, chain_draw: tuple[int, int]) -> dict[str, np.ndarray]:
     """``{"diverging": (chain, draw) bool}`` of a Pyro ``MCMC`` whose kernel counts divergences, else ``{}``."""
     if not hasattr(obj, "diagnostics") or not hasattr(obj, "get_samples"):
         return {}
     divergences = obj.diagnostics().get("divergences")
     if not divergences:
         return {}
-    chains, draws = next(iter(draws_of(obj).values())).shape[:2]
-    diverging = np.zeros((chains, draws), bool)
+    diverging = np.zeros(chain_draw, bool)
     for key, index in divergences.items():  # "chain 0", "chain 1", ...: by number, so that "chain 10" follows 9
         diverging[int(str(key).split()[-1]), np.asarray(index, dtype=int)] = True
     return {"diverging": diverging}
@@ -115,8 +115,8 @@ def to_inference_data(obj, *, var_name: str = "z", sample_stats: Mapping[str, An
     {'chain': 4, 'draw': 100, 'latent': 3}
     """
     draws = draws_of(obj, var_name)
-    stats = _sample_stats(obj)
     chain_draw = next(iter(draws.values())).shape[:2]
+    stats = _sample_stats(obj, chain_draw)
     for name, value in (sample_stats or {}).items():
         value = to_numpy(value)
         if value.shape[:2] != chain_draw:

@@ -125,11 +125,10 @@ def well_posed(vae, scale=1.5, tilt=10.0):
     sd[f"{last}.bias"][d:] = np.log(np.expm1(scale - 1e-4))
     vae.encoder.load_torch_state_dict(sd)
     if vae.energy is not None:
-        sd = {}
-        for i, layer in enumerate(vae.energy.layers):
-            factor = tilt if i == len(vae.energy.layers) - 1 else 1.0
-            sd[f"net.{2 * i}.weight"] = factor * np.asarray(layer.kernel.get_value()).T
-            sd[f"net.{2 * i}.bias"] = factor * np.asarray(layer.bias.get_value())
+        sd = vae.energy.torch_state_dict()
+        last = f"net.{2 * (len(vae.energy.layers) - 1)}"
+        sd[f"{last}.weight"] *= tilt
+        sd[f"{last}.bias"] *= tilt
         vae.load_torch_state_dicts(energy=sd)
     return vae
 
