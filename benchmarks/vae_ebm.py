@@ -168,9 +168,11 @@ def load_data(args) -> dict:
     """Binarised MNIST-5k: ``fit`` (the training digits less the last ``args.valid``, each binarised
     ``args.binarizations`` times by independent Bernoulli draws), ``valid`` and ``test`` (binarised once)."""
     x_train = load_mnist("train", binarize="stochastic")
-    n_fit = x_train.shape[0] - args.valid
-    if not 0 < n_fit < x_train.shape[0] or args.valid < 0:
+    if not 0 <= args.valid < x_train.shape[0]:
         raise SystemExit(f"--valid must leave some training digits: 0 <= valid < {x_train.shape[0]}")
+    if args.binarizations < 1 or args.select_every < 1:
+        raise SystemExit("--binarizations and --select-every must be at least 1")
+    n_fit = x_train.shape[0] - args.valid
     x_fit = x_train[:n_fit]
     if args.binarizations > 1:
         grey = load_mnist("train", scale="unit")[:n_fit]
