@@ -1,6 +1,6 @@
 """Anomaly detection with a latent EBM prior (LEBM, Pang et al. 2020, section 5), per held-out MNIST digit.
 
-For each digit class c: train the VAE-EBM (``models.pyro.vae_ebm``, SNELBO) on the training digits of MNIST-5k
+For each digit class c: train the VAE-EBM (``tilted_priors.models.pyro.vae_ebm``, SNELBO) on the training digits of MNIST-5k
 without class c, infer each test digit's latent by short-run Langevin on its posterior started at the encoder
 (``RefinedGuide``'s chain), and score it by the unnormalised log joint at that latent,
 
@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.data import load_mnist  # noqa: E402
-from models.reference import VAE_EBM_CPU  # noqa: E402
+from tilted_priors.models.data import load_mnist
+from tilted_priors.models.reference import VAE_EBM_CPU
 
 
 def scores(held_out: int, prior: str, x_train, x_test, args) -> dict[str, np.ndarray]:
@@ -35,8 +33,8 @@ def scores(held_out: int, prior: str, x_train, x_test, args) -> dict[str, np.nda
     import pyro.distributions as dist
     import torch
 
-    from inference.pyro import RefinedGuide, fit
-    from models.pyro import vae_ebm
+    from tilted_priors.inference.pyro import RefinedGuide, fit
+    from tilted_priors.models.pyro import vae_ebm
 
     torch.set_num_threads(args.threads)
     pyro.clear_param_store()

@@ -1,9 +1,9 @@
-"""Speed of the chain diagnostics: inference.diagnostics against ArviZ on the same draws.
+"""Speed of the chain diagnostics: tilted_priors.inference.diagnostics against ArviZ on the same draws.
 
 Summarising many short chains is what the short-run diagnostics do all the time: 1,000 chains x 100 draws x 16
 dimensions, the target being under 1 s. Both sides compute the same numbers (R-hat, bulk and tail ESS, MCSE of
 the mean and of the sd; ``tests/inference/test_diagnostics.py`` checks they agree to 1e-10): ArviZ's functions
-one after another on a Dataset, against :func:`inference.diagnostics.summary`. Nested R-hat over 250
+one after another on a Dataset, against :func:`tilted_priors.inference.diagnostics.summary`. Nested R-hat over 250
 super-chains of 4 is timed alone. The two sides alternate; the report gives medians and the median of per-round
 ratios. Then the cost of ``summary`` as chains, draws and dimensions grow.
 
@@ -19,8 +19,8 @@ import warnings
 
 import numpy as np
 
-from inference.diagnostics import nested_rhat, summary
-from inference.diagnostics._arviz import arviz_major, arviz_module
+from tilted_priors.inference.diagnostics import nested_rhat, summary
+from tilted_priors.inference.diagnostics._arviz import arviz_major, arviz_module
 
 warnings.filterwarnings("ignore")
 
@@ -63,7 +63,7 @@ def main() -> None:
                "arviz_s": statistics.median(theirs), "arviz_over_ours": ratio,
                "nested_rhat_s": statistics.median(nested)}
     print(f"1000 chains x 100 draws x 16 dims (ArviZ {az.__version__}, median of {args.rounds} rounds)")
-    print(f"  inference.diagnostics.summary  {results['summary_s']:.3f} s")
+    print(f"  tilted_priors.inference.diagnostics.summary  {results['summary_s']:.3f} s")
     print(f"  ArviZ, same statistics          {results['arviz_s']:.3f} s   (ratio {ratio:.1f}x)")
     print(f"  nested_rhat (250 x 4 chains)    {results['nested_rhat_s']:.3f} s")
     print("\nsummary cost as the draws grow (chains x draws x dims: seconds)")

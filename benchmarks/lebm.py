@@ -8,7 +8,7 @@
    rolled for the prior chain).
 2. Equal budget: LEBM and the same generator with a Normal prior (alternating back-propagation, ``abp``) trained
    for the same number of steps; Fréchet distance (lower is better) and importance-sampled test log-likelihood
-   (higher is better), from :func:`models.runs.train`.
+   (higher is better), from :func:`tilted_priors.models.runs.train`.
 
 Run: ``.venv/bin/python benchmarks/lebm.py [--rounds 10] [--budget 400] [--skip-budget] [--json out.json]``.
 """
@@ -32,7 +32,7 @@ import pyro  # noqa: E402
 import pyro.distributions as pdist  # noqa: E402
 import torch  # noqa: E402
 
-from models.data import load_mnist  # noqa: E402
+from tilted_priors.models.data import load_mnist  # noqa: E402
 
 B, D, SD, POST, PRIOR = 100, 16, 0.3, (20, 0.1), (60, 0.4)
 
@@ -40,8 +40,8 @@ B, D, SD, POST, PRIOR = 100, 16, 0.3, (20, 0.1), (60, 0.4)
 def pyro_pair(x: np.ndarray, ngf: int):
     from pyro.infer import SVI, Trace_ELBO
 
-    from inference.pyro import ShortRunPosterior
-    from models.pyro.lebm import build
+    from tilted_priors.inference.pyro import ShortRunPosterior
+    from tilted_priors.models.pyro.lebm import build
 
     xt = torch.as_tensor(x)
     lvm = build((28, 28, 1), D, ngf=ngf, seed=0)
@@ -77,8 +77,8 @@ def pyro_pair(x: np.ndarray, ngf: int):
 def numpyro_pair(x: np.ndarray, ngf: int):
     from numpyro.infer import SVI, Trace_ELBO
 
-    from inference.numpyro import ShortRunPosterior
-    from models.numpyro.lebm import build
+    from tilted_priors.inference.numpyro import ShortRunPosterior
+    from tilted_priors.models.numpyro.lebm import build
 
     xj = jnp.asarray(x)
     lvm = build((28, 28, 1), D, ngf=ngf, seed=0)
@@ -131,7 +131,7 @@ def numpyro_pair(x: np.ndarray, ngf: int):
 
 
 def budget(steps: int, backend: str) -> dict:
-    from models import runs
+    from tilted_priors.models import runs
 
     out = {}
     for method in ("lebm", "abp"):

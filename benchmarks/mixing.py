@@ -8,7 +8,7 @@ step, many parallel chains):
 - **data**: chains in data space on :math:`-E(x) + \\log q_T(x)`, from :math:`x_0 = T(u_0)`, the flow's samples
   (``--data-init normal``: from :math:`\\mathcal N(0, I)` in x).
 
-Targets (NumPyro backend, :mod:`models.numpyro.ntebm`):
+Targets (NumPyro backend, :mod:`tilted_priors.models.numpyro.ntebm`):
 
 - ``exact``: the ring of 8 Gaussians. A flow (``FLOW``: 24 affine IAF layers, MADE width 32, 6000 Adam steps with
   warm-up and cosine decay, 20000 points) is fit to ring samples by maximum likelihood, its held-out NLL printed
@@ -17,15 +17,15 @@ Targets (NumPyro backend, :mod:`models.numpyro.ntebm`):
   mode weights are known (1/8 each). Then the data-space target is :math:`\\log p_{\\text{ring}}(x)` and the latent
   one :math:`\\log p_{\\text{ring}}(T(u)) + \\log|\\det \\partial T/\\partial u|` (the same densities, written without
   the flow's inverse).
-- ``trained``: an NT-EBM trained on ring data (:func:`~models.numpyro.ntebm.fit_flow`, then
-  :func:`~models.numpyro.ntebm.fit_energy`); the reference mode weights are the data's (1/8), approximately.
+- ``trained``: an NT-EBM trained on ring data (:func:`~tilted_priors.models.numpyro.ntebm.fit_flow`, then
+  :func:`~tilted_priors.models.numpyro.ntebm.fit_energy`); the reference mode weights are the data's (1/8), approximately.
 
-``--backend pyro`` (target ``exact``; ``trained`` also runs, with :func:`models.pyro.ntebm.fit_energy`, but takes
+``--backend pyro`` (target ``exact``; ``trained`` also runs, with :func:`tilted_priors.models.pyro.ntebm.fit_energy`, but takes
 minutes more): the same ring, chains, step-size rule, diagnostics, table and picture, with Pyro's rational-quadratic
 spline flow (``PYRO_FLOW``: 5 ``spline_autoregressive`` layers with 16 bins on [-5.5, 5.5], MADE width 64,
 reversals between layers, 1500 Adam steps with warm-up and cosine decay on the same 20000 ring samples) and the
 latent density taken from the site ``x ~ EnergyTilted(E, q_T)`` reparameterised with
-:class:`~inference.pyro.FlowBackbone` (checked against :math:`\\log p_{\\text{ring}}(T(u)) + \\log|\\det|`); chains
+:class:`~tilted_priors.inference.pyro.FlowBackbone` (checked against :math:`\\log p_{\\text{ring}}(T(u)) + \\log|\\det|`); chains
 are the MALA step of :mod:`tilted_priors.pyro.langevin`, pilots ``tilted_priors.pyro.MALA(...).run``.
 
 Step sizes are tuned per space by short pilot runs: the grid value whose mean acceptance is closest to 0.574.
@@ -54,9 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from inference.diagnostics import ess, nested_rhat, rhat
-from models.data import toy_mixture, toy_mixture_centres
-from models.numpyro import ntebm
+from tilted_priors.inference.diagnostics import ess, nested_rhat, rhat
+from tilted_priors.models.data import toy_mixture, toy_mixture_centres
+from tilted_priors.models.numpyro import ntebm
 from tilted_priors.numpyro import langevin
 
 OPTIMAL_ACCEPTANCE = 0.574
@@ -316,12 +316,12 @@ def _report(results, centres_np, out_dir, args, t_start):
 # spline autoregressive flow (in 2-D both of its directions are cheap: T(u) is one MADE pass per layer, T^{-1}(x)
 # two), and the latent chains' density is the reparameterised site's, from FlowBackbone.
 def pyro_build(args):
-    """An ``models.pyro.ntebm.NTEBM`` whose flow is ``flow_layers`` spline autoregressive layers with reversals."""
+    """An ``tilted_priors.models.pyro.ntebm.NTEBM`` whose flow is ``flow_layers`` spline autoregressive layers with reversals."""
     import pyro.distributions.transforms as T
     import torch
     from torch import nn
 
-    from models.pyro import ntebm as ntebm_pyro
+    from tilted_priors.models.pyro import ntebm as ntebm_pyro
     from tilted_priors.pyro import EnergyMLP
 
     torch.manual_seed(args.seed)
@@ -372,7 +372,7 @@ def pyro_backbone_log_density(model, energy, n):
     import pyro
     from pyro import poutine
 
-    from inference.pyro.reparam import FlowBackbone
+    from tilted_priors.inference.pyro.reparam import FlowBackbone
     from tilted_priors.pyro import EnergyTilted, MALA, Unnormalized
 
     def program():
@@ -388,7 +388,7 @@ def pyro_targets(target, model, centres, sd, n):
     """(latent log density, data log density); latent through FlowBackbone, checked against the direct formula."""
     import torch
 
-    t, q = model.transform, model.flow_dist()
+    t, q = model.transform(), model.flow_dist()
     ring = lambda x: pyro_ring_log_density(x, centres, sd)  # noqa: E731
     if target == "exact":
         energy = lambda x: q.log_prob(x) - ring(x)  # noqa: E731   E = log q_T - log p_ring
@@ -451,7 +451,7 @@ def pyro_compare(seed, model, latent_ld, data_ld, args, centres_np):
     pyro.set_rng_seed(seed)
     u0 = torch.randn(args.chains, 2)
     with torch.no_grad():
-        x0 = model.transform(u0) if args.data_init == "pushforward" else u0.clone()
+        x0 = model.transform()(u0) if args.data_init == "pushforward" else u0.clone()
     h_lat, t_lat = pyro_tune(seed + 1, u0, latent_ld, args.pilot)
     h_dat, t_dat = pyro_tune(seed + 1, x0, data_ld, args.pilot)
     out = {}
@@ -461,7 +461,7 @@ def pyro_compare(seed, model, latent_ld, data_ld, args, centres_np):
         trace, acc = pyro_run_chain(init, h, ld, args.steps)
         if side == "latent":
             with torch.no_grad():
-                trace = model.transform(trace.reshape(-1, 2)).reshape(trace.shape)
+                trace = model.transform()(trace.reshape(-1, 2)).reshape(trace.shape)
         xs = trace.detach().numpy().astype(np.float64)
         wall = time.perf_counter() - t0
         res = diagnose(xs[:, args.steps // 2:], centres_np, args.superchain)
@@ -475,7 +475,7 @@ def pyro_main(args):
     import pyro
     import torch
 
-    from models.pyro import ntebm as ntebm_pyro
+    from tilted_priors.models.pyro import ntebm as ntebm_pyro
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -528,7 +528,7 @@ def pyro_main(args):
 
 
 def toy_mixture_log_density_np(x, args):
-    from models.data import toy_mixture_log_density
+    from tilted_priors.models.data import toy_mixture_log_density
     return toy_mixture_log_density(x, "ring", radius=args.radius, sd=args.sd)
 
 

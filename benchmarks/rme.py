@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.data import load_mnist  # noqa: E402
-from models.reference import RME  # noqa: E402
+from tilted_priors.models.data import load_mnist
+from tilted_priors.models.reference import RME
 
 
 def paired(a, b) -> tuple[float, float]:
@@ -81,8 +79,8 @@ class PyroRunner(Runner):
         import pyro
         import torch
 
-        import inference.pyro as backend
-        from models.pyro import rme, vae_ebm
+        import tilted_priors.inference.pyro as backend
+        from tilted_priors.models.pyro import rme, vae_ebm
         torch.set_num_threads(args.threads)
         self.pyro, self.torch, self.backend, self.rme, self.vae_ebm, self.args = pyro, torch, backend, rme, vae_ebm, args
 
@@ -121,8 +119,8 @@ class NumPyroRunner(Runner):
     def __init__(self, args):
         import jax
 
-        import inference.numpyro as backend
-        from models.numpyro import rme, vae_ebm
+        import tilted_priors.inference.numpyro as backend
+        from tilted_priors.models.numpyro import rme, vae_ebm
         self.jax, self.backend, self.rme, self.vae_ebm, self.args = jax, backend, rme, vae_ebm, args
         self.params: dict[int, dict] = {}  # id(trained model) -> its parameters (flat)
 

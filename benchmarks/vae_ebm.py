@@ -1,7 +1,7 @@
 """VAE-EBM on binarised MNIST-5k: one model, many guides, test log-likelihood with error bars, on both backends.
 
 Each backend trains, from the same initial weights and on the same minibatches, batch 128, Adam at
-``models.reference.VAE_EBM_CPU``'s learning rates. The protocol (defaults): the last 500 of MNIST-5k's 4,000
+``tilted_priors.models.reference.VAE_EBM_CPU``'s learning rates. The protocol (defaults): the last 500 of MNIST-5k's 4,000
 training digits are a validation split; the other 3,500 are binarised 10 times by independent Bernoulli draws
 (``--binarizations``; a fixed-draw stand-in for the dynamic binarisation of the VAE literature), which are the
 training images; every 500 updates up to 6,000 the run's log-likelihood on the validation digits is measured, and
@@ -32,16 +32,14 @@ import argparse
 import importlib
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.data import load_mnist  # noqa: E402
-from models.reference import VAE_EBM_CPU  # noqa: E402
+from tilted_priors.models.data import load_mnist
+from tilted_priors.models.reference import VAE_EBM_CPU
 
 LR = {"energy": VAE_EBM_CPU["lr_energy"], "": VAE_EBM_CPU["lr_other"]}
 
@@ -74,8 +72,8 @@ class PyroRunner:
         import pyro
         import torch
 
-        import inference.pyro as backend
-        from models.pyro import vae_ebm
+        import tilted_priors.inference.pyro as backend
+        from tilted_priors.models.pyro import vae_ebm
 
         torch.set_num_threads(args.threads)
         pyro.clear_param_store()
@@ -100,8 +98,8 @@ class NumPyroRunner(PyroRunner):
     """The NumPyro twin of :class:`PyroRunner` (the trained weights come back in ``FitResult.params``)."""
 
     def __init__(self, method: str, x_fit: np.ndarray, args):
-        import inference.numpyro as backend
-        from models.numpyro import vae_ebm
+        import tilted_priors.inference.numpyro as backend
+        from tilted_priors.models.numpyro import vae_ebm
 
         self.fit, self.module, self.x, self.args = backend.fit, vae_ebm, x_fit, args
         self.vae = vae_ebm.build(prior="gaussian" if method == "vae" else "ebm")
@@ -110,7 +108,7 @@ class NumPyroRunner(PyroRunner):
     def trained(self):
         import jax.numpy as jnp
 
-        from inference.files import unflatten_state
+        from tilted_priors.inference.files import unflatten_state
 
         params = {k: jnp.asarray(v) for k, v in self._result.params.items()}
         return self.vae.with_params(unflatten_state(params, int_keys=True))

@@ -1,5 +1,5 @@
-"""Backend-free parts of ``fit`` (the training loop of :mod:`inference.pyro.train` and
-:mod:`inference.numpyro.train`): argument checks, the minibatch order, per-prefix learning rates and their
+"""Backend-free parts of ``fit`` (the training loop of :mod:`tilted_priors.inference.pyro.train` and
+:mod:`tilted_priors.inference.numpyro.train`): argument checks, the minibatch order, per-prefix learning rates and their
 schedule, atomic writes, the metrics history, the divergence error and the loop itself.
 
 A backend plugs into :func:`run_training` through a small object (see :class:`TrainerBackend`) that builds the
@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from inference.files import atomic_write
+from tilted_priors.inference.files import atomic_write
 from tilted_priors._validation import check_nonnegative_int
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-__all__ = ["find_wrapped", "map_wrapped"]
+__all__ = ["find_wrapped", "map_wrapped", "handler_arguments"]
 
 
 def find_wrapped(fn, cls: type):
@@ -28,3 +28,27 @@ def map_wrapped(fn, cls: type, f: Callable):
     new = copy.copy(fn)
     new.base_dist = mapped
     return new
+
+
+def handler_arguments(handler: str, fn, setting, *, setting_name: str, is_setting: Callable[[object], bool],
+                      needs: str, example: str):
+    """``(fn, setting)`` from the arguments of a handler ``handler(fn=None, <setting_name>=None)``, checked.
+
+    The model comes first, as in Pyro's and NumPyro's own handlers (``handler(model, setting)``). When the first
+    positional argument is a setting object (``is_setting``) it is taken as the setting: ``handler(setting)`` (the
+    context-manager form) and the older ``handler(setting, model)`` both work.
+    """
+    if fn is not None and is_setting(fn):
+        if setting is None:
+            fn, setting = None, fn
+        elif not is_setting(setting) and callable(setting):
+            fn, setting = setting, fn
+    if setting is None:
+        raise TypeError(f"{handler}() needs a {setting_name}: wrap a model with {handler}(model, {example}), or "
+                        f"use it as a context manager: `with {handler}({example}):`")
+    if not is_setting(setting):
+        raise TypeError(f"{handler}(): {setting_name} must be an object with {needs} (e.g. {example}), "
+                        f"got {setting!r}")
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{handler}(): fn must be the model to wrap (a callable) or None, got {fn!r}")
+    return fn, setting

@@ -324,7 +324,7 @@ def toy_mixture(
     """Draw ``n`` points from a 2-D toy mixture with equal weights; exact density in :func:`toy_mixture_log_density`.
 
     * ``"ring"``: ``modes`` (default 8) isotropic Gaussians, standard deviation ``sd``, centred evenly on a circle of
-      radius ``radius`` (the defaults are the ring of :mod:`models.demo`).
+      radius ``radius`` (the defaults are the ring of :mod:`tilted_priors.models.demo`).
     * ``"grid"``: ``modes`` (default 25 = 5 x 5) isotropic Gaussians on a square grid spanning
       ``[-radius, radius]`` in each axis.
     * ``"two_moons"``: two half-circle arcs of radius ``radius`` (sklearn's layout, scaled and centred), a point
@@ -821,7 +821,7 @@ def batch_stream(x: Any, batch_size: int, steps: int, *, seed: Any) -> Iterator[
     """``steps`` mini-batches of ``min(batch_size, N)`` rows drawn without replacement, over as many epochs as
     needed: one seeded generator draws a fresh permutation whenever the current one has too few rows left.
 
-    For training loops counted in steps rather than epochs (``models.{pyro,numpyro}.ntebm``). ``x`` is anything
+    For training loops counted in steps rather than epochs (``tilted_priors.models.{pyro,numpyro}.ntebm``). ``x`` is anything
     indexable by an integer NumPy array along its first axis (a NumPy array, a torch tensor).
 
     Examples

@@ -1,14 +1,14 @@
-r"""``python -m models diagnose RUN_DIR``: are a trained model's short-run chains telling the truth?
+r"""``python -m tilted_priors diagnose RUN_DIR``: are a trained model's short-run chains telling the truth?
 
 Two questions, answered for the run's own backend and written to ``RUN_DIR/diagnostics.md`` (with
 ``diagnostics.json`` and PNG figures):
 
 1. **Prior.** The trained tilted prior's own short-run sampler (LEBM: 60 x 0.4 ULA) against a long MALA run
    (``long_steps``, step size searched for an acceptance of at least 0.5) from the same N(0, I) starts:
-   :func:`inference.diagnostics.short_vs_long` (moments, energy, energy distance, R-hat, nested R-hat; energy
+   :func:`tilted_priors.inference.diagnostics.short_vs_long` (moments, energy, energy distance, R-hat, nested R-hat; energy
    trajectories, marginals, rank and trace plots). Skipped for a Normal prior (``abp`` runs).
 2. **Posterior.** For ``num_images`` test images: the short-run posterior guide that training used (20 x 0.1
-   from noise, ``short_chains`` independent chains), long-run MALA (:class:`inference.pyro.Langevin`, step size
+   from noise, ``short_chains`` independent chains), long-run MALA (:class:`tilted_priors.inference.pyro.Langevin`, step size
    adapted in warm-up) and NUTS, both through the backend's own ``MCMC``. NUTS is the reference: for each image
    and method the table gives the largest difference of posterior means in units of NUTS's posterior sd, the
    median ratio of posterior sds, R-hat and bulk ESS of the MCMC chains, and the energy-distance p-value against
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.diagnostics import energy_distance, short_vs_long, summary
-from inference.diagnostics.plots import plot_marginals, plot_trace
-from inference.diagnostics.report import markdown_table
-from inference.files import atomic_write
-from models import runs
+from tilted_priors.inference.diagnostics import energy_distance, short_vs_long, summary
+from tilted_priors.inference.diagnostics.plots import plot_marginals, plot_trace
+from tilted_priors.inference.diagnostics.report import markdown_table
+from tilted_priors.inference.files import atomic_write
+from tilted_priors.models import runs
 
 __all__ = ["diagnose"]
 
@@ -82,7 +82,7 @@ def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
     Returns the numbers of ``diagnostics.json``; ``out`` defaults to ``run_dir``.
     """
     lvm, config, _ = runs.load(run_dir)
-    backend = importlib.import_module(f"models.{config['backend']}.diagnose")
+    backend = importlib.import_module(f"tilted_priors.models.{config['backend']}.diagnose")
     out = Path(out) if out is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     d = config["latent_dim"]

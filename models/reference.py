@@ -1,6 +1,6 @@
 """The reference hyper-parameters of the models, backend-free: LEBM's (Pang et al. 2020) and its generator's layer
-plan (``models.pyro.lebm`` and ``models.numpyro.lebm`` export them as ``REFERENCE`` and ``MNIST``), and the
-VAE-EBM's of the self-normalised likelihood paper (Senetaire et al.; ``models.{pyro,numpyro}.vae_ebm``)."""
+plan (``tilted_priors.models.pyro.lebm`` and ``tilted_priors.models.numpyro.lebm`` export them as ``REFERENCE`` and ``MNIST``), and the
+VAE-EBM's of the self-normalised likelihood paper (Senetaire et al.; ``tilted_priors.models.{pyro,numpyro}.vae_ebm``)."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
-"""Training and evaluation runs, backend-free: what ``python -m models train|sample`` and ``make demo`` do.
+"""Training and evaluation runs, backend-free: what ``python -m tilted_priors train|sample`` and ``make demo`` do.
 
 A run directory holds ``config.json`` (everything needed to rebuild the model), the training checkpoint and
-``history.json`` (from :func:`inference.pyro.fit` / :func:`inference.numpyro.fit`), ``weights.pt`` / ``weights.npz``
+``history.json`` (from :func:`tilted_priors.inference.pyro.fit` / :func:`tilted_priors.inference.numpyro.fit`), ``weights.pt`` / ``weights.npz``
 (the trained networks, no pickled code), and after evaluation ``samples.png``, ``reconstructions.png`` and
 ``metrics.json``.
 """
@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from inference.files import atomic_write
-from models import data as datasets
-from models import metrics
+from tilted_priors.inference.files import atomic_write
+from tilted_priors.models import data as datasets
+from tilted_priors.models import metrics
 
 __all__ = ["METHODS", "BACKENDS", "train", "evaluate", "sample", "save_grid"]
 
@@ -30,9 +30,9 @@ WEIGHTS = {"pyro": "weights.pt", "numpyro": "weights.npz"}
 def _backend(name: str) -> SimpleNamespace:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return SimpleNamespace(lebm=importlib.import_module(f"models.{name}.lebm"),
-                           evaluate=importlib.import_module(f"models.{name}.evaluate"),
-                           inference=importlib.import_module(f"inference.{name}"))
+    return SimpleNamespace(lebm=importlib.import_module(f"tilted_priors.models.{name}.lebm"),
+                           evaluate=importlib.import_module(f"tilted_priors.models.{name}.evaluate"),
+                           inference=importlib.import_module(f"tilted_priors.inference.{name}"))
 
 
 def _load_data(data: str, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -77,7 +77,7 @@ def train(method: str = "lebm", *, backend: str = "numpyro", data: str = "mnist"
           eval_size: int = 500, ll_size: int = 200) -> dict:
     """Train ``method`` on ``data`` with ``backend``'s own SVI, save the run, and (by default) evaluate it.
 
-    ``lebm``: :class:`~inference.pyro.ShortRunPosterior` guide (20 x 0.1) with the tilted prior's contrastive
+    ``lebm``: :class:`~tilted_priors.inference.pyro.ShortRunPosterior` guide (20 x 0.1) with the tilted prior's contrastive
     normalizer and LEBM's optimiser (Adam(0.5, 0.999), per-group rates, decay 0.998 per epoch). ``abp``: the same
     generator and guide with a Normal prior. Returns the metrics (or ``{}`` without evaluation).
     """
@@ -128,7 +128,7 @@ def load(run_dir: str | os.PathLike):
     config_path = run_dir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: no config.json (train one with "
-                                "`python -m models train`)")
+                                "`python -m tilted_priors train`)")
     config = json.loads(config_path.read_text())
     b = _backend(config["backend"])
     weights = run_dir / WEIGHTS[config["backend"]]
@@ -143,8 +143,8 @@ def evaluate(run_dir: str | os.PathLike, *, eval_size: int = 500, ll_size: int =
 
     Metrics: reconstruction MSE of ``eval_size`` test images (short-run posterior, LEBM's inference), the
     Fréchet distance between ``num_samples`` prior samples and test images in the feature space of a classifier
-    trained on the labelled training split (MNIST; none for unlabelled user data) (:func:`models.metrics.train_feature_net`, cached), and the importance-sampled
-    test log-likelihood (nats per image; :func:`models.pyro.evaluate.log_likelihood`) of ``ll_size`` test images.
+    trained on the labelled training split (MNIST; none for unlabelled user data) (:func:`tilted_priors.models.metrics.train_feature_net`, cached), and the importance-sampled
+    test log-likelihood (nats per image; :func:`tilted_priors.models.pyro.evaluate.log_likelihood`) of ``ll_size`` test images.
     """
     run_dir = Path(run_dir)
     lvm, config, b = load(run_dir)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the quadratic reference case, the backend adapter (see helpers.py), and torch/Pyro state."""
+"""Shared fixtures: the quadratic reference case, the backend adapter (see support/helpers.py), and torch/Pyro state."""
 import os
 
 import pytest
@@ -34,8 +34,8 @@ def pytest_configure(config):
 
 @pytest.fixture
 def one_torch_thread():
-    """Small tensors: one torch thread is steadier than two on a shared 2-core machine (see NOTES-APIS.md); the
-    previous count is restored afterwards."""
+    """Small tensors: one torch thread is steadier than two on a shared 2-core machine (two threads collapse under
+    any other load); the previous count is restored afterwards."""
     import torch
 
     threads = torch.get_num_threads()

@@ -2,7 +2,8 @@
 
 The prior alone lives here: the distribution, energies, normalizers and samplers, once per backend
 (:mod:`tilted_priors.pyro`, :mod:`tilted_priors.numpyro`, the same public names in both). Backend-free
-pieces (errors, annealing schedules) sit at this level. Nothing here imports :mod:`inference` or :mod:`models`.
+pieces (errors, annealing schedules) sit at this level. Nothing here imports :mod:`tilted_priors.inference` or
+:mod:`tilted_priors.models`.
 """
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.schedules import annealing_betas

@@ -2,26 +2,26 @@
 
 Layered as arviz-stats is:
 
-- :mod:`~inference.diagnostics.arrays` — plain array functions on draws ``(chain, draw, *dims)``:
+- :mod:`~tilted_priors.inference.diagnostics.arrays` — plain array functions on draws ``(chain, draw, *dims)``:
   :func:`rhat`, :func:`ess`, :func:`mcse`, :func:`summary` (the same values as ArviZ, vectorised),
   :func:`nested_rhat` for many short chains, :func:`energy_distance`;
-- :mod:`~inference.diagnostics.data` — :func:`to_inference_data`: arrays, dicts or a Pyro / NumPyro ``MCMC``
+- :mod:`~tilted_priors.inference.diagnostics.data` — :func:`to_inference_data`: arrays, dicts or a Pyro / NumPyro ``MCMC``
   to ArviZ's InferenceData (0.2x) or DataTree (1.x);
-- :mod:`~inference.diagnostics.report` — :func:`short_vs_long`: the same starts run short and long, compared;
-- :mod:`~inference.diagnostics.plots` — the report's PNG figures.
+- :mod:`~tilted_priors.inference.diagnostics.report` — :func:`short_vs_long`: the same starts run short and long, compared;
+- :mod:`~tilted_priors.inference.diagnostics.plots` — the report's PNG figures.
 
 Examples
 --------
 >>> import numpy as np
->>> from inference.diagnostics import rhat, ess
+>>> from tilted_priors.inference.diagnostics import rhat, ess
 >>> x = np.random.default_rng(0).normal(size=(4, 1000, 2))
 >>> bool((rhat(x) < 1.01).all()), bool((ess(x) > 3000).all())
 (True, True)
 """
-from inference.diagnostics.arrays import (EnergyDistance, Summary, energy_distance, ess, mcse, nested_rhat, rhat,
+from tilted_priors.inference.diagnostics.arrays import (EnergyDistance, Summary, energy_distance, ess, mcse, nested_rhat, rhat,
                                           summary)
-from inference.diagnostics.data import to_inference_data
-from inference.diagnostics.report import ShortVsLong, compare_chains, short_vs_long, trajectory
+from tilted_priors.inference.diagnostics.data import to_inference_data
+from tilted_priors.inference.diagnostics.report import ShortVsLong, compare_chains, short_vs_long, trajectory
 
 __all__ = ["to_inference_data", "rhat", "ess", "mcse", "summary", "Summary", "nested_rhat", "energy_distance",
            "EnergyDistance", "short_vs_long", "compare_chains", "ShortVsLong", "trajectory"]

@@ -12,7 +12,7 @@ def arviz_module():
     try:
         import arviz
     except ImportError as e:  # pragma: no cover - arviz is a dependency
-        raise ImportError("inference.diagnostics needs ArviZ: pip install arviz") from e
+        raise ImportError("tilted_priors.inference.diagnostics needs ArviZ: pip install arviz") from e
     return arviz
 
 

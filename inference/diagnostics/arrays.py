@@ -1,6 +1,6 @@
 r"""Chain diagnostics on plain arrays ``(chain, draw, *dims)``: R-hat, ESS, MCSE, nested R-hat, two-sample tests.
 
-The array layer of :mod:`inference.diagnostics`, as arviz-stats layers its own: numpy in, numpy out, one value per
+The array layer of :mod:`tilted_priors.inference.diagnostics`, as arviz-stats layers its own: numpy in, numpy out, one value per
 entry of ``dims``. :func:`rhat`, :func:`ess` and :func:`mcse` compute exactly what ArviZ computes (Vehtari et al.
 2021: rank-normalised split R-hat, bulk and tail ESS with Geyer's initial monotone sequence, MCSE from the mean's
 ESS; the tests compare them with ArviZ 0.2x and 1.x), vectorised over all dimensions at once: ArviZ loops over
@@ -352,7 +352,7 @@ def nested_rhat(x, superchain_ids) -> np.ndarray:
     x = as_chains(x, min_chains=2)
     ids = _check_superchains(superchain_ids, x.shape[0])
     cols = _columns(x)
-    from inference.diagnostics._arviz import arviz_major, arviz_module
+    from tilted_priors.inference.diagnostics._arviz import arviz_major, arviz_module
 
     # ArviZ 1.x returns nan for chains of fewer than 4 draws, where the formula (with its N = 1 case) holds.
     if cols.shape[1] >= 4 and arviz_major() >= 1 and hasattr(arviz_module(), "rhat_nested"):

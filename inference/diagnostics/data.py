@@ -1,4 +1,4 @@
-"""Chains as ArviZ data: the InferenceData layer of :mod:`inference.diagnostics` (ArviZ 0.2x and 1.x).
+"""Chains as ArviZ data: the InferenceData layer of :mod:`tilted_priors.inference.diagnostics` (ArviZ 0.2x and 1.x).
 
 :func:`to_inference_data` turns what users have — an array of draws, a dict of them, or the backend's own
 ``MCMC`` object (Pyro or NumPyro) — into ArviZ's container: an ``InferenceData`` under ArviZ 0.2x, an
@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from inference.diagnostics._arviz import from_dict
-from inference.diagnostics.arrays import as_chains, to_numpy
+from tilted_priors.inference.diagnostics._arviz import from_dict
+from tilted_priors.inference.diagnostics.arrays import as_chains, to_numpy
 
 __all__ = ["to_inference_data", "draws_of"]
 
@@ -99,7 +99,7 @@ def to_inference_data(obj, *, var_name: str = "z", sample_stats: Mapping[str, An
         Pyro / NumPyro ``MCMC`` after ``run``. NumPyro's collected extra fields go to ``sample_stats`` under
         ArviZ's names (``accept_prob`` -> ``acceptance_rate``, ``potential_energy`` -> ``lp``, its negative,
         an unnormalised log density; ``diverging``, ``step_size``); Pyro's divergent draws (its kernels'
-        ``diagnostics()["divergences"]``: NUTS, HMC, :class:`inference.pyro.Langevin`) to ``diverging``.
+        ``diagnostics()["divergences"]``: NUTS, HMC, :class:`tilted_priors.inference.pyro.Langevin`) to ``diverging``.
     var_name : str
         Name of the variable when ``obj`` is one array.
     sample_stats : mapping, optional

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.diagnostics._arviz import arviz_major, arviz_module
-from inference.diagnostics.data import to_inference_data
+from tilted_priors.inference.diagnostics._arviz import arviz_major, arviz_module
+from tilted_priors.inference.diagnostics.data import to_inference_data
 
 __all__ = ["plot_energy_trajectories", "plot_marginals", "plot_rank_short_long", "plot_trace"]
 

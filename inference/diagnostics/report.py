@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.diagnostics.arrays import (EnergyDistance, as_chains, energy_distance, nested_rhat, rhat,
+from tilted_priors.inference.diagnostics.arrays import (EnergyDistance, as_chains, energy_distance, nested_rhat, rhat,
                                           to_numpy)
 from tilted_priors._validation import check_positive_int, check_probability
 
@@ -327,7 +327,7 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
     report = compare_chains(short, long, short_lp=s_lp, long_lp=l_lp, short_steps=s_steps, long_steps=l_steps,
                             superchain_ids=ids, alpha=alpha, seed=seed)
     if out is not None:
-        from inference.diagnostics import plots
+        from tilted_priors.inference.diagnostics import plots
 
         out = Path(out)
         report.figures.extend([

@@ -1,13 +1,19 @@
 """Inference for NumPyro models with energy-tilted priors: guides, effect handlers, MCMC kernels and training.
 
-The same public names as the other backend (``inference.pyro`` / ``inference.numpyro``).
+The same public names as the other backend (``tilted_priors.inference.pyro`` / ``tilted_priors.inference.numpyro``).
 """
-from inference.numpyro import handlers
-from inference.numpyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
-from inference.numpyro.kernels import Langevin
-from inference.numpyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
-from inference.numpyro.reparam import FlowBackbone
-from inference.numpyro.train import FitResult, TrainingDiverged, fit
+from tilted_priors._extras import require
+
+require("numpyro", "tilted_priors.inference.numpyro")
+
+from tilted_priors.inference.numpyro import handlers
+from tilted_priors.inference.numpyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
+from tilted_priors.inference.numpyro.kernels import Langevin
+from tilted_priors.inference.numpyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
+from tilted_priors.inference.numpyro.modules import register_module
+from tilted_priors.inference.numpyro.reparam import FlowBackbone
+from tilted_priors.inference.numpyro.train import FitResult, TrainingDiverged, fit
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
-           "fit_recursive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]
+           "fit_recursive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers",
+           "register_module"]

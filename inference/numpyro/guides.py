@@ -3,7 +3,7 @@ r"""Guides for models with energy-tilted priors (NumPyro).
 :class:`ShortRunPosterior` is LEBM's posterior sampler written as a guide: it runs a short Langevin chain on the
 model's joint log density over its latent sites and records the result as ``Delta`` sites, so that
 ``SVI(model, ShortRunPosterior(model), optim, Trace_ELBO())`` takes exactly the LEBM maximum-likelihood step
-(Pang et al. 2020). The same class as :class:`inference.pyro.ShortRunPosterior`, with JAX's rules: the chain is a
+(Pang et al. 2020). The same class as :class:`tilted_priors.inference.pyro.ShortRunPosterior`, with JAX's rules: the chain is a
 :func:`jax.lax.scan` traced into SVI's jitted update (the model is traced once per compilation, not once per
 step), randomness comes from the seeded guide (``numpyro.prng_key()``), and persistent chains live in a
 ``numpyro.mutable`` site, so they travel in SVI's state (and in its checkpoints).
@@ -11,11 +11,11 @@ step), randomness comes from the seeded guide (``numpyro.prng_key()``), and pers
 :class:`AmortizedGuide` is the VAE encoder written as a guide: a diagonal Gaussian :math:`q_\phi(z \mid x)` per
 latent site whose mean and scale an encoder network computes from the model's arguments. With a
 :class:`~tilted_priors.numpyro.SelfNormalized` prior normalizer, ``Trace_ELBO`` then gives the SNELBO (Senetaire
-et al.); the same class as :class:`inference.pyro.AmortizedGuide`.
+et al.); the same class as :class:`tilted_priors.inference.pyro.AmortizedGuide`.
 
 :class:`RefinedGuide` refines such an encoder's draw by a short Langevin chain on the true posterior (Hoffman 2017):
 the model learns from the refined draws, the encoder from its own ELBO; the same class as
-:class:`inference.pyro.RefinedGuide`.
+:class:`tilted_priors.inference.pyro.RefinedGuide`.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from numpyro.infer.util import compute_log_probs
 from numpyro.infer.util import log_density as joint_log_density
 from numpyro.primitives import Messenger
 
-from inference.numpyro.handlers import normalizer, sampler
+from tilted_priors.inference.numpyro.handlers import normalizer, sampler
+from tilted_priors._compat import numpyro_handler_stack
 from tilted_priors._validation import check_positive_int
 from tilted_priors.numpyro import ShortRunLangevin, Unnormalized
 from tilted_priors.numpyro.samplers import _is_array, _is_concrete
@@ -66,7 +67,7 @@ def _is_real(support) -> bool:
 
 def _prng_key(who: str):
     """A key from the outer ``seed`` handler (SVI's), or an error naming the guide ``who`` that needs it."""
-    rng_key = numpyro.prng_key() if numpyro.primitives._PYRO_STACK else None
+    rng_key = numpyro.prng_key() if numpyro_handler_stack() else None
     if rng_key is None:
         raise ValueError(f"{who} draws random numbers: run it inside numpyro.handlers.seed (SVI and MCMC do this)")
     return rng_key
@@ -78,7 +79,7 @@ class ShortRunPosterior:
     On each call it finds the model's latent sites (a trace of the model under the same arguments), starts a chain
     at ``init``, runs ``sampler`` (default ``ShortRunLangevin(steps, step_size)``) on the **unnormalised** joint
     log density (every tilted prior's normalizer switched off with
-    :func:`~inference.numpyro.handlers.normalizer`; :math:`\log Z` is constant in :math:`z`), and records the final
+    :func:`~tilted_priors.inference.numpyro.handlers.normalizer`; :math:`\log Z` is constant in :math:`z`), and records the final
     state as ``Delta`` sites (log density 0) inside the model's plates. The samples carry no gradient, as in LEBM.
     The model's parameters are declared in the guide too, so that the chain sees the values SVI is training.
 
@@ -150,7 +151,7 @@ class ShortRunPosterior:
     # --- where chains start --------------------------------------------------------------------------------
     def _start_trace(self, rng_key, args, kwargs, guide_trace: dict | None = None) -> dict:
         """The model's trace at the chains' start (values of ``guide_trace`` where given)."""
-        model = self.model if self.init == "prior" else sampler(_BaseDraws(), fn=self.model)
+        model = self.model if self.init == "prior" else sampler(self.model, _BaseDraws())
         k_guide, k_model = jax.random.split(rng_key)
         with handlers.block():
             if guide_trace is None and callable(self.init):
@@ -217,7 +218,7 @@ class ShortRunPosterior:
         params = {name: numpyro.param(name, site["value"], **site["kwargs"])
                   for name, site in trace.items() if site["type"] == "param"}
         params = jax.lax.stop_gradient(params)
-        model = normalizer(Unnormalized(), fn=self.model)
+        model = normalizer(self.model, Unnormalized())
 
         def log_joint(values: dict) -> jax.Array:
             # block: nothing of these runs reaches SVI's trace; the inner seed answers any key request made while
@@ -469,7 +470,7 @@ class AmortizedGuide:
             return self._structures[cache_key]
 
         # Only shapes and plates are read: base draws instead of the tilted priors' chains, no normalizer.
-        model = normalizer(Unnormalized(), fn=sampler(_BaseDraws(), fn=self.model))
+        model = normalizer(sampler(self.model, _BaseDraws()), Unnormalized())
         found: dict = {}
 
         def structure(arrays):
@@ -593,7 +594,7 @@ class AmortizedGuide:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict:
         """Sample every latent site of the model from the encoder's Gaussians; returns ``{site: value}``."""
-        if not numpyro.primitives._PYRO_STACK:
+        if not numpyro_handler_stack():
             raise ValueError("AmortizedGuide draws random numbers: run it inside numpyro.handlers.seed "
                              "(SVI and Predictive do this)")
         latent = self._model_sites(args, kwargs)
@@ -738,7 +739,7 @@ class RefinedGuide:
 
         :math:`\nabla_\phi \log \tilde p(x, z_\phi) = g^\top \partial z_\phi / \partial \phi` with
         :math:`g = \nabla_z \log \tilde p(x, z)` taken alone (``log_joint`` stops the model's parameters)."""
-        if all(isinstance(h, handlers.seed) for h in numpyro.primitives._PYRO_STACK):
+        if all(isinstance(h, handlers.seed) for h in numpyro_handler_stack()):
             return  # seeded only: nothing would record the site
         grads = jax.lax.stop_gradient(jax.grad(lambda v: jnp.sum(log_joint(v)))(jax.lax.stop_gradient(z)))
         log_q = sum(jnp.sum(_scaled_log_prob(guide_trace[n])) for n in z)

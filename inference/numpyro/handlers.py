@@ -1,13 +1,17 @@
 """Effect handlers that change how the tilted priors of a model are sampled and normalised (NumPyro).
 
-The same handlers as :mod:`inference.pyro.handlers`: each swaps a setting of every
+The same handlers as :mod:`tilted_priors.inference.pyro.handlers`: each swaps a setting of every
 :class:`~tilted_priors.numpyro.EnergyTilted` sample site it sees (also inside ``Independent`` / masked wrappers
-and plates) without touching the model. Use them as context managers or wrap a model with ``fn=``::
+and plates) without touching the model. Like NumPyro's own handlers (``handlers.scale(fn=None, scale=...)``) they take
+the model first and work as wrappers or context managers::
 
-    with sampler(MALA(2000, 0.05)):      # the same program's prior draws become long-run
+    long_run_model = sampler(model, MALA(2000, 0.05))   # the same program's prior draws become long-run
+
+    with sampler(MALA(2000, 0.05)):      # the same, for everything run inside the block
         trace = handlers.trace(handlers.seed(model, 0)).get_trace(x)
 
-    long_run_model = sampler(MALA(2000, 0.05), fn=model)
+When the first argument is a sampler (normalizer) object rather than a model it is taken as the setting, so
+``sampler(MALA(2000, 0.05))`` is the context manager.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Callable
 
 from numpyro.primitives import Messenger
 
-from inference._wrappers import find_wrapped, map_wrapped
+from tilted_priors.inference._wrappers import find_wrapped, handler_arguments, map_wrapped
 from tilted_priors.numpyro import EnergyTilted
 
 __all__ = ["sampler", "normalizer", "map_tilted", "find_tilted"]
@@ -50,8 +54,29 @@ class _Swap(Messenger):
             msg["fn"] = map_tilted(msg["fn"], lambda d: d.replace(**self.changes))
 
 
+def _is_sampler(obj) -> bool:
+    return callable(getattr(obj, "run", None))
+
+
+def _is_normalizer(obj) -> bool:
+    return callable(getattr(obj, "term", None))
+
+
 class sampler(_Swap):
-    """Draw every tilted prior of the model with ``sampler_`` instead of its own sampler.
+    """Draw every tilted prior of the model with ``sampler`` instead of its own sampler.
+
+    Parameters
+    ----------
+    fn : callable, optional
+        The model to wrap; ``None`` for a context manager.
+    sampler : object with ``.run(rng_key, log_density, init)``
+        E.g. :class:`~tilted_priors.numpyro.MALA`. Given alone as the first argument (``sampler(MALA(...))``) it
+        is taken as the setting.
+
+    Raises
+    ------
+    TypeError
+        When no sampler is given, or it has no ``.run``, or ``fn`` is not callable.
 
     Examples
     --------
@@ -63,16 +88,31 @@ class sampler(_Swap):
     ...     tr = handlers.trace(handlers.seed(model, 0)).get_trace()
     >>> tr["z"]["fn"].sampler
     MALA(steps=50, step_size=0.5)
+    >>> handlers.trace(handlers.seed(sampler(model, MALA(20, 0.5)), 0)).get_trace()["z"]["fn"].sampler
+    MALA(steps=20, step_size=0.5)
     """
 
-    def __init__(self, sampler_, fn: Callable | None = None):
-        if not callable(getattr(sampler_, "run", None)):
-            raise TypeError(f"sampler needs an object with .run(rng_key, log_density, init), got {sampler_!r}")
-        super().__init__(fn, sampler=sampler_)
+    def __init__(self, fn: Callable | None = None, sampler=None):
+        fn, sampler = handler_arguments("sampler", fn, sampler, setting_name="sampler", is_setting=_is_sampler,
+                                        needs=".run(rng_key, log_density, init)", example="MALA(1000, 0.1)")
+        super().__init__(fn, sampler=sampler)
 
 
 class normalizer(_Swap):
-    """Give every tilted prior of the model the normalizer ``normalizer_`` (what its ``log_prob`` subtracts).
+    """Give every tilted prior of the model the normalizer ``normalizer`` (what its ``log_prob`` subtracts).
+
+    Parameters
+    ----------
+    fn : callable, optional
+        The model to wrap; ``None`` for a context manager.
+    normalizer : object with ``.term(dist, rng_key)``
+        E.g. :class:`~tilted_priors.numpyro.Unnormalized`. Given alone as the first argument
+        (``normalizer(Unnormalized())``) it is taken as the setting.
+
+    Raises
+    ------
+    TypeError
+        When no normalizer is given, or it has no ``.term``, or ``fn`` is not callable.
 
     Examples
     --------
@@ -84,9 +124,12 @@ class normalizer(_Swap):
     ...     tr = handlers.trace(handlers.seed(model, 0)).get_trace()
     >>> tr["z"]["fn"].normalizer
     Unnormalized()
+    >>> handlers.trace(handlers.seed(normalizer(model, Unnormalized()), 0)).get_trace()["z"]["fn"].normalizer
+    Unnormalized()
     """
 
-    def __init__(self, normalizer_, fn: Callable | None = None):
-        if not callable(getattr(normalizer_, "term", None)):
-            raise TypeError(f"normalizer needs an object with .term(dist, rng_key), got {normalizer_!r}")
-        super().__init__(fn, normalizer=normalizer_)
+    def __init__(self, fn: Callable | None = None, normalizer=None):
+        fn, normalizer = handler_arguments("normalizer", fn, normalizer, setting_name="normalizer",
+                                           is_setting=_is_normalizer, needs=".term(dist, rng_key)",
+                                           example="Unnormalized()")
+        super().__init__(fn, normalizer=normalizer)

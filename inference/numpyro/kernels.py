@@ -19,7 +19,7 @@ from numpyro.infer.mcmc import MCMCKernel
 from numpyro.infer.util import ParamInfo, initialize_model
 from numpyro.util import identity, is_prng_key
 
-from inference.numpyro.handlers import normalizer
+from tilted_priors.inference.numpyro.handlers import normalizer
 from tilted_priors._validation import check_probability, check_step_size
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro import langevin
@@ -91,7 +91,7 @@ class Langevin(MCMCKernel):
     measure of the step's discretisation error.
 
     **Unnormalised target.** The model runs under
-    ``inference.numpyro.handlers.normalizer(Unnormalized())``: every tilted prior's :math:`\log Z` term is
+    ``tilted_priors.inference.numpyro.handlers.normalizer(Unnormalized())``: every tilted prior's :math:`\log Z` term is
     switched off inside the chain (it is constant in :math:`z`, and estimating it would cost a sampler run per
     step), so ``potential_energy`` is :math:`-\log\pi` only up to a constant. Initialisation may draw from the
     tilted prior (its short-run sampler), depending on ``init_strategy``.
@@ -196,7 +196,7 @@ class Langevin(MCMCKernel):
         return self._postprocess_fn(*model_args, **model_kwargs)
 
     def _unnormalized_model(self) -> Callable:
-        return normalizer(Unnormalized(), fn=self._model)
+        return normalizer(self._model, Unnormalized())
 
     def _init_params(self, rng_key, model_args, model_kwargs, init_params):
         """Build the potential (and postprocess) from the model; draw initial values unless given."""

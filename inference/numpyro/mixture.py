@@ -10,7 +10,7 @@ so that the weights of the :math:`m` active components are
 
 :class:`RecursiveMixtureGuide` is the mixture (a guide for test-time inference), :class:`RecursiveMixtureELBO` the
 loss of one training stage, :func:`fit_recursive` the schedule that trains the components one after the other. The
-same names as :mod:`inference.pyro.mixture`.
+same names as :mod:`tilted_priors.inference.pyro.mixture`.
 """
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ from numpyro.contrib.module import nnx_module
 from numpyro.infer.elbo import ELBO
 from numpyro.infer.util import compute_log_probs
 
-from inference._training import stage_settings
-from inference.numpyro.guides import AmortizedGuide, _in_plate, _loc_scale, _per_member, _Site
-from inference.numpyro.train import FitResult, fit
+from tilted_priors._compat import numpyro_handler_stack
+from tilted_priors.inference._training import stage_settings
+from tilted_priors.inference.numpyro.guides import AmortizedGuide, _in_plate, _loc_scale, _per_member, _Site
+from tilted_priors.inference.numpyro.train import FitResult, fit
 
 __all__ = ["RecursiveMixtureGuide", "RecursiveMixtureELBO", "fit_recursive"]
 
@@ -81,7 +82,7 @@ class RecursiveMixtureGuide:
         The NumPyro model. It must have exactly one latent site (the component index is shared by a datum's
         latents), real-valued, in one plate over the data (not subsampled) whose members are the site's batch.
     encoders : sequence of flax.nnx.Module or callable
-        :math:`M \ge 1` encoders, each following :class:`~inference.numpyro.AmortizedGuide`'s convention (called with
+        :math:`M \ge 1` encoders, each following :class:`~tilted_priors.inference.numpyro.AmortizedGuide`'s convention (called with
         the model's arguments, returns ``(loc, scale)`` or ``{site: (loc, scale)}``). Component ``k`` (0-based) is
         ``AmortizedGuide(model, encoders[k], name=f"{name}.component{k}")`` (a module's param site is
         ``f"{name}.component{k}$params"``).
@@ -158,6 +159,7 @@ class RecursiveMixtureGuide:
 
     @property
     def num_active(self) -> int:
+        """The components in use, ``1..num_components``; :meth:`grow` adds one."""
         return self._num_active
 
     @num_active.setter
@@ -237,7 +239,7 @@ class RecursiveMixtureGuide:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict:
         """Sample the site from the mixture of the active components; returns ``{site: value}``."""
-        if not numpyro.primitives._PYRO_STACK:
+        if not numpyro_handler_stack():
             raise ValueError("RecursiveMixtureGuide draws random numbers: run it inside numpyro.handlers.seed "
                              "(SVI and Predictive do this)")
         latent, site = self._structure(args, kwargs)
@@ -398,7 +400,7 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
         The model (SVI's; it may differ from ``guide.model`` by handlers, e.g. a swapped normalizer).
     guide : RecursiveMixtureGuide
     data : numpy.ndarray
-        As :func:`~inference.numpyro.fit`.
+        As :func:`~tilted_priors.inference.numpyro.fit`.
     steps_per_component : int or sequence of int
         Updates per stage: one number for all, or one per component (length ``M``).
     barrier : float, optional
@@ -407,7 +409,7 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
         Start each new component from the parameters the previous one ended with instead of its own initial ones
         (the encoders must be Flax NNX modules of one architecture: their param sites are copied).
     **fit_kwargs
-        Passed to :func:`~inference.numpyro.fit` (not ``epochs``, ``num_steps``, ``loss``, ``init_params``). With
+        Passed to :func:`~tilted_priors.inference.numpyro.fit` (not ``epochs``, ``num_steps``, ``loss``, ``init_params``). With
         ``out``, stage :math:`m` writes to ``out / f"component{m}"`` (so ``resume=True`` resumes per stage).
         ``lr`` may be a list with one rate (or prefix dict) per stage: e.g.
         ``[1e-3] + [{"decoder": 0.0, "": 1e-3}] * (M - 1)`` trains the decoder in stage 1 only (the protocol of

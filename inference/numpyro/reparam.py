@@ -1,6 +1,6 @@
 r"""Reparameterisers for models with energy-tilted priors (NumPyro): a flow backbone for the latent chains.
 
-The same reparameteriser as :mod:`inference.pyro.reparam`. :class:`FlowBackbone` is the neural-transport move of
+The same reparameteriser as :mod:`tilted_priors.inference.pyro.reparam`. :class:`FlowBackbone` is the neural-transport move of
 Nijkamp et al. (2022) as a NumPyro reparameteriser. A tilted latent site ``z`` is rewritten as a flow
 :math:`z = T(u)` of a new tilted site ``u`` whose base is the flow's (a standard Normal), with exactly the same
 distribution of ``z``:
@@ -8,7 +8,7 @@ distribution of ``z``:
 .. math:: p(u) = \frac{e^{-E(T(u))}\, \mathcal N(u; 0, I)}{Z}
           \quad\text{when } z \sim e^{-E(z)}\, (T_\# \mathcal N)(z) / Z,
 
-so any sampler of the library (ULA, MALA, the :class:`~inference.numpyro.Langevin` kernel, a short-run guide)
+so any sampler of the library (ULA, MALA, the :class:`~tilted_priors.inference.numpyro.Langevin` kernel, a short-run guide)
 runs in the flow's latent space and its draws are pushed through :math:`T`. The model is not touched::
 
     model_u = numpyro.handlers.reparam(model, config={"z": FlowBackbone(flow)})
@@ -31,8 +31,8 @@ from numpyro.distributions.transforms import ComposeTransform, Transform
 from numpyro.distributions.util import sum_rightmost
 from numpyro.infer.reparam import Reparam
 
-from inference._wrappers import map_wrapped
-from inference.numpyro.handlers import find_tilted
+from tilted_priors.inference._wrappers import map_wrapped
+from tilted_priors.inference.numpyro.handlers import find_tilted
 from tilted_priors.numpyro import EnergyTilted, EnergyTiltedNormal
 
 __all__ = ["FlowBackbone"]
@@ -111,7 +111,7 @@ class FlowBackbone(Reparam):
     :math:`u` is the standard Normal (the flow's base in (a)), and the new site keeps the original's batch shape,
     wrappers, ``normalizer``, ``sampler`` and ``rng_key``, so :class:`~tilted_priors.numpyro.Contrastive`,
     :class:`~tilted_priors.numpyro.SelfNormalized`, :class:`~tilted_priors.numpyro.Importance`, the samplers and
-    the :func:`~inference.numpyro.handlers.sampler` / :func:`~inference.numpyro.handlers.normalizer` handlers work
+    the :func:`~tilted_priors.inference.numpyro.handlers.sampler` / :func:`~tilted_priors.inference.numpyro.handlers.normalizer` handlers work
     on it. A normalizer with a ``proposal`` (over :math:`z`) is refused: give the ``u`` site its own with the
     handler. The new energy is a :class:`jax.tree_util.Partial` of a module-level function, the energy and the
     transform (and the base), so compiled chains are reused when these are pytrees of arrays.
@@ -177,7 +177,7 @@ class FlowBackbone(Reparam):
         if getattr(normalizer, "proposal", None) is not None:
             raise ValueError(f"FlowBackbone at site {name!r}: the normalizer {normalizer!r} has a proposal over z, "
                              "which does not carry over to the flow's latent u; give the reparameterised site "
-                             "its own normalizer with inference.numpyro.handlers.normalizer(...) around the "
+                             "its own normalizer with tilted_priors.inference.numpyro.handlers.normalizer(...) around the "
                              "reparameterised model")
         return tilted
 

@@ -1,6 +1,6 @@
 """``fit``: the training loop around NumPyro's own ``SVI`` — minibatches, per-prefix learning rates with an
 exponential schedule (optax), gradient clipping, a divergence guard, atomic checkpoints with bit-identical
-resume, a metrics history and a progress bar. The Pyro twin is :func:`inference.pyro.train.fit`."""
+resume, a metrics history and a progress bar. The Pyro twin is :func:`tilted_priors.inference.pyro.train.fit`."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,8 @@ import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 
-from inference._training import FitResult, TrainingDiverged, TrainingPlan, make_plan, run_training
-from inference.files import flatten_state, unflatten_state
+from tilted_priors.inference._training import FitResult, TrainingDiverged, TrainingPlan, make_plan, run_training
+from tilted_priors.inference.files import flatten_state, unflatten_state
 
 __all__ = ["fit", "FitResult", "TrainingDiverged"]
 
@@ -271,7 +271,7 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
     >>> import numpy as np
     >>> import numpyro, numpyro.distributions as dist
     >>> from numpyro.infer.autoguide import AutoNormal
-    >>> from inference.numpyro.train import fit
+    >>> from tilted_priors.inference.numpyro.train import fit
     >>> def model(x):
     ...     loc = numpyro.sample("loc", dist.Normal(0.0, 10.0))
     ...     with numpyro.plate("data", x.shape[0]):

@@ -1,13 +1,19 @@
 """Inference for Pyro models with energy-tilted priors: guides, effect handlers, MCMC kernels and the training loop.
 
-The same public names as the other backend (``inference.pyro`` / ``inference.numpyro``).
+The same public names as the other backend (``tilted_priors.inference.pyro`` / ``tilted_priors.inference.numpyro``).
 """
-from inference.pyro import handlers
-from inference.pyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
-from inference.pyro.kernels import Langevin
-from inference.pyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
-from inference.pyro.reparam import FlowBackbone
-from inference.pyro.train import FitResult, TrainingDiverged, fit
+from tilted_priors._extras import require
+
+require("pyro", "tilted_priors.inference.pyro")
+
+from tilted_priors.inference.pyro import handlers
+from tilted_priors.inference.pyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
+from tilted_priors.inference.pyro.kernels import Langevin
+from tilted_priors.inference.pyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
+from tilted_priors.inference.pyro.modules import register_module
+from tilted_priors.inference.pyro.reparam import FlowBackbone
+from tilted_priors.inference.pyro.train import FitResult, TrainingDiverged, fit
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
-           "fit_recursive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers"]
+           "fit_recursive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers",
+           "register_module"]

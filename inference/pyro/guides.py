@@ -30,11 +30,11 @@ from pyro.distributions import constraints
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import is_validation_enabled
 
-from inference.pyro.handlers import normalizer, sampler
-from inference.pyro.modules import register_module
+from tilted_priors.inference.pyro.handlers import normalizer, sampler
+from tilted_priors.inference.pyro.modules import register_module
+from tilted_priors._compat import pyro_am_i_wrapped
 from tilted_priors._validation import check_positive_int
 from tilted_priors.pyro import ShortRunLangevin, Unnormalized
 
@@ -100,7 +100,7 @@ class ShortRunPosterior:
 
     .. math:: \log \tilde p(x, z) = \sum_{\text{sites}} \log p(\cdot) \text{ with every tilted prior's normalizer off}
 
-    (:func:`~inference.pyro.handlers.normalizer` with :class:`~tilted_priors.pyro.Unnormalized`; :math:`\log Z`
+    (:func:`~tilted_priors.inference.pyro.handlers.normalizer` with :class:`~tilted_priors.pyro.Unnormalized`; :math:`\log Z`
     is constant in :math:`z`), and records the final state as ``Delta`` sites (log density 0) inside the model's
     plates. Its parameters are not trained: the samples are detached, as in LEBM.
 
@@ -173,7 +173,7 @@ class ShortRunPosterior:
     # --- where chains start --------------------------------------------------------------------------------
     def _start_trace(self, args, kwargs, guide_trace: poutine.Trace | None = None) -> poutine.Trace:
         """The model's trace at the chains' start (values of ``guide_trace`` where given)."""
-        model = self.model if self.init == "prior" else sampler(_BaseDraws())(self.model)
+        model = self.model if self.init == "prior" else sampler(self.model, _BaseDraws())
         with poutine.block(), torch.no_grad():
             if guide_trace is None and callable(self.init):
                 guide_trace = poutine.trace(self.init).get_trace(*args, **kwargs)
@@ -246,7 +246,7 @@ class ShortRunPosterior:
         With ``plate = (name, dim, size)`` it is per member of that plate, shape ``(size,)``: each site's log density
         summed over every other dimension; a site outside the plate is shared out evenly (constant in the chain's
         latents, by the factorisation :attr:`per_datum` assumes)."""
-        model = normalizer(Unnormalized())(self.model)
+        model = normalizer(self.model, Unnormalized())
         subsamples = {name: site["value"] for name, site in trace.nodes.items()
                       if site["type"] == "sample" and type(site["fn"]).__name__ == "_Subsample"}
 
@@ -373,7 +373,7 @@ class _Structure:
 def _model_structure(model: Callable, args, kwargs) -> _Structure:
     """Trace ``model`` cheaply: tilted sites take a draw from their base (no prior chain), normalizers are off."""
     given = _GivenSubsamples()
-    cheap = sampler(_BaseDraws())(normalizer(Unnormalized())(given(model)))
+    cheap = sampler(normalizer(given(model), Unnormalized()), _BaseDraws())
     with poutine.block(), torch.no_grad():
         trace = poutine.trace(cheap).get_trace(*args, **kwargs)
     sites, plates = {}, {}
@@ -737,7 +737,7 @@ class RefinedGuide:
 
         :math:`\nabla_\phi \log \tilde p(x, z_\phi) = g^\top \partial z_\phi / \partial \phi` with
         :math:`g = \nabla_z \log \tilde p(x, z)` taken alone (no gradient to the model's parameters)."""
-        if not torch.is_grad_enabled() or not am_i_wrapped():  # nothing would record the site
+        if not torch.is_grad_enabled() or not pyro_am_i_wrapped():  # nothing would record the site
             return
         leaves = {n: v.detach().requires_grad_() for n, v in z.items()}
         grads = torch.autograd.grad(log_joint(leaves).sum(), list(leaves.values()), allow_unused=True)

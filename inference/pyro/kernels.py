@@ -18,7 +18,7 @@ from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.dual_averaging import DualAveraging
 from pyro.util import optional
 
-from inference.pyro.handlers import normalizer
+from tilted_priors.inference.pyro.handlers import normalizer
 from tilted_priors._validation import check_probability, check_step_size
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import Unnormalized, langevin
@@ -51,7 +51,7 @@ class Langevin(MCMCKernel):
     error. The proposal, :math:`\alpha` and the accept step are those of :mod:`tilted_priors.pyro.langevin`.
 
     The log density is **unnormalised**: the model runs under
-    :func:`~inference.pyro.handlers.normalizer` with :class:`~tilted_priors.pyro.Unnormalized`, so every tilted
+    :func:`~tilted_priors.inference.pyro.handlers.normalizer` with :class:`~tilted_priors.pyro.Unnormalized`, so every tilted
     prior contributes :math:`-E(z) + \log q(z)` without its (constant) :math:`\log Z` term, which would otherwise
     be recomputed at every step. Initialisation (``init_strategy``) may draw from the priors with their samplers.
 
@@ -207,7 +207,7 @@ class Langevin(MCMCKernel):
         self._warmup_steps = int(warmup_steps)
         if self.model is not None:
             init_params, potential_fn, transforms, _ = initialize_model(
-                normalizer(Unnormalized())(self.model), args, kwargs, transforms=self.transforms,
+                normalizer(self.model, Unnormalized()), args, kwargs, transforms=self.transforms,
                 max_plate_nesting=self._max_plate_nesting, jit_compile=self._jit_compile,
                 jit_options=self._jit_options, skip_jit_warnings=self._ignore_jit_warnings,
                 init_strategy=self._init_strategy, initial_params=self._initial_params)

@@ -2,11 +2,11 @@ r"""Recursive mixture estimation (RME; Kim & Pavlovic 2020): an amortised poster
 
 .. math:: Q_m(z \mid x) = \bigl(1 - e_m(x)\bigr)\, Q_{m-1}(z \mid x) + e_m(x)\, q_m(z \mid x), \qquad Q_1 = q_1,
 
-each :math:`q_k` a diagonal Normal from its own encoder (an :class:`~inference.pyro.AmortizedGuide`). Unrolled, the
+each :math:`q_k` a diagonal Normal from its own encoder (an :class:`~tilted_priors.inference.pyro.AmortizedGuide`). Unrolled, the
 :math:`m` active components have weights :math:`\pi_k = e_k \prod_{j=k+1}^m (1 - e_j)` with :math:`e_1 = 1` and
 :math:`e_k = \sigma(\ell_k(x))`. :class:`RecursiveMixtureGuide` is the mixture (a guide for test-time inference),
 :class:`RecursiveMixtureELBO` the loss of one training stage, :func:`fit_recursive` the whole schedule. The NumPyro
-twin is :mod:`inference.numpyro.mixture`.
+twin is :mod:`tilted_priors.inference.numpyro.mixture`.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
-from inference._training import stage_settings
-from inference.pyro.guides import AmortizedGuide, _is_subsample, _make_plates, _per_member, _select, _Site
-from inference.pyro.modules import register_module
-from inference.pyro.train import FitResult, fit
+from tilted_priors.inference._training import stage_settings
+from tilted_priors.inference.pyro.guides import AmortizedGuide, _is_subsample, _make_plates, _per_member, _select, _Site
+from tilted_priors.inference.pyro.modules import register_module
+from tilted_priors.inference.pyro.train import FitResult, fit
 from tilted_priors._validation import check_positive_int
 
 __all__ = ["RecursiveMixtureGuide", "RecursiveMixtureELBO", "fit_recursive"]
@@ -78,7 +78,7 @@ class RecursiveMixtureGuide:
         The Pyro model. It must have exactly one latent site, real-valued, in exactly one vectorized plate (the
         data plate): the component index is drawn per datum and shared by all of its latents.
     encoders : sequence of callables
-        ``M >= 1`` encoders, each as for :class:`~inference.pyro.AmortizedGuide` (called with the model's
+        ``M >= 1`` encoders, each as for :class:`~tilted_priors.inference.pyro.AmortizedGuide` (called with the model's
         arguments, returning ``(loc, scale)`` or ``{site: (loc, scale)}``). They must not share parameters.
     mixing : callable, optional
         Called with the model's arguments, returns the logits of :math:`e_2, \dots, e_M`, shape
@@ -145,6 +145,7 @@ class RecursiveMixtureGuide:
 
     @property
     def num_active(self) -> int:
+        """The components in use, ``1..num_components``; :meth:`grow` adds one."""
         return self._num_active
 
     @num_active.setter
@@ -380,13 +381,13 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
     For :math:`m = 1, \dots, M`: ``guide.num_active = m``, then
     ``fit(model, guide, data, num_steps=steps_m, loss=RecursiveMixtureELBO(barrier), **fit_kwargs)``: component
     :math:`m` and the mixing learn while components :math:`1..m-1` stay frozen, the model learns throughout. Each
-    stage continues from the previous one's parameters (Pyro's param store, which :func:`~inference.pyro.fit` does
+    stage continues from the previous one's parameters (Pyro's param store, which :func:`~tilted_priors.inference.pyro.fit` does
     not clear; each stage starts fresh Adam moments).
 
     Parameters
     ----------
     model, guide, data
-        As for :func:`~inference.pyro.fit`.
+        As for :func:`~tilted_priors.inference.pyro.fit`.
     steps_per_component : int or sequence of int
         Updates per stage: one number for all, or ``M`` of them.
     barrier : float, optional
@@ -395,7 +396,7 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
         Start each new component from the weights the previous one ended with (``load_state_dict``; the encoders
         must be torch modules of one architecture) instead of its own initial weights.
     **fit_kwargs
-        Passed to every stage's :func:`~inference.pyro.fit` (``batch_size``, ``lr``, ``seed``, ...). With ``out``,
+        Passed to every stage's :func:`~tilted_priors.inference.pyro.fit` (``batch_size``, ``lr``, ``seed``, ...). With ``out``,
         stage :math:`m` (1-based) writes to ``out / f"component{m}"``, so ``resume=True`` resumes each stage from
         its own checkpoint. ``lr`` may be a list with one rate (or prefix dict) per stage: e.g.
         ``[1e-3] + [{"decoder": 0.0, "": 1e-3}] * (M - 1)`` trains the decoder in stage 1 only (the protocol of

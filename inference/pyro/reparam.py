@@ -7,7 +7,7 @@ latent site ``z`` is rewritten as a flow :math:`z = T(u)` of a new tilted site `
 .. math:: p(u) = \frac{e^{-E(T(u))}\, \mathcal N(u; 0, I)}{Z}
           \quad\text{when } z \sim e^{-E(z)}\, (T_\# \mathcal N)(z) / Z,
 
-so any sampler of the library (ULA, MALA, the :class:`~inference.pyro.Langevin` kernel, a short-run guide) runs
+so any sampler of the library (ULA, MALA, the :class:`~tilted_priors.inference.pyro.Langevin` kernel, a short-run guide) runs
 in the flow's latent space, where the flow has made the geometry simpler, and its draws are pushed through
 :math:`T`. The model is not touched::
 
@@ -30,8 +30,8 @@ from pyro.infer.reparam.reparam import Reparam
 from torch.distributions import TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, Transform
 
-from inference._wrappers import map_wrapped
-from inference.pyro.handlers import find_tilted
+from tilted_priors.inference._wrappers import map_wrapped
+from tilted_priors.inference.pyro.handlers import find_tilted
 from tilted_priors.pyro import EnergyTilted, EnergyTiltedNormal
 
 __all__ = ["FlowBackbone"]
@@ -136,7 +136,7 @@ class FlowBackbone(Reparam):
     :math:`u` is the standard Normal (the flow's base in (a)), and the new site keeps the original's batch shape,
     wrappers, ``normalizer`` and ``sampler``, so :class:`~tilted_priors.pyro.Contrastive`,
     :class:`~tilted_priors.pyro.SelfNormalized`, :class:`~tilted_priors.pyro.Importance`, the samplers and the
-    :func:`~inference.pyro.handlers.sampler` / :func:`~inference.pyro.handlers.normalizer` handlers work on it
+    :func:`~tilted_priors.inference.pyro.handlers.sampler` / :func:`~tilted_priors.inference.pyro.handlers.normalizer` handlers work on it
     (in (a) the importance weights are :math:`e^{-E(T(u))}` with :math:`u` from the flow's base; in (b) they are
     those of the original prior with proposal :math:`T_\#\mathcal N(0, I)`). A normalizer with a ``proposal``
     (over :math:`z`) is refused: give the ``u`` site its own with the handler.
@@ -201,7 +201,7 @@ class FlowBackbone(Reparam):
         if getattr(normalizer, "proposal", None) is not None:
             raise ValueError(f"FlowBackbone at site {name!r}: the normalizer {normalizer!r} has a proposal over z, "
                              "which does not carry over to the flow's latent u; give the reparameterised site "
-                             "its own normalizer with inference.pyro.handlers.normalizer(...) around the "
+                             "its own normalizer with tilted_priors.inference.pyro.handlers.normalizer(...) around the "
                              "reparameterised model")
         return tilted
 

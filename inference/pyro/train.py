@@ -1,6 +1,6 @@
 """``fit``: the training loop around Pyro's own ``SVI`` — minibatches, per-prefix learning rates with an
 exponential schedule, gradient clipping, a divergence guard, atomic checkpoints with bit-identical resume, a
-metrics history and a progress bar. The NumPyro twin is :func:`inference.numpyro.train.fit`."""
+metrics history and a progress bar. The NumPyro twin is :func:`tilted_priors.inference.numpyro.train.fit`."""
 from __future__ import annotations
 
 import random
@@ -15,8 +15,8 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import PyroOptim
 
-from inference._training import FitResult, TrainingDiverged, TrainingPlan, make_plan, run_training
-from inference.files import flatten_state, unflatten_state
+from tilted_priors.inference._training import FitResult, TrainingDiverged, TrainingPlan, make_plan, run_training
+from tilted_priors.inference.files import flatten_state, unflatten_state
 
 __all__ = ["fit", "FitResult", "TrainingDiverged"]
 
@@ -293,7 +293,7 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
     >>> import numpy as np, pyro, torch
     >>> import pyro.distributions as dist
     >>> from pyro.infer.autoguide import AutoNormal
-    >>> from inference.pyro.train import fit
+    >>> from tilted_priors.inference.pyro.train import fit
     >>> def model(x):
     ...     loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
     ...     with pyro.plate("data", len(x)):

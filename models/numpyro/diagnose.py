@@ -1,6 +1,6 @@
-"""The NumPyro side of ``python -m models diagnose``: MALA's acceptance for the step search, posterior chains.
+"""The NumPyro side of ``python -m tilted_priors diagnose``: MALA's acceptance for the step search, posterior chains.
 
-See :mod:`models.diagnose` for what the report compares.
+See :mod:`tilted_priors.models.diagnose` for what the report compares.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 
-from inference.numpyro import Langevin, ShortRunPosterior
-from inference.numpyro.handlers import normalizer
+from tilted_priors.inference.numpyro import Langevin, ShortRunPosterior
+from tilted_priors.inference.numpyro.handlers import normalizer
 from tilted_priors.numpyro import MALA, Unnormalized
 
 __all__ = ["mala_acceptance", "posterior_draws", "MALA"]
@@ -37,7 +37,7 @@ def posterior_draws(lvm, x: np.ndarray, *, short_chains: int, steps: int, step_s
     draws = {"short-run guide": np.asarray(z).reshape(short_chains, 1, k, d)}
     kernels = {"MALA": (Langevin(lvm.model, step_size=0.05), k_mala),
                # Without its normalizer term (constant in z; the contrastive one would draw prior samples).
-               "NUTS": (NUTS(normalizer(Unnormalized(), lvm.model), max_tree_depth=max_tree_depth), k_nuts)}
+               "NUTS": (NUTS(normalizer(lvm.model, Unnormalized()), max_tree_depth=max_tree_depth), k_nuts)}
     for name, (kernel, key) in kernels.items():
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                     chain_method="sequential", progress_bar=False)

@@ -1,8 +1,8 @@
 r"""Evaluating a trained NumPyro latent-variable model: samples, reconstructions, test log-likelihood, weights files.
 
-The same functions as :mod:`models.pyro.evaluate` (see there for the estimator). Weights files are flat ``.npz``
+The same functions as :mod:`tilted_priors.models.pyro.evaluate` (see there for the estimator). Weights files are flat ``.npz``
 archives (``"<module>/<path>"`` keys), read with ``allow_pickle=False``; :func:`load_params` returns the model
-with those weights (:meth:`~models.numpyro.lebm.LatentVariableModel.with_params`). The chains run inside one
+with those weights (:meth:`~tilted_priors.models.numpyro.lebm.LatentVariableModel.with_params`). The chains run inside one
 :func:`jax.jit` per batch shape.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpyro.distributions as dist
 from flax import nnx
 from numpyro import handlers
 
-from inference.files import atomic_write, flatten_state, unflatten_state
-from inference.numpyro import ShortRunPosterior
-from models.metrics import log_mean_exp
+from tilted_priors.inference.files import atomic_write, flatten_state, unflatten_state
+from tilted_priors.inference.numpyro import ShortRunPosterior
+from tilted_priors.models.metrics import log_mean_exp
 from tilted_priors.numpyro import MALA, AnnealedImportance, Unnormalized
 
 __all__ = ["trained", "save_params", "load_params", "sample_images", "reconstruct", "log_likelihood"]
@@ -30,7 +30,7 @@ def _modules(lvm) -> dict:
 
 
 def trained(lvm, result):
-    """The model with the parameters of a :class:`~inference.numpyro.FitResult` (flat ``"site/..."`` names)."""
+    """The model with the parameters of a :class:`~tilted_priors.inference.numpyro.FitResult` (flat ``"site/..."`` names)."""
     nested = unflatten_state({k: jnp.asarray(v) for k, v in result.params.items()}, int_keys=True)
     return lvm.with_params({f"{name}$params": nested[f"{name}$params"] for name in _modules(lvm)
                             if f"{name}$params" in nested})
@@ -43,7 +43,7 @@ def save_params(lvm, path: str | os.PathLike) -> Path:
     --------
     >>> import tempfile, pathlib
     >>> import jax.numpy as jnp
-    >>> from models.numpyro.lebm import build
+    >>> from tilted_priors.models.numpyro.lebm import build
     >>> lvm = build((28, 28, 1), 4, ngf=4)
     >>> p = save_params(lvm, pathlib.Path(tempfile.mkdtemp()) / "weights.npz")
     >>> other = load_params(build((28, 28, 1), 4, ngf=4, seed=1), p)
@@ -101,7 +101,7 @@ def reconstruct(lvm, x: np.ndarray, *, steps: int = 20, step_size: float = 0.1, 
 
 def _laplace_proposal(lvm, prior, xb, start, inflate: float, newton_steps: int = 8):
     r"""Laplace approximation :math:`\mathcal N(\hat z, c^2 H^{-1})` after damped Newton steps from ``start``
-    (see :func:`models.pyro.evaluate.log_likelihood`)."""
+    (see :func:`tilted_priors.models.pyro.evaluate.log_likelihood`)."""
     def log_joint(z, x):
         image = lvm.decode(z[None])[0]
         return dist.Normal(image, lvm.likelihood_sd).to_event(3).log_prob(x) + prior.log_prob(z)
@@ -125,7 +125,7 @@ def log_likelihood(lvm, x: np.ndarray, *, num_samples: int = 64, num_chains: int
                    seed: int = 0, batch_size: int = 50) -> dict:
     r"""Per-datum importance-sampling test log-likelihood (nats), with the prior's AIS :math:`\log Z`.
 
-    The Laplace proposal of :func:`models.pyro.evaluate.log_likelihood`. Returns ``{"per_datum": array,
+    The Laplace proposal of :func:`tilted_priors.models.pyro.evaluate.log_likelihood`. Returns ``{"per_datum": array,
     "per_datum_stderr": array, "log_z": float, "log_z_stderr": float}`` (``log_z`` 0 for a Normal prior).
     """
     k_ais = jax.random.PRNGKey(seed)

@@ -9,7 +9,7 @@ whose ``model`` is an ordinary NumPyro program with one :class:`~tilted_priors.n
 ``"z"`` and an observed site ``"x"``; the method is chosen by the guide and the normalizer (LEBM:
 ``ShortRunPosterior`` and ``Contrastive``). ``prior="gaussian"`` gives the alternating back-propagation baseline
 (Han et al. 2017): the same generator under a standard Normal prior. The same public names as
-:mod:`models.pyro.lebm`.
+:mod:`tilted_priors.models.pyro.lebm`.
 
 Images are channels-last, ``(N, H, W, C)``, scaled to ``[-1, 1]`` (the generator ends with ``tanh``).
 
@@ -49,16 +49,16 @@ import optax
 from flax import nnx
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from numpyro.contrib.module import nnx_module
 
 from tilted_priors._validation import check_positive_int
+from tilted_priors.inference.numpyro.modules import register_module
 from tilted_priors.numpyro import EnergyMLP, EnergyTiltedNormal
-from models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
+from tilted_priors.models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
 
 __all__ = ["REFERENCE", "MNIST", "Generator", "LatentVariableModel", "latent_prior", "build", "parameter_group",
            "optimizer"]
 
-REFERENCE = LEBM  #: the paper's settings (see :mod:`models.reference`)
+REFERENCE = LEBM  #: the paper's settings (see :mod:`tilted_priors.models.reference`)
 MNIST = LEBM_MNIST  #: this project's MNIST scaling
 
 def _symmetric_uniform(bound: float):
@@ -178,7 +178,7 @@ class Generator(nnx.Module):
     r"""LEBM's generator :math:`g_\beta`: latent vectors to channels-last images in ``[-1, 1]`` (Flax NNX).
 
     Four transposed convolutions (Pang et al. 2020's SVHN generator, scaled by the image size ``H``), the same
-    as the torch :class:`models.pyro.lebm.Generator`:
+    as the torch :class:`tilted_priors.models.pyro.lebm.Generator`:
 
     ==============================================  =======================  ====================
     layer                                           kernel, stride, padding  output (H = 28 / 32)
@@ -288,40 +288,43 @@ class Generator(nnx.Module):
         return out
 
 
-def _bind(name: str, module: nnx.Module) -> nnx.Module:
-    """Register ``module``'s parameters as the param site ``name + "$params"`` (through
-    :func:`numpyro.contrib.module.nnx_module`) and return a copy of the module holding the site's values.
-
-    The copy is a pytree whose leaves are the (possibly traced) parameters, so it can be the energy of an
-    :class:`EnergyTiltedNormal` as a data field: compiled prior chains are reused across model calls, where the
-    fresh closure ``nnx_module`` returns would be a new static argument each time.
-    """
-    params = nnx_module(name, module).args[0]
-    return _with_pure_params(module, params)
-
-
 def _with_pure_params(module: nnx.Module, params) -> nnx.Module:
     graphdef, state, rest = nnx.split(module, nnx.Param, nnx.Not(nnx.Param))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state, rest)
 
 
-def latent_prior(model, energy, dtype, batch_shape, rng_key=None) -> dist.Distribution:
-    """The prior over ``z`` of a model with ``latent_dim``, ``prior_kind``, ``normalizer`` and ``prior_sampler``
-    attributes (LEBM's, the VAE-EBM's): ``Normal(0, 1)`` per latent for ``"gaussian"``, else
-    ``EnergyTiltedNormal(energy, 0, 1, ...)``; batch shape ``batch_shape``, event shape ``(latent_dim,)``.
+def latent_prior(model, like, batch_shape=(), *, energy=None, rng_key: jax.Array | None = None) -> dist.Distribution:
+    """The prior over ``z`` of a model with ``latent_dim``, ``prior_kind``, ``energy``, ``normalizer`` and
+    ``prior_sampler`` attributes (LEBM's, the VAE-EBM's), in the dtype of ``like``: ``Normal(0, 1)`` per latent
+    for ``"gaussian"``, else ``EnergyTiltedNormal(energy, 0, 1, ...)``; batch shape ``batch_shape``, event shape
+    ``(latent_dim,)``.
+
+    Parameters
+    ----------
+    model : LatentVariableModel or VAEModel
+    like : array_like or dtype
+        An array (e.g. one of the networks' parameters) whose dtype the prior's ``loc`` and ``scale`` take, or
+        the dtype itself.
+    batch_shape : tuple of int
+    energy : callable, optional
+        The energy to tilt with (default ``model.energy``); inside the model, the module returned by
+        :func:`~tilted_priors.inference.numpyro.register_module`.
+    rng_key : jax.Array, optional
+        For the tilted prior's normalizer (see :class:`~tilted_priors.numpyro.EnergyTilted`).
 
     Examples
     --------
-    >>> latent_prior(build((28, 28, 1), 4, ngf=4, prior="gaussian"), None, jnp.float32, (3,)).batch_shape
+    >>> latent_prior(build((28, 28, 1), 4, ngf=4, prior="gaussian"), jnp.zeros(()), (3,)).batch_shape
     (3,)
     """
     shape = tuple(batch_shape) + (model.latent_dim,)
+    dtype = jnp.result_type(like)
     loc, scale = jnp.zeros(shape, dtype), jnp.ones(shape, dtype)
     if model.prior_kind == "gaussian":
         return dist.Normal(loc, scale).to_event(1)
-    return EnergyTiltedNormal(energy, loc, scale, normalizer=model.normalizer, sampler=model.prior_sampler,
-                              rng_key=rng_key)
+    return EnergyTiltedNormal(model.energy if energy is None else energy, loc, scale, normalizer=model.normalizer,
+                              sampler=model.prior_sampler, rng_key=rng_key)
 
 
 @dataclass(frozen=True, eq=False)
@@ -379,7 +382,8 @@ class LatentVariableModel:
     prior_sampler: Any = None
 
     def _prior_with(self, energy, batch_shape, rng_key=None) -> dist.Distribution:
-        return latent_prior(self, energy, self.generator.layers[0].kernel.get_value().dtype, batch_shape, rng_key)
+        return latent_prior(self, self.generator.layers[0].kernel.get_value(), batch_shape, energy=energy,
+                            rng_key=rng_key)
 
     def prior(self, batch_shape: tuple[int, ...] = (), *, rng_key: jax.Array | None = None) -> dist.Distribution:
         """The prior over ``z``, batch shape ``batch_shape``, event shape ``(latent_dim,)``.
@@ -453,8 +457,8 @@ class LatentVariableModel:
         (2, 4)
         """
         n = self._batch_size(x, batch_size)
-        energy = _bind("energy", self.energy) if self.prior_kind == "ebm" else None
-        generator = _bind("generator", self.generator)
+        energy = register_module("energy", self.energy) if self.prior_kind == "ebm" else None
+        generator = register_module("generator", self.generator)
         prior = self._prior_with(energy, (n,))
         with numpyro.plate("data", n):
             z = numpyro.sample("z", prior)
@@ -553,7 +557,8 @@ def optimizer(lr_energy: float = REFERENCE["lr_energy"], lr_generator: float = R
 
     Returns
     -------
-    numpyro.optim._NumPyroOptim
+    object
+        A NumPyro optimiser (what :func:`numpyro.optim.optax_to_numpyro` returns), for ``SVI`` and ``fit``.
 
     Examples
     --------

@@ -5,14 +5,14 @@ NumPyro.
           \quad\Longrightarrow\quad
           p(u) = \frac{e^{-E(T(u))}\, \mathcal N(u; 0, I)}{Z}
 
-(the Jacobian of :math:`T` cancels). The same public names as :mod:`models.pyro.ntebm`. The flow :math:`T` is a
+(the Jacobian of :math:`T` cancels). The same public names as :mod:`tilted_priors.models.pyro.ntebm`. The flow :math:`T` is a
 stack of :class:`numpyro.distributions.flows.InverseAutoregressiveTransform` layers (MADE networks from
 :func:`numpyro.nn.AutoregressiveNN`, tanh) with reversing permutations between them; its parameters are a pytree
 held by :class:`NTEBM` (``flow_params``) and :meth:`NTEBM.transform` builds the transform from any parameter value,
 so learning and sampling are jitted functions of the parameters. :math:`T(u)` is parallel; :math:`T^{-1}` (needed
 for :math:`\log q_T(x)`: maximum likelihood and data-space chains) takes :math:`d` network passes per layer —
 cheap in 2-D, costly for 784-d images. (``BlockNeuralAutoregressiveTransform`` has no inverse, so it cannot be fit
-by maximum likelihood on data; it would do as a :class:`~inference.numpyro.FlowBackbone` for latent priors only.)
+by maximum likelihood on data; it would do as a :class:`~tilted_priors.inference.numpyro.FlowBackbone` for latent priors only.)
 The energy is a Flax NNX :class:`~tilted_priors.numpyro.EnergyMLP`.
 
 ``model`` is an ordinary NumPyro program with one observed site ``x ~ EnergyTilted(E, TransformedDistribution(N(0,
@@ -20,9 +20,9 @@ I), T))``. Learning follows the paper: :func:`fit_flow` (maximum likelihood of t
 flow fixed, :func:`fit_energy` (the contrastive gradient :math:`\mathbb E_{\text{data}}[\nabla E] -
 \mathbb E_p[\nabla E]`, negatives from short-run Langevin chains in :math:`u` started from :math:`\mathcal N(0,
 I)`, pushed through :math:`T`). The model's site is observed and :class:`~tilted_priors.numpyro.Contrastive` would
-run its chains in data space, while :class:`~inference.numpyro.FlowBackbone` reparameterises latent sites only, so
+run its chains in data space, while :class:`~tilted_priors.inference.numpyro.FlowBackbone` reparameterises latent sites only, so
 :func:`fit_energy` writes the contrastive loss directly (one jitted step). :func:`sample` runs the prior program
-under :class:`~inference.numpyro.FlowBackbone` (``space="latent"``) or the sampler on :math:`-E(x) + \log q_T(x)`
+under :class:`~tilted_priors.inference.numpyro.FlowBackbone` (``space="latent"``) or the sampler on :math:`-E(x) + \log q_T(x)`
 (``space="data"``).
 
 Hyper-parameters
@@ -56,8 +56,8 @@ from numpyro.distributions.flows import InverseAutoregressiveTransform
 from numpyro.distributions.transforms import ComposeTransform, PermuteTransform
 from numpyro.nn import AutoregressiveNN
 
-from inference.numpyro.reparam import FlowBackbone
-from models.data import batch_stream
+from tilted_priors.inference.numpyro.reparam import FlowBackbone
+from tilted_priors.models.data import batch_stream
 from tilted_priors._validation import check_positive_int, check_step_size
 from tilted_priors.numpyro import EnergyMLP, EnergyTilted, ShortRunLangevin, Unnormalized
 
@@ -148,7 +148,7 @@ class NTEBM:
 
         The site's log density is :math:`-E(x) + \log q_T(x)` minus the normalizer's term (0 in value for the
         default :class:`~tilted_priors.numpyro.Contrastive`, which runs data-space chains for its gradient; use
-        :func:`~inference.numpyro.handlers.normalizer` with ``Unnormalized()`` to evaluate it without chains).
+        :func:`~tilted_priors.inference.numpyro.handlers.normalizer` with ``Unnormalized()`` to evaluate it without chains).
         """
         x = check_data(x, self.data_dim)
         with numpyro.plate("data", x.shape[0]):
@@ -167,8 +167,11 @@ def check_data(x: Any, data_dim: int, name: str = "data") -> jax.Array:
     return jnp.asarray(x)
 
 
-def build(data_dim: int, *, flow: str = "iaf", flow_layers: int = 6, flow_hidden: int = 64,
-          energy_hidden: int = 64, energy_depth: int = 2, seed: int = 0) -> NTEBM:
+_DEFAULT_LAYERS = 6  #: IAF layers when build(flow_layers=None)
+
+
+def build(data_dim: int, *, flow: str = "iaf", flow_layers: Optional[int] = None, flow_hidden: int = 64,
+          energy_hidden: int = 64, energy_depth: int = 2, bound: float = 5.0, seed: int = 0) -> NTEBM:
     r"""Build an NT-EBM: an IAF flow :math:`T` on :math:`\mathbb R^d` and an energy MLP.
 
     .. math:: T = A_L \circ P \circ A_{L-1} \circ \dots \circ P \circ A_1, \qquad
@@ -182,11 +185,17 @@ def build(data_dim: int, *, flow: str = "iaf", flow_layers: int = 6, flow_hidden
     data_dim : int
         :math:`d \ge 2`.
     flow : {"iaf"}
-        Flow type (the only one with an inverse in :mod:`numpyro.distributions.flows`).
-    flow_layers, flow_hidden : int
-        IAF layers and MADE width (at least ``data_dim``).
+        Flow type (the only one with an inverse in :mod:`numpyro.distributions.flows`; Pyro's twin builds
+        ``"spline"`` and ``"affine"`` coupling flows).
+    flow_layers : int, optional
+        IAF layers (``None``: 6).
+    flow_hidden : int
+        MADE width (at least ``data_dim``).
     energy_hidden, energy_depth : int
         Width and depth of :class:`~tilted_priors.numpyro.EnergyMLP`.
+    bound : float
+        The spline interval half-width of Pyro's ``"spline"`` flow; checked (positive) but unused by ``"iaf"``,
+        so that one call builds on both backends.
     seed : int
         Initial weights.
 
@@ -205,8 +214,9 @@ def build(data_dim: int, *, flow: str = "iaf", flow_layers: int = 6, flow_hidden
         raise ValueError(f"data_dim must be at least 2, got {d}")
     if flow != "iaf":
         raise ValueError(f"flow must be 'iaf' on NumPyro, got {flow!r}")
-    layers = check_positive_int("flow_layers", flow_layers)
+    layers = check_positive_int("flow_layers", _DEFAULT_LAYERS if flow_layers is None else flow_layers)
     hidden = check_positive_int("flow_hidden", flow_hidden)
+    check_step_size(bound, "bound")
     if hidden < d:
         raise ValueError(f"flow_hidden must be at least data_dim={d} (a MADE constraint), got {hidden}")
     key = jax.random.PRNGKey(seed)
@@ -255,7 +265,7 @@ def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: 
 
     Examples
     --------
-    >>> from models.data import toy_mixture
+    >>> from tilted_priors.models.data import toy_mixture
     >>> m = build(2, flow_layers=2, flow_hidden=16, energy_hidden=8)
     >>> hist = fit_flow(m, toy_mixture(512, "ring"), steps=30, lr=1e-2)
     >>> hist[-1] < hist[0]
@@ -316,7 +326,7 @@ def sample(ntebm: NTEBM, n: int, sampler=None, *, rng_key=None, space: str = "la
 
     ``space="latent"``: chains on :math:`p(u) \propto e^{-E(T(u))}\mathcal N(u; 0, I)` from :math:`u_0 \sim
     \mathcal N(0, I)`, pushed through :math:`T` — the prior program ``x ~ EnergyTilted(E, q_T)`` reparameterised
-    with :class:`~inference.numpyro.FlowBackbone`, so the site's own sampler runs on :math:`u`.
+    with :class:`~tilted_priors.inference.numpyro.FlowBackbone`, so the site's own sampler runs on :math:`u`.
     ``space="data"``: chains on :math:`-E(x) + \log q_T(x)` from :math:`x_0 \sim q_T`.
 
     Returns
@@ -390,7 +400,7 @@ def fit_energy(ntebm: NTEBM, data: Any, steps: int, *, chain_steps: int = 40, st
     Examples
     --------
     >>> import math
-    >>> from models.data import toy_mixture
+    >>> from tilted_priors.models.data import toy_mixture
     >>> m = build(2, flow_layers=1, flow_hidden=8, energy_hidden=8)
     >>> hist = fit_energy(m, toy_mixture(256, "ring"), steps=3, chain_steps=5, batch_size=32)
     >>> len(hist), all(math.isfinite(h) for h in hist)

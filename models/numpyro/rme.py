@@ -1,16 +1,16 @@
 r"""The RME VAE (Kim and Pavlovic 2020) on MNIST-5k as a NumPyro program.
 
-The VAE of :mod:`models.numpyro.vae_ebm` (Bernoulli or Gaussian image likelihood, a standard Normal or an
+The VAE of :mod:`tilted_priors.models.numpyro.vae_ebm` (Bernoulli or Gaussian image likelihood, a standard Normal or an
 energy-tilted prior) with its amortised posterior grown as a recursive mixture of ``M`` encoders
-(:class:`~inference.numpyro.RecursiveMixtureGuide`):
+(:class:`~tilted_priors.inference.numpyro.RecursiveMixtureGuide`):
 
 .. math:: Q_m(z \mid x) = \bigl(1 - e_m(x)\bigr) Q_{m-1}(z \mid x) + e_m(x)\, q_m(z \mid x),
 
-with amortised weights :math:`e_m(x)` from a small MLP. Train it with :func:`inference.numpyro.fit_recursive`
+with amortised weights :math:`e_m(x)` from a small MLP. Train it with :func:`tilted_priors.inference.numpyro.fit_recursive`
 (component :math:`m` on :math:`\mathrm{ELBO}(q_m) + \min(\mathrm{KL}(q_m \| Q_{m-1}), C)`, the weights and the
 decoder on :math:`\mathrm{ELBO}(Q_m)`), put the trained parameters back with :meth:`RMEModel.with_params`, and
 evaluate with :func:`log_likelihood`, importance sampling with the mixture as proposal. Component 0 is the VAE's own
-encoder, so with ``M = 1`` it is the VAE. The same public names and meanings as :mod:`models.pyro.rme`.
+encoder, so with ``M = 1`` it is the VAE. The same public names and meanings as :mod:`tilted_priors.models.pyro.rme`.
 
 Parameter names: the decoder is ``"decoder$params"`` (and ``"energy$params"`` for a tilted prior), component ``k``
 is ``"rme.component{k}$params"``, the mixing network ``"rme.mixing$params"`` (``"rme.mixing"``, an array of
@@ -19,7 +19,7 @@ is ``"rme.component{k}$params"``, the mixing network ``"rme.mixing$params"`` (``
 Examples
 --------
 >>> import numpy as np
->>> from inference.numpyro import fit_recursive
+>>> from tilted_priors.inference.numpyro import fit_recursive
 >>> rme = build(2, latent_dim=2, hidden=(8,), mixing_hidden=4)
 >>> x = (np.random.default_rng(0).random((16, 28, 28, 1)) < 0.3).astype(np.float32)
 >>> stages = fit_recursive(rme.model, rme.guide, x, 2, batch_size=8, lr=1e-3, progress=False)
@@ -38,18 +38,18 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from flax import nnx
 
-from inference.files import unflatten_state
-from inference.numpyro import RecursiveMixtureGuide
-from inference.numpyro.mixture import _log_pi
-from models.numpyro import vae_ebm
-from models.numpyro.lebm import _with_pure_params
-from models.numpyro.vae_ebm import _linear_layers, _mlp
-from models.reference import RME
+from tilted_priors.inference.files import unflatten_state
+from tilted_priors.inference.numpyro import RecursiveMixtureGuide
+from tilted_priors.inference.numpyro.mixture import _log_pi
+from tilted_priors.models.numpyro import vae_ebm
+from tilted_priors.models.numpyro.lebm import _with_pure_params
+from tilted_priors.models.numpyro.vae_ebm import _linear_layers, _mlp
+from tilted_priors.models.reference import RME
 from tilted_priors._validation import check_positive_int
 
 __all__ = ["REFERENCE", "MixingNet", "RMEModel", "build", "log_likelihood"]
 
-REFERENCE = RME  #: this project's settings (see :mod:`models.reference`)
+REFERENCE = RME  #: this project's settings (see :mod:`tilted_priors.models.reference`)
 
 
 class MixingNet(nnx.Module):
@@ -139,7 +139,7 @@ class RMEModel:
 
     def with_params(self, params: Mapping[str, Any]) -> "RMEModel":
         """A copy whose modules hold the trained values in ``params``: ``svi.get_params(state)`` (nested) or
-        :attr:`~inference.numpyro.FitResult.params` (flat ``site/key/...`` names). Component 0 is read from
+        :attr:`~tilted_priors.inference.numpyro.FitResult.params` (flat ``site/key/...`` names). Component 0 is read from
         ``"rme.component0$params"``, or from ``"encoder$params"`` when the model was trained as the plain VAE
         (``rme.vae.guide()``). Sites absent from ``params`` leave their module as it is; the guide is rebuilt over
         the new modules with the same ``num_active`` and barrier.
@@ -174,14 +174,14 @@ class RMEModel:
 def build(num_components: int = RME["num_components"], latent_dim: int = RME["latent_dim"], *,
           hidden=RME["hidden"], mixing_hidden: int | None = RME["mixing_hidden"], barrier: float = RME["barrier"],
           prior: str = "gaussian", likelihood: str = "bernoulli", seed: int = 0, **vae_kwargs: Any) -> RMEModel:
-    r"""Build the RME VAE: the VAE of :func:`models.numpyro.vae_ebm.build` and ``num_components`` encoders.
+    r"""Build the RME VAE: the VAE of :func:`tilted_priors.models.numpyro.vae_ebm.build` and ``num_components`` encoders.
 
     Parameters
     ----------
     num_components : int
         :math:`M`.
     latent_dim, hidden, prior, likelihood
-        Of the VAE (:func:`models.numpyro.vae_ebm.build`; ``prior="ebm"`` tilts the prior).
+        Of the VAE (:func:`tilted_priors.models.numpyro.vae_ebm.build`; ``prior="ebm"`` tilts the prior).
     mixing_hidden : int or None
         Width of :class:`MixingNet`; ``None`` for global (not amortised) weights, a param site ``"rme.mixing"``.
     barrier : float
@@ -189,7 +189,7 @@ def build(num_components: int = RME["num_components"], latent_dim: int = RME["la
     seed : int
         Seed of the initial weights; component ``k`` is initialised from ``seed + k``.
     **vae_kwargs
-        Passed on to :func:`models.numpyro.vae_ebm.build` (``image_shape``, ``obs_scale``, ``normalizer``, ...).
+        Passed on to :func:`tilted_priors.models.numpyro.vae_ebm.build` (``image_shape``, ``obs_scale``, ``normalizer``, ...).
 
     Examples
     --------
@@ -212,7 +212,7 @@ def build(num_components: int = RME["num_components"], latent_dim: int = RME["la
 
 def log_likelihood(rme: RMEModel, x, **kwargs: Any) -> dict[str, Any]:
     r"""Importance-weighted log-likelihood with the mixture :math:`Q_m` as proposal (:math:`\log Z` by AIS for a
-    tilted prior): :func:`models.numpyro.vae_ebm.log_likelihood` with ``proposal=rme.proposal``; the same keywords
+    tilted prior): :func:`tilted_priors.models.numpyro.vae_ebm.log_likelihood` with ``proposal=rme.proposal``; the same keywords
     (``num_samples`` :math:`K`, ``log_z_chains``, ``batch_size``, ``seed``) and the same result. Pass the trained
     model (:meth:`RMEModel.with_params`).
 

@@ -8,17 +8,17 @@ with :math:`E` an :class:`~tilted_priors.numpyro.EnergyMLP` (3 x 200, LeakyReLU 
 guide :math:`q_\phi(z \mid x) = \mathcal N(\mu_\phi(x), \operatorname{diag} \sigma_\phi(x)^2)` (Flax NNX modules).
 :func:`build` returns a :class:`VAEModel`: ``vae.model`` is an ordinary NumPyro program (one
 :class:`~tilted_priors.numpyro.EnergyTiltedNormal` site ``"z"``, observed ``"x"``) and ``vae.guide()`` its
-:class:`~inference.numpyro.AmortizedGuide`. The prior's default normalizer is
+:class:`~tilted_priors.inference.numpyro.AmortizedGuide`. The prior's default normalizer is
 :class:`~tilted_priors.numpyro.SelfNormalized`, so ``SVI(vae.model, vae.guide(), optax.adam(...), Trace_ELBO())``
 maximises the SNELBO; ``RefinedGuide(vae.guide())`` or ``ShortRunPosterior(vae.model)`` train the same model
 otherwise. ``prior="gaussian"`` is the plain VAE. The same public names and semantics as
-:mod:`models.pyro.vae_ebm`; with the same weights (:meth:`VAEModel.load_torch_state_dicts`) the two backends'
+:mod:`tilted_priors.models.pyro.vae_ebm`; with the same weights (:meth:`VAEModel.load_torch_state_dicts`) the two backends'
 networks and log densities agree to rounding.
 
 Images are channels-last ``(N, 28, 28, 1)`` with values in :math:`\{0, 1\}`
-(``models.data.load_mnist(binarize="stochastic")``).
+(``tilted_priors.models.data.load_mnist(binarize="stochastic")``).
 
-``REFERENCE``: the paper's settings (:data:`models.reference.VAE_EBM`); ``CPU``: this project's budget for
+``REFERENCE``: the paper's settings (:data:`tilted_priors.models.reference.VAE_EBM`); ``CPU``: this project's budget for
 MNIST-5k on two cores. Parameter names: the model registers its networks with
 :func:`numpyro.contrib.module.nnx_module`, so its parameters are the pytree param sites ``"energy$params"`` (EBM
 prior only) and ``"decoder$params"``; the guide's is ``"encoder$params"`` and the SNELBO's scalar is ``"snl_b"``.
@@ -46,17 +46,18 @@ import numpyro
 import numpyro.distributions as dist
 from flax import nnx
 
-from inference.numpyro import AmortizedGuide
-from models.metrics import log_mean_exp, summarize_with_log_z
-from models.numpyro.lebm import _bind, _symmetric_uniform, _with_pure_params, latent_prior
-from models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, check_likelihood, mlp_sizes
+from tilted_priors.inference.numpyro import AmortizedGuide
+from tilted_priors.models.metrics import log_mean_exp, summarize_with_log_z
+from tilted_priors.inference.numpyro.modules import register_module
+from tilted_priors.models.numpyro.lebm import _symmetric_uniform, _with_pure_params, latent_prior
+from tilted_priors.models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, check_likelihood, mlp_sizes
 from tilted_priors._validation import check_positive_int
 from tilted_priors.numpyro import AnnealedImportance, EnergyMLP, SelfNormalized
 from tilted_priors.numpyro.energies import _TorchTwin
 
 __all__ = ["REFERENCE", "CPU", "Encoder", "Decoder", "VAEModel", "build", "log_likelihood"]
 
-REFERENCE = VAE_EBM  #: the paper's settings (see :mod:`models.reference`)
+REFERENCE = VAE_EBM  #: the paper's settings (see :mod:`tilted_priors.models.reference`)
 CPU = VAE_EBM_CPU  #: this project's CPU budget
 
 
@@ -80,7 +81,7 @@ def _rngs(rngs) -> nnx.Rngs:
 def _linear_layers(sizes: list[int], rngs: nnx.Rngs) -> nnx.List:
     r"""``nnx.Linear`` layers ``sizes[0] -> sizes[1] -> ...``, initialised as torch's ``nn.Linear``: kernel and bias
     uniform on :math:`\pm 1/\sqrt{\text{fan\_in}}` (the energy's law, see ``_torch_linear_init`` in
-    :mod:`tilted_priors.numpyro.energies`), drawn by NumPy from the JAX key as :mod:`models.numpyro.lebm` does, so
+    :mod:`tilted_priors.numpyro.energies`), drawn by NumPy from the JAX key as :mod:`tilted_priors.models.numpyro.lebm` does, so
     that no sampler is compiled per layer shape."""
     layers = []
     for w_in, w_out in zip(sizes[:-1], sizes[1:]):
@@ -111,7 +112,7 @@ class Encoder(_TorchTwin, nnx.Module):
     image_shape : tuple of int
         ``(H, W, C)``.
     hidden : sequence of int
-        Hidden widths (see :func:`models.reference.mlp_sizes`).
+        Hidden widths (see :func:`tilted_priors.models.reference.mlp_sizes`).
     rngs : int or flax.nnx.Rngs
         Seed or NNX random streams for the initial weights.
 
@@ -221,9 +222,9 @@ class VAEModel:
     likelihood: str = "bernoulli"
     obs_scale: float = 0.1
 
-    def observation(self, z: jax.Array, decoder=None) -> dist.Distribution:
-        r"""The likelihood :math:`p(x \mid z)`, normalised, event shape ``image_shape`` (``decoder``: default the
-        module's current weights).
+    def observation(self, z: jax.Array) -> dist.Distribution:
+        r"""The likelihood :math:`p(x \mid z)`, normalised, event shape ``image_shape``, with the decoder's current
+        weights (see :meth:`with_params`).
 
         Examples
         --------
@@ -231,10 +232,11 @@ class VAEModel:
         >>> build(4, hidden=(8,)).observation(jnp.zeros((3, 4))).event_shape
         (28, 28, 1)
         """
-        return _observation(self.likelihood, self.obs_scale, (decoder or self.decoder)(z))
+        return _observation(self.likelihood, self.obs_scale, self.decoder(z))
 
     def _prior_with(self, energy, batch_shape, rng_key=None) -> dist.Distribution:
-        return latent_prior(self, energy, self.decoder.layers[0].kernel.get_value().dtype, batch_shape, rng_key)
+        return latent_prior(self, self.decoder.layers[0].kernel.get_value(), batch_shape, energy=energy,
+                            rng_key=rng_key)
 
     def prior(self, batch_shape: tuple[int, ...] = (), *, rng_key: jax.Array | None = None) -> dist.Distribution:
         """The prior over ``z``: batch shape ``batch_shape``, event shape ``(latent_dim,)``; normalised for the
@@ -272,17 +274,17 @@ class VAEModel:
         (2, 4)
         """
         x, n = self._data(x, batch_size)
-        energy = _bind("energy", self.energy) if self.prior_kind == "ebm" else None
-        decoder = _bind("decoder", self.decoder)
+        energy = register_module("energy", self.energy) if self.prior_kind == "ebm" else None
+        decoder = register_module("decoder", self.decoder)
         prior = self._prior_with(energy, (n,))
         with numpyro.plate("data", n):
             z = numpyro.sample("z", prior)
-            numpyro.sample("x", self.observation(z, decoder), obs=x)
+            numpyro.sample("x", _observation(self.likelihood, self.obs_scale, decoder(z)), obs=x)
         return z
 
     def guide(self) -> AmortizedGuide:
         """The amortised guide ``AmortizedGuide(model, encoder, "z", name="encoder")`` (wrap it in
-        :class:`~inference.numpyro.RefinedGuide` for MCMC refinement).
+        :class:`~tilted_priors.inference.numpyro.RefinedGuide` for MCMC refinement).
 
         Examples
         --------

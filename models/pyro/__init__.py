@@ -1,6 +1,10 @@
 """Ready Pyro generators: ``lebm`` (LEBM and its Gaussian-prior baseline), ``vae_ebm`` (the VAE with an
 energy-tilted prior and the plain VAE), ``rme`` (the VAE with a recursive mixture of encoders) and evaluation
 (``evaluate``)."""
-from models.pyro import evaluate, lebm, rme, vae_ebm
+from tilted_priors._extras import require
+
+require("pyro", "tilted_priors.models.pyro")
+
+from tilted_priors.models.pyro import evaluate, lebm, rme, vae_ebm
 
 __all__ = ["lebm", "vae_ebm", "rme", "evaluate"]

@@ -1,6 +1,6 @@
-"""The Pyro side of ``python -m models diagnose``: MALA's acceptance for the step search, posterior chains.
+"""The Pyro side of ``python -m tilted_priors diagnose``: MALA's acceptance for the step search, posterior chains.
 
-See :mod:`models.diagnose` for what the report compares.
+See :mod:`tilted_priors.models.diagnose` for what the report compares.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pyro
 import torch
 from pyro.infer import MCMC, NUTS
 
-from inference.pyro import Langevin, ShortRunPosterior
-from inference.pyro.handlers import normalizer
+from tilted_priors.inference.pyro import Langevin, ShortRunPosterior
+from tilted_priors.inference.pyro.handlers import normalizer
 from tilted_priors.pyro import MALA, Unnormalized
 
 __all__ = ["mala_acceptance", "posterior_draws", "MALA"]
@@ -37,7 +37,7 @@ def posterior_draws(lvm, x: np.ndarray, *, short_chains: int, steps: int, step_s
     draws = {"short-run guide": z.numpy().reshape(short_chains, 1, k, d)}
     kernels = {"MALA": lambda: Langevin(lvm.model, step_size=0.05),
                # Without its normalizer term: the contrastive term would draw prior samples at every gradient.
-               "NUTS": lambda: NUTS(normalizer(Unnormalized())(lvm.model), max_tree_depth=max_tree_depth)}
+               "NUTS": lambda: NUTS(normalizer(lvm.model, Unnormalized()), max_tree_depth=max_tree_depth)}
     for name, kernel in kernels.items():
         chains = []
         for _ in range(num_chains):  # in this process, with a fresh kernel each (Pyro's kernels keep their set-up)

@@ -21,9 +21,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from inference.files import atomic_write
-from inference.pyro import ShortRunPosterior
-from models.metrics import log_mean_exp
+from tilted_priors.inference.files import atomic_write
+from tilted_priors.inference.pyro import ShortRunPosterior
+from tilted_priors.models.metrics import log_mean_exp
 from tilted_priors.pyro import MALA, AnnealedImportance, Unnormalized
 
 __all__ = ["trained", "save_params", "load_params", "sample_images", "reconstruct", "log_likelihood"]
@@ -34,7 +34,7 @@ def _modules(lvm) -> dict[str, torch.nn.Module]:
 
 
 def trained(lvm, result):
-    """``lvm`` with the parameters of a :class:`~inference.pyro.FitResult` copied into its networks.
+    """``lvm`` with the parameters of a :class:`~tilted_priors.inference.pyro.FitResult` copied into its networks.
 
     Pyro trains ``pyro.module`` parameters in place already; copying by name makes the result explicit (and
     correct after a resume that rebuilt the parameter store).
@@ -54,7 +54,7 @@ def save_params(lvm, path: str | os.PathLike) -> Path:
     Examples
     --------
     >>> import tempfile, pathlib
-    >>> from models.pyro.lebm import build
+    >>> from tilted_priors.models.pyro.lebm import build
     >>> lvm = build((28, 28, 1), 4, ngf=4)
     >>> p = save_params(lvm, pathlib.Path(tempfile.mkdtemp()) / "weights.pt")
     >>> load_params(build((28, 28, 1), 4, ngf=4, seed=1), p).generator.net[0].weight.equal(lvm.generator.net[0].weight)

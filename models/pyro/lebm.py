@@ -40,15 +40,15 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from inference.pyro.modules import register_module
+from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors._validation import check_positive_int
 from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal
-from models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
+from tilted_priors.models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
 
 __all__ = ["REFERENCE", "MNIST", "Generator", "LatentVariableModel", "latent_prior", "build", "parameter_group",
            "optimizer"]
 
-REFERENCE = LEBM  #: the paper's settings (see :mod:`models.reference`)
+REFERENCE = LEBM  #: the paper's settings (see :mod:`tilted_priors.models.reference`)
 MNIST = LEBM_MNIST  #: this project's MNIST scaling
 
 class Generator(nn.Module):
@@ -67,10 +67,10 @@ class Generator(nn.Module):
 
     With ``ngf=128`` and ``H=32`` this is the reference 100 -> 512 -> 256 -> 128 -> 3 network. Inputs
     ``(..., d)`` map to ``(..., H, W, C)`` (torch's convolutions are channels-first; the permutation is inside).
-    Weights have torch's default initialisation. The JAX :class:`models.numpyro.lebm.Generator` has the same
+    Weights have torch's default initialisation. The JAX :class:`tilted_priors.models.numpyro.lebm.Generator` has the same
     layers: its ``layers[i].kernel`` (``(k, k, out, in)``) is ``net[2 i].weight.permute(2, 3, 1, 0)`` and its
     ``layers[i].bias`` is ``net[2 i].bias``, and the outputs agree to rounding
-    (``models.numpyro.lebm.Generator.load_torch_state_dict`` copies them).
+    (``tilted_priors.models.numpyro.lebm.Generator.load_torch_state_dict`` copies them).
 
     Parameters
     ----------
@@ -109,11 +109,21 @@ class Generator(nn.Module):
         return x.permute(0, 2, 3, 1).reshape(*batch, *self.image_shape)
 
 
-def latent_prior(model, like: torch.Tensor, batch_shape=()) -> dist.TorchDistribution:
+def latent_prior(model, like: torch.Tensor, batch_shape=(), *, energy=None) -> dist.TorchDistribution:
     """The prior over ``z`` of a model with ``latent_dim``, ``prior_kind``, ``energy``, ``normalizer`` and
     ``prior_sampler`` attributes (LEBM's, the VAE-EBM's), in the dtype and on the device of ``like``:
     ``Normal(0, 1)`` per latent for ``"gaussian"``, else ``EnergyTiltedNormal(energy, 0, 1, ...)``; batch shape
     ``batch_shape``, event shape ``(latent_dim,)``.
+
+    Parameters
+    ----------
+    model : LatentVariableModel or VAEModel
+    like : torch.Tensor
+        A tensor (e.g. one of the networks' parameters) whose dtype and device the prior's ``loc`` and ``scale``
+        take.
+    batch_shape : tuple of int
+    energy : callable, optional
+        The energy to tilt with (default ``model.energy``).
 
     Examples
     --------
@@ -126,7 +136,8 @@ def latent_prior(model, like: torch.Tensor, batch_shape=()) -> dist.TorchDistrib
     scale = torch.ones(shape, dtype=like.dtype, device=like.device)
     if model.prior_kind == "gaussian":
         return dist.Normal(loc, scale).to_event(1)
-    return EnergyTiltedNormal(model.energy, loc, scale, normalizer=model.normalizer, sampler=model.prior_sampler)
+    return EnergyTiltedNormal(model.energy if energy is None else energy, loc, scale, normalizer=model.normalizer,
+                              sampler=model.prior_sampler)
 
 
 @dataclass(frozen=True, eq=False)

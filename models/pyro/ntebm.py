@@ -17,13 +17,13 @@ fixed, the energy by the contrastive gradient (:func:`fit_energy`)
 
 whose negatives :math:`u^-` are short-run Langevin chains in the flow's latent space started from
 :math:`\mathcal N(0, I)`: the prior program's site is reparameterised with
-:class:`~inference.pyro.FlowBackbone` and its own sampler runs on :math:`u` (:func:`sample` with
+:class:`~tilted_priors.inference.pyro.FlowBackbone` and its own sampler runs on :math:`u` (:func:`sample` with
 ``space="latent"``). ``space="data"`` runs the same sampler on :math:`-E(x) + \log q_T(x)` in data space, from the
 flow's samples, for comparison (``benchmarks/mixing.py``).
 
 Why the energy is not learned by SVI on ``model``: the model's site is observed, and
 :class:`~tilted_priors.pyro.Contrastive` draws its negatives with the *site's* sampler in the site's own space
-(data space, from flow samples); :class:`~inference.pyro.FlowBackbone` reparameterises latent sites only. So
+(data space, from flow samples); :class:`~tilted_priors.inference.pyro.FlowBackbone` reparameterises latent sites only. So
 :func:`fit_energy` writes the contrastive loss directly with latent-space negatives.
 
 Hyper-parameters
@@ -52,8 +52,8 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from inference.pyro.reparam import FlowBackbone
-from models.data import batch_stream
+from tilted_priors.inference.pyro.reparam import FlowBackbone
+from tilted_priors.models.data import batch_stream
 from tilted_priors._validation import check_positive_int, check_step_size
 from tilted_priors.pyro import EnergyMLP, EnergyTilted, ShortRunLangevin, Unnormalized
 
@@ -113,9 +113,11 @@ class NTEBM:
     energy: EnergyMLP
     flow: nn.ModuleList = field(repr=False)
 
-    @property
     def transform(self) -> T.ComposeTransform:
-        r"""The flow :math:`T: u \mapsto x` as one ``ComposeTransform`` (the same layer objects)."""
+        r"""The flow :math:`T: u \mapsto x` as one ``ComposeTransform`` (the same layer objects).
+
+        A method, as on NumPyro (where it also takes the flow's parameters): ``m.transform()(u)``.
+        """
         return T.ComposeTransform(list(self.transforms))
 
     def base(self) -> dist.Distribution:
@@ -163,7 +165,10 @@ def _dtype(ntebm: NTEBM) -> torch.dtype:
     return next(ntebm.energy.parameters()).dtype
 
 
-def build(data_dim: int, *, flow: str = "spline", flow_layers: int = 4, flow_hidden: int = 64,
+_DEFAULT_LAYERS = 4  #: coupling layers when build(flow_layers=None)
+
+
+def build(data_dim: int, *, flow: str = "spline", flow_layers: Optional[int] = None, flow_hidden: int = 64,
           energy_hidden: int = 64, energy_depth: int = 2, bound: float = 5.0, seed: Optional[int] = 0) -> NTEBM:
     r"""Build an NT-EBM: a coupling flow :math:`T` on :math:`\mathbb R^d` and an energy MLP.
 
@@ -180,9 +185,11 @@ def build(data_dim: int, *, flow: str = "spline", flow_layers: int = 4, flow_hid
     data_dim : int
         :math:`d \ge 2`.
     flow : {"spline", "affine"}
-        Coupling type.
-    flow_layers, flow_hidden : int
-        Coupling layers, and width of the two hidden layers of each coupling network.
+        Coupling type. (NumPyro's twin builds ``"iaf"`` flows: the backends' flow libraries differ.)
+    flow_layers : int, optional
+        Coupling layers (``None``: 4).
+    flow_hidden : int
+        Width of the two hidden layers of each coupling network.
     energy_hidden, energy_depth : int
         Width and depth of :class:`~tilted_priors.pyro.EnergyMLP` (GELU).
     bound : float
@@ -206,7 +213,7 @@ def build(data_dim: int, *, flow: str = "spline", flow_layers: int = 4, flow_hid
         raise ValueError(f"data_dim must be at least 2 for a coupling flow, got {d}")
     if flow not in _FLOWS:
         raise ValueError(f"flow must be one of {_FLOWS}, got {flow!r}")
-    layers = check_positive_int("flow_layers", flow_layers)
+    layers = check_positive_int("flow_layers", _DEFAULT_LAYERS if flow_layers is None else flow_layers)
     hidden = check_positive_int("flow_hidden", flow_hidden)
     if seed is not None:
         torch.manual_seed(seed)
@@ -259,7 +266,7 @@ def fit_flow(ntebm: NTEBM, data: Any, steps: int, *, batch_size: int = 256, lr: 
 
     Examples
     --------
-    >>> from models.data import toy_mixture
+    >>> from tilted_priors.models.data import toy_mixture
     >>> pyro.clear_param_store()
     >>> m = build(2, flow_layers=2, flow_hidden=16, energy_hidden=8)
     >>> hist = fit_flow(m, toy_mixture(512, "ring"), steps=30, lr=1e-2)
@@ -308,7 +315,7 @@ def latent_log_density(ntebm: NTEBM) -> Callable[[torch.Tensor], torch.Tensor]:
     >>> latent_log_density(m)(torch.zeros(4, 2)).shape
     torch.Size([4])
     """
-    transform = ntebm.transform
+    transform = ntebm.transform()
 
     def log_density(u: torch.Tensor) -> torch.Tensor:
         return -ntebm.energy(transform(u)) - 0.5 * (u * u).sum(-1)
@@ -321,7 +328,7 @@ def sample(ntebm: NTEBM, n: int, sampler=None, *, space: str = "latent") -> torc
 
     ``space="latent"``: chains on :math:`p(u) \propto e^{-E(T(u))}\mathcal N(u; 0, I)` from :math:`u_0 \sim
     \mathcal N(0, I)`, pushed through :math:`T` — the prior program ``x ~ EnergyTilted(E, q_T)`` reparameterised
-    with :class:`~inference.pyro.FlowBackbone`, so the site's own sampler runs on :math:`u`.
+    with :class:`~tilted_priors.inference.pyro.FlowBackbone`, so the site's own sampler runs on :math:`u`.
     ``space="data"``: chains on :math:`-E(x) + \log q_T(x)` from :math:`x_0 \sim q_T`.
 
     Returns
@@ -394,7 +401,7 @@ def fit_energy(ntebm: NTEBM, data: Any, steps: int, *, chain_steps: int = 40, st
     Examples
     --------
     >>> import math
-    >>> from models.data import toy_mixture
+    >>> from tilted_priors.models.data import toy_mixture
     >>> pyro.clear_param_store()
     >>> m = build(2, flow_layers=1, flow_hidden=8, energy_hidden=8)
     >>> hist = fit_energy(m, toy_mixture(256, "ring"), steps=3, chain_steps=5, batch_size=32)

@@ -1,21 +1,21 @@
 r"""The RME VAE (Kim and Pavlovic 2020) on MNIST-5k as a Pyro program.
 
-The VAE of :mod:`models.pyro.vae_ebm` (Bernoulli or Gaussian image likelihood, a standard Normal or an energy-tilted
+The VAE of :mod:`tilted_priors.models.pyro.vae_ebm` (Bernoulli or Gaussian image likelihood, a standard Normal or an energy-tilted
 prior) with its amortised posterior grown as a recursive mixture of ``M`` encoders
-(:class:`~inference.pyro.RecursiveMixtureGuide`):
+(:class:`~tilted_priors.inference.pyro.RecursiveMixtureGuide`):
 
 .. math:: Q_m(z \mid x) = \bigl(1 - e_m(x)\bigr) Q_{m-1}(z \mid x) + e_m(x)\, q_m(z \mid x),
 
-with amortised weights :math:`e_m(x)` from a small MLP. Train it with :func:`inference.pyro.fit_recursive`
+with amortised weights :math:`e_m(x)` from a small MLP. Train it with :func:`tilted_priors.inference.pyro.fit_recursive`
 (component :math:`m` on :math:`\mathrm{ELBO}(q_m) + \min(\mathrm{KL}(q_m \| Q_{m-1}), C)`, the weights and the
 decoder on :math:`\mathrm{ELBO}(Q_m)`); evaluate it with :func:`log_likelihood`, importance sampling with the
 mixture as proposal. Component 0 is the VAE's own encoder, so with ``M = 1`` it is the VAE. The NumPyro twin is
-:mod:`models.numpyro.rme`.
+:mod:`tilted_priors.models.numpyro.rme`.
 
 Examples
 --------
 >>> import numpy as np, pyro
->>> from inference.pyro import fit_recursive
+>>> from tilted_priors.inference.pyro import fit_recursive
 >>> pyro.clear_param_store()
 >>> rme = build(2, latent_dim=2, hidden=(8,), mixing_hidden=4)
 >>> x = (np.random.default_rng(0).random((16, 28, 28, 1)) < 0.3).astype(np.float32)
@@ -32,14 +32,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from inference.pyro import RecursiveMixtureGuide
-from models.pyro import vae_ebm
-from models.reference import RME
+from tilted_priors.inference.pyro import RecursiveMixtureGuide
+from tilted_priors.models.pyro import vae_ebm
+from tilted_priors.models.reference import RME
 from tilted_priors._validation import check_positive_int
 
 __all__ = ["REFERENCE", "MixingNet", "RMEModel", "build", "log_likelihood"]
 
-REFERENCE = RME  #: this project's settings (see :mod:`models.reference`)
+REFERENCE = RME  #: this project's settings (see :mod:`tilted_priors.models.reference`)
 
 
 class MixingNet(nn.Module):
@@ -108,14 +108,14 @@ def build(num_components: int = RME["num_components"], latent_dim: int = RME["la
           hidden=RME["hidden"], mixing_hidden: int | None = RME["mixing_hidden"], barrier: float = RME["barrier"],
           prior: str = "gaussian", likelihood: str = "bernoulli", seed: int | None = 0,
           **vae_kwargs: Any) -> RMEModel:
-    r"""Build the RME VAE: the VAE of :func:`models.pyro.vae_ebm.build` and ``num_components`` encoders.
+    r"""Build the RME VAE: the VAE of :func:`tilted_priors.models.pyro.vae_ebm.build` and ``num_components`` encoders.
 
     Parameters
     ----------
     num_components : int
         :math:`M`.
     latent_dim, hidden, prior, likelihood
-        Of the VAE (:func:`models.pyro.vae_ebm.build`; ``prior="ebm"`` tilts the prior).
+        Of the VAE (:func:`tilted_priors.models.pyro.vae_ebm.build`; ``prior="ebm"`` tilts the prior).
     mixing_hidden : int or None
         Width of :class:`MixingNet`; ``None`` for global (not amortised) weights.
     barrier : float
@@ -123,7 +123,7 @@ def build(num_components: int = RME["num_components"], latent_dim: int = RME["la
     seed : int or None
         Seed of the initial weights; component ``k`` is initialised from ``seed + k``.
     **vae_kwargs
-        Passed on to :func:`models.pyro.vae_ebm.build` (``image_shape``, ``obs_scale``, ``normalizer``, ...).
+        Passed on to :func:`tilted_priors.models.pyro.vae_ebm.build` (``image_shape``, ``obs_scale``, ``normalizer``, ...).
 
     Examples
     --------
@@ -149,7 +149,7 @@ def build(num_components: int = RME["num_components"], latent_dim: int = RME["la
 
 def log_likelihood(rme: RMEModel, x, **kwargs: Any) -> dict[str, Any]:
     r"""Importance-weighted log-likelihood with the mixture :math:`Q_m` as proposal (:math:`\log Z` by AIS for a
-    tilted prior): :func:`models.pyro.vae_ebm.log_likelihood` with ``proposal=rme.proposal``; the same keywords
+    tilted prior): :func:`tilted_priors.models.pyro.vae_ebm.log_likelihood` with ``proposal=rme.proposal``; the same keywords
     (``num_samples`` :math:`K`, ``log_z_chains``, ``batch_size``, ``seed``) and the same result.
 
     Examples

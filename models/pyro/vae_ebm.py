@@ -8,15 +8,15 @@ giving one logit per pixel of a binarised image, and an MLP :class:`Encoder` for
 :math:`q_\phi(z \mid x) = \mathcal N(\mu_\phi(x), \operatorname{diag} \sigma_\phi(x)^2)`. :func:`build` returns a
 :class:`VAEModel`: ``vae.model`` is an ordinary Pyro program (one
 :class:`~tilted_priors.pyro.EnergyTiltedNormal` site ``"z"``, observed ``"x"``) and ``vae.guide()`` its
-:class:`~inference.pyro.AmortizedGuide`. The prior's default normalizer is
+:class:`~tilted_priors.inference.pyro.AmortizedGuide`. The prior's default normalizer is
 :class:`~tilted_priors.pyro.SelfNormalized`, so ``SVI(vae.model, vae.guide(), optim, Trace_ELBO())`` maximises the
 SNELBO; ``RefinedGuide(vae.guide())`` or ``ShortRunPosterior(vae.model)`` train the same model otherwise.
 ``prior="gaussian"`` is the plain VAE.
 
 Images are channels-last ``(N, 28, 28, 1)`` with values in :math:`\{0, 1\}`
-(``models.data.load_mnist(binarize="stochastic")``).
+(``tilted_priors.models.data.load_mnist(binarize="stochastic")``).
 
-``REFERENCE``: the paper's settings (:data:`models.reference.VAE_EBM`); ``CPU``: this project's budget for
+``REFERENCE``: the paper's settings (:data:`tilted_priors.models.reference.VAE_EBM`); ``CPU``: this project's budget for
 MNIST-5k on two cores. Parameter names: the model registers ``pyro.module("energy", ...)`` and
 ``pyro.module("decoder", ...)``, the guide ``"encoder"``, the SNELBO's scalar is ``"snl_b"``.
 
@@ -36,17 +36,17 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from inference.pyro import AmortizedGuide
-from inference.pyro.modules import register_module
-from models.metrics import log_mean_exp, summarize_with_log_z
-from models.pyro.lebm import latent_prior
-from models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, check_likelihood, mlp_sizes
+from tilted_priors.inference.pyro import AmortizedGuide
+from tilted_priors.inference.pyro.modules import register_module
+from tilted_priors.models.metrics import log_mean_exp, summarize_with_log_z
+from tilted_priors.models.pyro.lebm import latent_prior
+from tilted_priors.models.reference import PRIOR_KINDS, VAE_EBM, VAE_EBM_CPU, check_likelihood, mlp_sizes
 from tilted_priors._validation import check_positive_int
 from tilted_priors.pyro import AnnealedImportance, EnergyMLP, SelfNormalized
 
 __all__ = ["REFERENCE", "CPU", "Encoder", "Decoder", "VAEModel", "build", "log_likelihood"]
 
-REFERENCE = VAE_EBM  #: the paper's settings (see :mod:`models.reference`)
+REFERENCE = VAE_EBM  #: the paper's settings (see :mod:`tilted_priors.models.reference`)
 CPU = VAE_EBM_CPU  #: this project's CPU budget
 
 
@@ -202,7 +202,7 @@ class VAEModel:
 
     def guide(self) -> AmortizedGuide:
         """The amortised guide ``AmortizedGuide(model, encoder, name="encoder")`` (wrap it in
-        :class:`~inference.pyro.RefinedGuide` for MCMC refinement).
+        :class:`~tilted_priors.inference.pyro.RefinedGuide` for MCMC refinement).
 
         Examples
         --------

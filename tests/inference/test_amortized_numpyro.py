@@ -17,8 +17,8 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 from helpers import _jax_quadratic_energy, make_case
-from inference.numpyro import AmortizedGuide, RefinedGuide, ShortRunPosterior
-from inference.numpyro.handlers import normalizer
+from tilted_priors.inference.numpyro import AmortizedGuide, RefinedGuide, ShortRunPosterior
+from tilted_priors.inference.numpyro.handlers import normalizer
 from tilted_priors.numpyro import (MALA, Contrastive, EnergyMLP, EnergyTiltedNormal, SelfNormalized,
                                    ShortRunLangevin, Unnormalized)
 
@@ -342,7 +342,7 @@ def test_one_model_many_guides():
         "amortized": (model, AmortizedGuide(model, encoder)),
         "short-run from amortized": (model, ShortRunPosterior(model, steps=2, init=AmortizedGuide(model, encoder))),
         # the SNELBO: the same model with its normalizer swapped by a handler
-        "amortized, SNELBO": (normalizer(SelfNormalized(64, name="b"), fn=model), AmortizedGuide(model, encoder)),
+        "amortized, SNELBO": (normalizer(model, SelfNormalized(64, name="b")), AmortizedGuide(model, encoder)),
         # short-run chains from the encoder's draw, the encoder trained on its own ELBO
         "refined": (model, RefinedGuide(AmortizedGuide(model, encoder), steps=2)),
     }

@@ -16,8 +16,8 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from helpers import PyroBackend, make_case
-from inference.pyro import AmortizedGuide, RefinedGuide, ShortRunPosterior
-from inference.pyro.handlers import normalizer
+from tilted_priors.inference.pyro import AmortizedGuide, RefinedGuide, ShortRunPosterior
+from tilted_priors.inference.pyro.handlers import normalizer
 from tilted_priors.pyro import MALA, EnergyMLP, EnergyTiltedNormal, SelfNormalized, ShortRunLangevin, Unnormalized
 
 # seed 1: the importance weights exp(-E) have finite variance with room to spare (the default seed 0 puts an
@@ -324,7 +324,7 @@ def test_one_model_trains_with_each_guide():
     x = torch.randn(16, P)
     runs = {
         "short-run": (model, lambda enc: ShortRunPosterior(model, steps=5)),
-        "snelbo": (normalizer(SelfNormalized(64, name="b_lebm"))(model), lambda enc: AmortizedGuide(model, enc)),
+        "snelbo": (normalizer(model, SelfNormalized(64, name="b_lebm")), lambda enc: AmortizedGuide(model, enc)),
         "started": (model, lambda enc: ShortRunPosterior(model, steps=5, init=AmortizedGuide(model, enc))),
         "refined": (model, lambda enc: RefinedGuide(AmortizedGuide(model, enc), steps=5)),
     }

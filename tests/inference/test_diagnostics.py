@@ -1,4 +1,4 @@
-"""inference.diagnostics against known answers, independent computations and ArviZ itself.
+"""tilted_priors.inference.diagnostics against known answers, independent computations and ArviZ itself.
 
 Backend-free: this file needs numpy, scipy and ArviZ only, and ``make test`` runs it twice — under the project's
 Python with ArviZ 0.2x and in a light Python >= 3.12 environment with ArviZ 1.x.
@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.diagnostics import (compare_chains, energy_distance, ess, mcse, nested_rhat, rhat, short_vs_long,
+from tilted_priors.inference.diagnostics import (compare_chains, energy_distance, ess, mcse, nested_rhat, rhat, short_vs_long,
                                    summary, to_inference_data)
-from inference.diagnostics._arviz import arviz_major, arviz_module
+from tilted_priors.inference.diagnostics._arviz import arviz_major, arviz_module
 
 az = arviz_module()
 
@@ -261,7 +261,7 @@ def test_short_vs_long_flags_a_ten_step_chain_on_a_bimodal_energy():
 
 def test_short_vs_long_writes_its_plots(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from inference.diagnostics import plots
+    from tilted_priors.inference.diagnostics import plots
 
     traced, plot_trace = [], plots.plot_trace
     monkeypatch.setattr(plots, "plot_trace", lambda chains, path: traced.append(chains) or plot_trace(chains, path))

@@ -9,8 +9,8 @@ import pytest
 from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 
-from inference.numpyro.guides import ShortRunPosterior
-from inference.numpyro.handlers import normalizer, sampler
+from tilted_priors.inference.numpyro.guides import ShortRunPosterior
+from tilted_priors.inference.numpyro.handlers import normalizer, sampler
 from tilted_priors.numpyro import Contrastive, EnergyTiltedNormal, MALA, ShortRunLangevin, Unnormalized
 
 N, D, P, SD, H = 6, 2, 3, 0.3, 0.1
@@ -139,6 +139,6 @@ def test_handlers_swap_sampler_and_normalizer_without_touching_the_model():
         tr = handlers.trace(handlers.seed(model, 0)).get_trace()
     fn = tr["z"]["fn"]
     assert fn.sampler == MALA(7, 0.3) and isinstance(fn.normalizer, Unnormalized)
-    wrapped = sampler(MALA(5, 0.2), fn=model)
+    wrapped = sampler(model, MALA(5, 0.2))
     assert handlers.trace(handlers.seed(wrapped, 0)).get_trace()["z"]["fn"].sampler == MALA(5, 0.2)
     assert isinstance(handlers.trace(handlers.seed(model, 0)).get_trace()["z"]["fn"].normalizer, Contrastive)

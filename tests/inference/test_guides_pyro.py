@@ -6,8 +6,8 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
-from inference.pyro.guides import ShortRunPosterior
-from inference.pyro.handlers import normalizer, sampler
+from tilted_priors.inference.pyro.guides import ShortRunPosterior
+from tilted_priors.inference.pyro.handlers import normalizer, sampler
 from tilted_priors.pyro import Contrastive, EnergyMLP, EnergyTiltedNormal, MALA, ShortRunLangevin, Unnormalized
 
 N, D, P, SD = 6, 2, 3, 0.3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import QuadraticCase, make_case
-from inference.diagnostics import to_inference_data
+from tilted_priors.inference.diagnostics import to_inference_data
 
 SIGMA = 0.7
 X = np.array([1.0, -0.5])

@@ -1,4 +1,4 @@
-"""inference.numpyro.Langevin under NumPyro's MCMC: arguments, adaptation, chain methods, ArviZ, divergences."""
+"""tilted_priors.inference.numpyro.Langevin under NumPyro's MCMC: arguments, adaptation, chain methods, ArviZ, divergences."""
 import arviz as az
 import jax
 import jax.numpy as jnp
@@ -9,9 +9,9 @@ import pytest
 from numpyro.infer import MCMC
 
 from helpers import NumPyroBackend, make_case
-from inference.diagnostics import to_inference_data
-from inference.numpyro import Langevin
-from inference.numpyro.kernels import LangevinKernelState
+from tilted_priors.inference.diagnostics import to_inference_data
+from tilted_priors.inference.numpyro import Langevin
+from tilted_priors.inference.numpyro.kernels import LangevinKernelState
 from tilted_priors.numpyro import langevin
 
 SIGMA = 0.7
@@ -137,7 +137,7 @@ def test_arviz_reads_the_run(regression):
         assert stats[name].shape == (2, 200), name
     np.testing.assert_allclose(stats["lp"].values, -np.asarray(mcmc.get_extra_fields(True)["potential_energy"]))
     assert "x" in idata.log_likelihood
-    ours = to_inference_data(mcmc)  # inference.diagnostics reads the same fields under the same names
+    ours = to_inference_data(mcmc)  # tilted_priors.inference.diagnostics reads the same fields under the same names
     for name in ("acceptance_rate", "step_size", "lp", "diverging"):
         np.testing.assert_array_equal(np.asarray(ours.sample_stats[name]), stats[name].values)
 

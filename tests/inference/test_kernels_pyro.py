@@ -1,4 +1,4 @@
-"""inference.pyro.Langevin beyond the shared statistical tests: arguments, adaptation, divergences, the MCMC
+"""tilted_priors.inference.pyro.Langevin beyond the shared statistical tests: arguments, adaptation, divergences, the MCMC
 interface (diagnostics, logging, several chains, ArviZ) and the potential_fn route."""
 import json
 import math
@@ -15,8 +15,8 @@ from pyro.infer import MCMC
 from pyro.infer.mcmc import api
 
 from helpers import PyroBackend, make_case
-from inference.diagnostics import to_inference_data
-from inference.pyro import Langevin
+from tilted_priors.inference.diagnostics import to_inference_data
+from tilted_priors.inference.pyro import Langevin
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import MALA, EnergyTiltedNormal, Importance, ShortRunLangevin
 

@@ -14,9 +14,9 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 from helpers import _jax_quadratic_energy, make_case
-from inference.numpyro import (AmortizedGuide, RecursiveMixtureELBO, RecursiveMixtureGuide, fit,
+from tilted_priors.inference.numpyro import (AmortizedGuide, RecursiveMixtureELBO, RecursiveMixtureGuide, fit,
                                fit_recursive)
-from inference.numpyro.train import _nest_params
+from tilted_priors.inference.numpyro.train import _nest_params
 from tilted_priors.numpyro import EnergyTiltedNormal, SelfNormalized, Unnormalized
 
 CASE = make_case(dim=2, seed=5)

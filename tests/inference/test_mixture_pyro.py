@@ -15,7 +15,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from helpers import PyroBackend, make_case
-from inference.pyro import AmortizedGuide, RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
+from tilted_priors.inference.pyro import AmortizedGuide, RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
 from tilted_priors.pyro import EnergyTiltedNormal, SelfNormalized, Unnormalized
 
 CASE = make_case(dim=2, seed=1)

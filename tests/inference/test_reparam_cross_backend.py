@@ -13,8 +13,8 @@ from numpyro.distributions.transforms import LowerCholeskyAffine as JaxLowerChol
 from pyro import poutine
 from pyro.distributions.transforms import LowerCholeskyAffine as TorchLowerCholeskyAffine
 
-import inference.numpyro as inn
-import inference.pyro as inp
+import tilted_priors.inference.numpyro as inn
+import tilted_priors.inference.pyro as inp
 import tilted_priors.numpyro as tn
 import tilted_priors.pyro as tt
 
@@ -47,7 +47,7 @@ def _pyro_u_log_prob(energy, form, u):
         with pyro.plate("data", N):
             return pyro.sample("z", prior)
 
-    model_u = inp.handlers.normalizer(tt.Unnormalized())(poutine.reparam(model, config={"z": inp.FlowBackbone(flow)}))
+    model_u = inp.handlers.normalizer(poutine.reparam(model, config={"z": inp.FlowBackbone(flow)}), tt.Unnormalized())
     tr = poutine.trace(poutine.condition(model_u, data={"z_u": torch.as_tensor(u)})).get_trace()
     return tr.nodes["z_u"]["fn"].log_prob(tr.nodes["z_u"]["value"]).detach().numpy(), tr.nodes["z"]["value"].numpy()
 
@@ -64,8 +64,7 @@ def _numpyro_u_log_prob(energy, form, u):
         with numpyro.plate("data", N):
             return numpyro.sample("z", prior)
 
-    model_u = inn.handlers.normalizer(tn.Unnormalized(),
-                                      fn=handlers.reparam(model, config={"z": inn.FlowBackbone(flow)}))
+    model_u = inn.handlers.normalizer(handlers.reparam(model, config={"z": inn.FlowBackbone(flow)}), tn.Unnormalized())
     tr = handlers.trace(handlers.substitute(handlers.seed(model_u, 0), data={"z_u": jnp.asarray(u)})).get_trace()
     return np.asarray(tr["z_u"]["fn"].log_prob(tr["z_u"]["value"])), np.asarray(tr["z"]["value"])
 

@@ -16,8 +16,8 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.nn import AutoregressiveNN
 
 from helpers import NumPyroBackend, make_case
-from inference.numpyro import FlowBackbone, ShortRunPosterior
-from inference.numpyro.handlers import normalizer, sampler
+from tilted_priors.inference.numpyro import FlowBackbone, ShortRunPosterior
+from tilted_priors.inference.numpyro.handlers import normalizer, sampler
 from tilted_priors.numpyro import (MALA, EnergyMLP, EnergyTilted, EnergyTiltedNormal, Importance, SelfNormalized,
                                    ShortRunLangevin, Unnormalized)
 
@@ -71,7 +71,7 @@ def trace(model, *args, values=None, seed=0):
 
 def log_joint(model, values, *args):
     """Per-datum log joint of all sample sites (normalizer off), with ``values`` at the latent sites."""
-    tr = trace(normalizer(Unnormalized(), fn=model), *args, values=values)
+    tr = trace(normalizer(model, Unnormalized()), *args, values=values)
     return sum(site["fn"].log_prob(site["value"]) for site in tr.values() if site["type"] == "sample")
 
 
@@ -107,8 +107,8 @@ def test_reparameterised_log_density_is_the_pulled_back_one(form, nets, flow):
 def test_trace_has_a_u_site_and_a_deterministic_z(form, nets, flow):
     energy, generator = nets
     prior = _flow_prior(energy, flow) if form == "a" else _normal_prior(energy)
-    model = sampler(ShortRunLangevin(2, 0.1), fn=handlers.reparam(make_model(generator, prior),
-                                                                   config={"z": FlowBackbone(flow)}))
+    model = sampler(handlers.reparam(make_model(generator, prior), config={"z": FlowBackbone(flow)}),
+                    ShortRunLangevin(2, 0.1))
     tr = trace(model, jnp.ones((N, P)))
     u_site, z_site = tr["z_u"], tr["z"]
     assert isinstance(u_site["fn"], EnergyTilted) and not u_site["is_observed"]
@@ -137,7 +137,7 @@ def test_wrappers_and_event_dims_are_kept(nets, flow):
         return numpyro.sample("z", EnergyTiltedNormal(energy, loc, scale).to_event(1))
 
     u = jnp.linspace(-1.0, 1.0, N * D).reshape(N, D)
-    tr = trace(normalizer(Unnormalized(), fn=handlers.reparam(model, config={"z": FlowBackbone(flow)})),
+    tr = trace(normalizer(handlers.reparam(model, config={"z": FlowBackbone(flow)}), Unnormalized()),
                values={"z_u": u})
     assert tr["z_u"]["fn"].event_dim == 2
     direct = EnergyTiltedNormal(energy, loc, scale, normalizer=Unnormalized())
@@ -159,8 +159,8 @@ def test_normalizer_sampler_and_key_carry_over(nets):
     assert fn.normalizer is norm and fn.sampler is samp and fn.rng_key is not None
     assert "b_flow" in tr and np.isfinite(fn.log_prob(tr["z_u"]["value"]))
     # the effect handlers reach the u site, on either side of the reparam
-    model_u = sampler(ShortRunLangevin(1, 0.1),
-                      fn=handlers.reparam(normalizer(Importance(4), fn=model), config={"z": FlowBackbone(flow)}))
+    model_u = sampler(handlers.reparam(normalizer(model, Importance(4)), config={"z": FlowBackbone(flow)}),
+                      ShortRunLangevin(1, 0.1))
     tr = trace(model_u)
     assert isinstance(tr["z_u"]["fn"].normalizer, Importance)
     assert isinstance(tr["z_u"]["fn"].sampler, ShortRunLangevin)
@@ -194,7 +194,7 @@ def test_mala_in_u_space_recovers_the_tilted_moments():
         with numpyro.plate("chains", n):
             return numpyro.sample("z", prior)
 
-    tr = trace(sampler(MALA(300, 0.6), fn=handlers.reparam(model, config={"z": FlowBackbone(flow)})))
+    tr = trace(sampler(handlers.reparam(model, config={"z": FlowBackbone(flow)}), MALA(300, 0.6)))
     z = np.asarray(tr["z"]["value"], np.float64)
     assert z.shape == (n, D)
     np.testing.assert_allclose(z, flow(tr["z_u"]["value"]), rtol=1e-6)
@@ -205,7 +205,7 @@ def test_mala_in_u_space_recovers_the_tilted_moments():
 
 # --- 3. LEBM: the flow backbone by reparam alone --------------------------------------------------------
 def test_lebm_trains_through_the_flow_backbone_without_changing_the_model():
-    from models.numpyro import lebm
+    from tilted_priors.models.numpyro import lebm
 
     latent = 3
     lvm = lebm.build((28, 28, 1), latent, ngf=2, energy_hidden=8, prior_sampler=ShortRunLangevin(2, 0.4))

@@ -10,8 +10,8 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from helpers import make_case
-from inference.pyro import FlowBackbone, ShortRunPosterior
-from inference.pyro.handlers import normalizer, sampler
+from tilted_priors.inference.pyro import FlowBackbone, ShortRunPosterior
+from tilted_priors.inference.pyro.handlers import normalizer, sampler
 from tilted_priors.pyro import (MALA, EnergyMLP, EnergyTilted, EnergyTiltedNormal, Importance,
                                 SelfNormalized, ShortRunLangevin, Unnormalized)
 
@@ -172,7 +172,7 @@ def test_normalizer_and_sampler_carry_over():
     assert torch.isfinite(fn.log_prob(tr.nodes["z_u"]["value"]))
     # the effect handlers reach the u site, on either side of the reparam
     with sampler(ShortRunLangevin(1, 0.1)):
-        tr = poutine.trace(normalizer(Importance(4))(poutine.reparam(model, config={"z": FlowBackbone(flow)}))
+        tr = poutine.trace(normalizer(poutine.reparam(model, config={"z": FlowBackbone(flow)}), Importance(4))
                            ).get_trace()
     assert isinstance(tr.nodes["z_u"]["fn"].normalizer, Importance)
     assert isinstance(tr.nodes["z_u"]["fn"].sampler, ShortRunLangevin)
@@ -240,7 +240,7 @@ def test_init_value_is_pulled_back(float64):
 
 # --- 3. LEBM: the flow backbone by reparam alone --------------------------------------------------------
 def test_lebm_trains_through_the_flow_backbone_without_changing_the_model():
-    from models.pyro import lebm
+    from tilted_priors.models.pyro import lebm
 
     latent = 3
     lvm = lebm.build((28, 28, 1), latent, ngf=2, energy_hidden=8, prior_sampler=ShortRunLangevin(2, 0.4))

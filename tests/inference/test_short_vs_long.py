@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from helpers import make_case
-from inference.diagnostics import short_vs_long
+from tilted_priors.inference.diagnostics import short_vs_long
 
 
 def gaussian_log_density(backend, case):

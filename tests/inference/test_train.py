@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from inference._training import TrainingDiverged, batch_order
-from inference.files import atomic_write
+from tilted_priors.inference._training import TrainingDiverged, batch_order
+from tilted_priors.inference.files import atomic_write
 from tilted_priors import ChainDivergenceError
 
 N = 24          # data size
@@ -32,7 +32,7 @@ class PyroSide:
         import torch
         from pyro.infer.autoguide import AutoNormal
 
-        from inference.pyro.train import fit
+        from tilted_priors.inference.pyro.train import fit
 
         self.pyro, self.dist, self.torch, self.AutoNormal, self.fit = pyro, dist, torch, AutoNormal, fit
 
@@ -87,7 +87,7 @@ class NumPyroSide:
         import numpyro.distributions as dist
         from numpyro.infer.autoguide import AutoNormal
 
-        from inference.numpyro.train import fit
+        from tilted_priors.inference.numpyro.train import fit
 
         self.jnp, self.numpyro, self.dist, self.AutoNormal, self.fit = jnp, numpyro, dist, AutoNormal, fit
 
@@ -487,7 +487,7 @@ def test_resume_with_persistent_short_run_posterior(side, tmp_path):
     ``guide.state_dict()``; NumPyro: SVI's mutable state) and resume stays bit-identical."""
     data = np.random.default_rng(1).normal(size=(N, 2)).astype(np.float32)
     if side.name == "pyro":
-        from inference.pyro.guides import ShortRunPosterior
+        from tilted_priors.inference.pyro.guides import ShortRunPosterior
         from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal, ShortRunLangevin
         pyro, dist, torch = side.pyro, side.dist, side.torch
 
@@ -505,7 +505,7 @@ def test_resume_with_persistent_short_run_posterior(side, tmp_path):
                     pyro.sample("x", dist.Normal(w * z, 0.3).to_event(1), obs=x)
             return model, ShortRunPosterior(model, steps=3, step_size=0.1, init="persistent", num_data=N)
     else:
-        from inference.numpyro.guides import ShortRunPosterior
+        from tilted_priors.inference.numpyro.guides import ShortRunPosterior
         from tilted_priors.numpyro import EnergyTiltedNormal, ShortRunLangevin
         numpyro, dist, jnp = side.numpyro, side.dist, side.jnp
 

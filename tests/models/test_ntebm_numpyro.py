@@ -1,4 +1,4 @@
-"""models.numpyro.ntebm: the NT-EBM's densities, flow fit, energy fit, sampling and input checks (small and fast)."""
+"""tilted_priors.models.numpyro.ntebm: the NT-EBM's densities, flow fit, energy fit, sampling and input checks (small and fast)."""
 import math
 
 import jax
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from numpyro import handlers
 
-from inference.numpyro.handlers import normalizer
-from models.data import toy_mixture
-from models.numpyro import ntebm
+from tilted_priors.inference.numpyro.handlers import normalizer
+from tilted_priors.models.data import toy_mixture
+from tilted_priors.models.numpyro import ntebm
 from tilted_priors.numpyro import MALA, Unnormalized
 
 
@@ -79,3 +79,12 @@ def test_bad_arguments(model):
         ntebm.build(2, flow="bnaf")
     with pytest.raises(ValueError, match="data_dim"):
         ntebm.build(1)
+
+
+def test_build_defaults_and_the_shared_bound_argument():
+    """build() has Pyro's signature: flow_layers=None is the flow's default (6 IAF layers), bound is checked."""
+    m = ntebm.build(2, flow_hidden=8, energy_hidden=8, bound=3.0)
+    assert len(m.flow_params) == ntebm.REFERENCE["flow_layers"] == 6
+    assert len(ntebm.build(2, flow_layers=2, flow_hidden=8, energy_hidden=8).flow_params) == 2
+    with pytest.raises(ValueError, match="bound must be a finite positive number"):
+        ntebm.build(2, bound=0.0)

@@ -1,4 +1,4 @@
-"""models.pyro.ntebm: the NT-EBM's densities, flow fit, energy fit, sampling and input checks (small and fast)."""
+"""tilted_priors.models.pyro.ntebm: the NT-EBM's densities, flow fit, energy fit, sampling and input checks (small and fast)."""
 import math
 from unittest import mock
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from pyro import poutine
 
-from models.data import toy_mixture
-from models.pyro import ntebm
+from tilted_priors.models.data import toy_mixture
+from tilted_priors.models.pyro import ntebm
 from tilted_priors.pyro import MALA
 
 
@@ -79,7 +79,7 @@ def test_sample_shapes(model, space):
 def test_latent_log_density_pullback(model):
     u = torch.randn(4, 2)
     with torch.no_grad():
-        expected = -model.energy(model.transform(u)) - 0.5 * (u ** 2).sum(-1)
+        expected = -model.energy(model.transform()(u)) - 0.5 * (u ** 2).sum(-1)
         torch.testing.assert_close(ntebm.latent_log_density(model)(u), expected)
 
 
@@ -111,3 +111,19 @@ def test_mnist_sized_api():
     hist = ntebm.fit_flow(m, x, steps=1)
     assert math.isfinite(hist[0])
     assert ntebm.sample(m, 2, MALA(2, 0.05)).shape == (2, 784)
+
+
+def test_build_defaults_and_transform_method():
+    """flow_layers=None is the flow's default (4 coupling layers); transform() is a method, as on NumPyro."""
+    from pyro.distributions.transforms import Permute
+
+    pyro.clear_param_store()
+    m = ntebm.build(2, flow_hidden=4, energy_hidden=4)
+    assert sum(1 for t in m.transforms if not isinstance(t, Permute)) == ntebm.REFERENCE["flow_layers"] == 4
+    u = torch.randn(3, 2)
+    with torch.no_grad():
+        x = u
+        for t in m.transforms:
+            x = t(x)
+        torch.testing.assert_close(m.transform()(u), x)
+        torch.testing.assert_close(m.transform().inv(x), u, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""models.numpyro.rme: the mixture proposal is the guide's density, with one component the RME is the VAE, and
+"""tilted_priors.models.numpyro.rme: the mixture proposal is the guide's density, with one component the RME is the VAE, and
 trained parameters go back into the modules."""
 import jax
 import jax.numpy as jnp
@@ -7,9 +7,9 @@ import numpyro.distributions as dist
 import pytest
 from numpyro import handlers
 
-from inference.files import unflatten_state
-from inference.numpyro import RecursiveMixtureGuide, fit_recursive
-from models.numpyro import rme, vae_ebm
+from tilted_priors.inference.files import unflatten_state
+from tilted_priors.inference.numpyro import RecursiveMixtureGuide, fit_recursive
+from tilted_priors.models.numpyro import rme, vae_ebm
 
 X = jnp.asarray((np.random.default_rng(0).random((6, 28, 28, 1)) < 0.3).astype(np.float32))
 

@@ -1,11 +1,11 @@
-"""models.pyro.rme: the mixture proposal is the guide's density, and with one component the RME is the VAE."""
+"""tilted_priors.models.pyro.rme: the mixture proposal is the guide's density, and with one component the RME is the VAE."""
 import numpy as np
 import pyro
 import pytest
 import torch
 
-from inference.pyro import fit_recursive
-from models.pyro import rme, vae_ebm
+from tilted_priors.inference.pyro import fit_recursive
+from tilted_priors.models.pyro import rme, vae_ebm
 
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro")

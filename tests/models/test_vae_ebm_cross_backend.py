@@ -11,10 +11,10 @@ import torch
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
-from inference.numpyro.handlers import normalizer as numpyro_normalizer
-from inference.pyro.handlers import normalizer as pyro_normalizer
-from models.numpyro import vae_ebm as nvae
-from models.pyro import vae_ebm as pvae
+from tilted_priors.inference.numpyro.handlers import normalizer as numpyro_normalizer
+from tilted_priors.inference.pyro.handlers import normalizer as pyro_normalizer
+from tilted_priors.models.numpyro import vae_ebm as nvae
+from tilted_priors.models.pyro import vae_ebm as pvae
 from tilted_priors.numpyro import Unnormalized as NumPyroUnnormalized
 from tilted_priors.pyro import Unnormalized as PyroUnnormalized
 
@@ -91,13 +91,13 @@ def test_model_log_densities_agree(prior, likelihood):
     p, n = twins(prior, tilt=10.0, likelihood=likelihood)
     x, z = data()
 
-    model = pyro.poutine.condition(pyro_normalizer(PyroUnnormalized())(p.model), data={"z": torch.as_tensor(z)})
+    model = pyro.poutine.condition(pyro_normalizer(p.model, PyroUnnormalized()), data={"z": torch.as_tensor(z)})
     tr = pyro.poutine.trace(model).get_trace(torch.as_tensor(x))
     tr.compute_log_prob()
     p_sites = {name: tr.nodes[name]["log_prob"].detach() for name in ("z", "x")}
     p_joint = float(tr.log_prob_sum().detach())
 
-    model = handlers.condition(numpyro_normalizer(NumPyroUnnormalized(), fn=n.model), data={"z": jnp.asarray(z)})
+    model = handlers.condition(numpyro_normalizer(n.model, NumPyroUnnormalized()), data={"z": jnp.asarray(z)})
     ntr = handlers.trace(handlers.seed(model, 0)).get_trace(jnp.asarray(x))
     n_sites = {name: ntr[name]["fn"].log_prob(ntr[name]["value"]) for name in ("z", "x")}
     n_joint, _ = log_density(model, (jnp.asarray(x),), {}, {})

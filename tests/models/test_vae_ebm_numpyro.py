@@ -1,4 +1,4 @@
-"""VAE-EBM (models.numpyro.vae_ebm): the program's sites and param sites, one model trained by each guide, and the
+"""VAE-EBM (tilted_priors.models.numpyro.vae_ebm): the program's sites and param sites, one model trained by each guide, and the
 importance-weighted log-likelihood against quadrature on a model small enough to integrate (1-d latent, 2x2
 images). The NumPyro twin of tests/models/test_vae_ebm_pyro.py."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 
-from inference.numpyro import RefinedGuide, ShortRunPosterior
-from models.numpyro import vae_ebm
+from tilted_priors.inference.numpyro import RefinedGuide, ShortRunPosterior
+from tilted_priors.models.numpyro import vae_ebm
 from tilted_priors.numpyro import ShortRunLangevin
 
 SHAPE = (2, 2, 1)

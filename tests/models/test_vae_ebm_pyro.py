@@ -1,4 +1,4 @@
-"""VAE-EBM (models.pyro.vae_ebm): the program's sites, one model trained by each guide, and the importance-weighted
+"""VAE-EBM (tilted_priors.models.pyro.vae_ebm): the program's sites, one model trained by each guide, and the importance-weighted
 log-likelihood against quadrature on a model small enough to integrate (1-d latent, 2x2 images)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from inference.pyro import RefinedGuide, ShortRunPosterior
-from models.pyro import vae_ebm
+from tilted_priors.inference.pyro import RefinedGuide, ShortRunPosterior
+from tilted_priors.models.pyro import vae_ebm
 from tilted_priors.pyro import ShortRunLangevin
 
 SHAPE = (2, 2, 1)

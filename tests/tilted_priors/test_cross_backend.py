@@ -76,3 +76,31 @@ def test_gradients_agree():
         (gt,) = torch.autograd.grad(pt.log_prob(zt).sum(), zt)
         gj = jax.grad(lambda x: pj.log_prob(x).sum())(jnp.asarray(z))
         np.testing.assert_allclose(np.asarray(gj), gt.numpy(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3)])
+def test_ula_info_has_the_same_fields_shapes_and_dtypes(shape):
+    """ULA's step info and run info: one entry per chain on both backends (ones / True: every step is kept)."""
+    from tilted_priors.numpyro import langevin as ln
+    from tilted_priors.pyro import langevin as lt
+
+    f_t = lambda z: -0.5 * (z ** 2).sum(-1)  # noqa: E731
+    f_n = lambda z: -0.5 * (z ** 2).sum(-1)  # noqa: E731
+    _, info_t = lt.ula_step(None, lt.init(torch.zeros(*shape, 2), f_t), f_t, 0.1)
+    _, info_n = ln.ula_step(jax.random.PRNGKey(0), ln.init(jnp.zeros(shape + (2,)), f_n), f_n, 0.1)
+    assert type(info_t).__name__ == type(info_n).__name__ == "LangevinInfo"
+    assert info_t._fields == info_n._fields
+    for a, b in zip(info_t, info_n):
+        assert tuple(a.shape) == tuple(b.shape) == shape
+        np.testing.assert_array_equal(a.numpy(), np.asarray(b))
+    assert info_t.is_accepted.dtype == torch.bool and info_n.is_accepted.dtype == jnp.bool_
+
+    _, run_t = tt.ShortRunLangevin(3, 0.1).run(f_t, torch.zeros(*shape, 2), return_info=True)
+    _, run_n = tn.ShortRunLangevin(3, 0.1).run(jax.random.PRNGKey(0), f_n, jnp.zeros(shape + (2,)),
+                                               return_info=True)
+    assert run_t._fields == run_n._fields == ("acceptance_rate", "logdensity")
+    for a, b in zip(run_t, run_n):
+        assert tuple(a.shape) == tuple(b.shape) == shape
+        assert str(a.dtype).replace("torch.", "") == str(b.dtype)
+    np.testing.assert_array_equal(run_t.acceptance_rate.numpy(), np.ones(shape))
+    np.testing.assert_array_equal(np.asarray(run_n.acceptance_rate), np.ones(shape))

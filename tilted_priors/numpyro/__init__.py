@@ -11,6 +11,10 @@ Examples
 >>> prior.sample(jax.random.PRNGKey(0), (8,)).shape
 (8, 16)
 """
+from tilted_priors._extras import require
+
+require("numpyro", "tilted_priors.numpyro")
+
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro.distributions import EnergyTilted, EnergyTiltedNormal
 from tilted_priors.numpyro.energies import EnergyMLP

@@ -25,6 +25,7 @@ from jax import lax
 from jax.tree_util import Partial
 from numpyro.distributions import Distribution, Normal, constraints
 
+from tilted_priors._compat import numpyro_handler_stack
 from tilted_priors._validation import check_energy_shape
 from tilted_priors.numpyro.normalizers import Contrastive
 from tilted_priors.numpyro.samplers import ShortRunLangevin, _in_trace, _is_array_pytree, _is_concrete
@@ -35,9 +36,8 @@ __all__ = ["EnergyTilted", "EnergyTiltedNormal"]
 def _seed_key():
     """A key from ``numpyro.prng_key()`` when a ``numpyro.handlers.seed`` is active, else ``None``."""
     from numpyro.handlers import seed
-    from numpyro.primitives import _PYRO_STACK
 
-    if any(isinstance(handler, seed) for handler in _PYRO_STACK):
+    if any(isinstance(handler, seed) for handler in numpyro_handler_stack()):
         return numpyro.prng_key()
     return None
 
@@ -281,7 +281,8 @@ class EnergyTilted(Distribution):
 
     # --- shapes ----------------------------------------------------------------------------------------
     def replace(self, *, normalizer=None, sampler=None) -> "EnergyTilted":
-        """A copy with another normalizer and/or sampler (what the effect handlers of :mod:`inference` use).
+        """A copy with another normalizer and/or sampler (what the effect handlers of
+        :mod:`tilted_priors.inference` use).
 
         A new normalizer's learned parameters are declared (``numpyro.param``) as at construction.
 

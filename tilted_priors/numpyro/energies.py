@@ -31,7 +31,7 @@ def _load_torch_linears(layers, state_dict: Mapping[str, Any], who: str) -> None
     """Copy torch ``net.{2 i}.weight`` (``(out, in)``) and ``net.{2 i}.bias`` into ``layers[i]`` (kernel ``(in, out)``).
 
     The layout of an ``nn.Sequential`` of ``Linear`` layers with one activation module between them (the Pyro
-    :class:`models.pyro.vae_ebm.Encoder` / ``Decoder`` and :class:`tilted_priors.pyro.EnergyMLP`).
+    :class:`tilted_priors.models.pyro.vae_ebm.Encoder` / ``Decoder`` and :class:`tilted_priors.pyro.EnergyMLP`).
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"{who}: state_dict must be a mapping (a torch module's state_dict()), got "
@@ -65,7 +65,7 @@ def _torch_linears(layers) -> dict[str, np.ndarray]:
 
 class _TorchTwin:
     """Weights exchanged with the module's torch twin (an ``nn.Sequential`` ``net`` of ``Linear`` layers with one
-    activation between them: :class:`tilted_priors.pyro.EnergyMLP`, ``models.pyro.vae_ebm``'s networks), in its
+    activation between them: :class:`tilted_priors.pyro.EnergyMLP`, ``tilted_priors.models.pyro.vae_ebm``'s networks), in its
     ``state_dict()`` names and layouts (a torch ``Linear`` weight is ``(out, in)``, an NNX kernel ``(in, out)``).
     The class using it keeps its linear layers, in order, in ``self.layers``."""
 

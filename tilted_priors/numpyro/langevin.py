@@ -25,7 +25,7 @@ from jax import lax
 
 from tilted_priors._validation import check_energy_shape
 
-__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "ula_step", "mala_step", "value_and_grad",
+__all__ = ["LangevinState", "LangevinInfo", "init", "proposal", "move", "ula_step", "mala_step", "value_and_grad",
            "log_acceptance_ratio", "metropolis_accept"]
 
 LogDensityFn = Callable[[jax.Array], jax.Array]
@@ -102,12 +102,29 @@ def proposal(rng_key: jax.Array, state: LangevinState, logdensity_fn: LogDensity
     >>> new.position.tolist()   # z + (1/2) * (-z)
     [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
     """
+    moved = move(rng_key, state, step_size, noise)
+    logdensity, grad = value_and_grad(logdensity_fn, moved)
+    return LangevinState(moved, logdensity, grad)
+
+
+def move(rng_key: jax.Array, state: LangevinState, step_size: float, noise: bool = True) -> jax.Array:
+    r"""The proposed position :math:`z + \tfrac{h^2}{2}\nabla\log\pi(z) + h\xi` alone, not evaluated.
+
+    What the last step of an unadjusted chain needs: nothing uses the log density there. With ``noise=False``
+    ``rng_key`` is unused.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> move(None, init(jnp.ones((2, 3)), f), 1.0, noise=False).tolist()   # z + (1/2) * (-z)
+    [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    """
     z = state.position
-    drift = z + (0.5 * step_size * step_size) * state.logdensity_grad
+    moved = z + (0.5 * step_size * step_size) * state.logdensity_grad
     if noise:
-        drift = drift + step_size * jax.random.normal(rng_key, z.shape, z.dtype)
-    logdensity, grad = value_and_grad(logdensity_fn, drift)
-    return LangevinState(drift, logdensity, grad)
+        moved = moved + step_size * jax.random.normal(rng_key, z.shape, z.dtype)
+    return moved
 
 
 def ula_step(rng_key: jax.Array, state: LangevinState, logdensity_fn: LogDensityFn, step_size: float,

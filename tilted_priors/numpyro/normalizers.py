@@ -64,7 +64,7 @@ def log_mean_exp_with_error(log_w) -> LogZEstimate:
 _KEY_HELP = ("pass one to log_normalizer(rng_key), give rng_key=... when building the distribution, or "
              "evaluate it inside a seeded model (numpyro.handlers.seed). Inside MCMC over the latents (NUTS, HMC) "
              "the term is a constant: switch it off with the normalizer Unnormalized(), e.g. "
-             "NUTS(inference.numpyro.handlers.normalizer(Unnormalized(), model))")
+             "NUTS(tilted_priors.inference.numpyro.handlers.normalizer(model, Unnormalized()))")
 
 
 def _require_key(rng_key, who: str):

@@ -47,6 +47,7 @@ import numpy as np
 from jax import lax
 from jax.tree_util import Partial
 
+from tilted_priors._compat import jax_in_transformation
 from tilted_priors._persistent import PersistentBase
 from tilted_priors._validation import check_positive_int, check_step_size
 from tilted_priors.errors import ChainDivergenceError
@@ -113,11 +114,7 @@ def _as_partial(log_density) -> Partial:
 
 def _in_trace(*trees) -> bool:
     """True under an outer JAX transformation (jit, grad, vmap, scan), or when any leaf of ``trees`` is a tracer."""
-    try:
-        from jax._src.core import trace_state_clean
-    except ImportError:  # pragma: no cover - private API moved
-        return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
-    return not trace_state_clean()
+    return jax_in_transformation(*trees)
 
 
 def _is_concrete(x) -> bool:
@@ -283,7 +280,7 @@ class ShortRunLangevin(_Langevin):
 
     for ``steps`` steps with ``step_size`` :math:`h`. Not Metropolis-corrected: its samples follow a law that
     differs from :math:`\pi` by :math:`O(h^2)` even after many steps, and a short run is not convergent at all —
-    it is a learned generator (see :mod:`inference.diagnostics`). LEBM uses 60 x 0.4 for the prior and
+    it is a learned generator (see :mod:`tilted_priors.inference.diagnostics`). LEBM uses 60 x 0.4 for the prior and
     20 x 0.1 for the posterior. ``log_density`` need not be normalised. One compiled
     :func:`jax.lax.scan`; see the module notes on compilation and divergence.
 

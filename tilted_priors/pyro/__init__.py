@@ -8,6 +8,10 @@ Examples
 >>> prior.sample((8,)).shape
 torch.Size([8, 16])
 """
+from tilted_priors._extras import require
+
+require("pyro", "tilted_priors.pyro")
+
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro.distributions import EnergyTilted, EnergyTiltedNormal
 from tilted_priors.pyro.energies import EnergyMLP

@@ -106,7 +106,8 @@ class EnergyTilted(TorchDistribution):
         return self._log_normalizer
 
     def replace(self, *, normalizer=None, sampler=None) -> "EnergyTilted":
-        """A copy with another normalizer and/or sampler (what the effect handlers of :mod:`inference` use).
+        """A copy with another normalizer and/or sampler (what the effect handlers of
+        :mod:`tilted_priors.inference` use).
 
         Examples
         --------

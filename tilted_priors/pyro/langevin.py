@@ -1,7 +1,7 @@
 r"""The functional core of the Langevin samplers (torch).
 
 Written as BlackJAX writes kernels: :func:`init` builds a :class:`LangevinState` that caches the log density and
-its gradient, and a step maps ``(key, state, logdensity_fn, step_size)`` to ``(state, info)``. Both steps make
+its gradient, and a step maps ``(rng_key, state, logdensity_fn, step_size)`` to ``(state, info)``. Both steps make
 the same proposal (:func:`proposal`),
 
 .. math:: z' = z + \tfrac{h^2}{2} \nabla \log \pi(z) + h\, \xi, \qquad \xi \sim \mathcal N(0, I),
@@ -11,8 +11,8 @@ Metropolis-Hastings probability (exact stationary law :math:`\pi`); its pieces, 
 :func:`metropolis_accept`, are public for callers that need the proposal or the ratio (an MCMC kernel counting
 divergences, an unadjusted chain measuring its discretisation error). :math:`h` is the ``step_size``, the scale of
 the noise, as in LEBM (Pang et al. 2020). All arrays are batched over chains: positions ``(..., d)``, log densities
-``(...)``; chains never interact. ``key`` is a :class:`torch.Generator` or ``None`` (torch's global generator,
-seeded by ``pyro.set_rng_seed``). ``logdensity_fn`` need not be normalised.
+``(...)``; chains never interact. ``rng_key`` (named as in the JAX core) is a :class:`torch.Generator` or ``None``
+(torch's global generator, seeded by ``pyro.set_rng_seed``). ``logdensity_fn`` need not be normalised.
 """
 from __future__ import annotations
 
@@ -39,14 +39,11 @@ class LangevinState(NamedTuple):
 class LangevinInfo(NamedTuple):
     """What one step did, per chain: the acceptance probability and whether the proposal was kept.
 
-    Both broadcast to the chains' shape (ULA returns scalars: every proposal is kept).
+    Both have the chains' shape ``(...)`` (ULA keeps every proposal: ones and ``True``), as in the JAX core.
     """
 
     acceptance_rate: torch.Tensor  # (...)
     is_accepted: torch.Tensor  # (...) bool
-
-
-_ULA_INFO = LangevinInfo(torch.tensor(1.0), torch.tensor(True))
 
 
 def value_and_grad(logdensity_fn: LogDensityFn, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,30 +79,36 @@ def init(position: torch.Tensor, logdensity_fn: LogDensityFn) -> LangevinState:
     return LangevinState(position.detach(), logdensity, grad)
 
 
-def proposal(key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,
+def proposal(rng_key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,
              step_size: float, noise: bool = True) -> LangevinState:
     r"""The Langevin proposal :math:`z + \tfrac{h^2}{2}\nabla\log\pi(z) + h\xi`, evaluated (log density, gradient).
 
     With ``noise=False`` it is a gradient-ascent step on :math:`\log \pi`.
     """
-    moved = move(key, state, step_size, noise)
+    moved = move(rng_key, state, step_size, noise)
     logdensity, grad = value_and_grad(logdensity_fn, moved)
     return LangevinState(moved, logdensity, grad)
 
 
-def move(key: torch.Generator | None, state: LangevinState, step_size: float, noise: bool = True) -> torch.Tensor:
+def move(rng_key: torch.Generator | None, state: LangevinState, step_size: float, noise: bool = True) -> torch.Tensor:
     r"""The proposed position :math:`z + \tfrac{h^2}{2}\nabla\log\pi(z) + h\xi` alone, not evaluated.
 
     What the last step of an unadjusted chain needs: nothing uses the log density there.
+
+    Examples
+    --------
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> move(None, init(torch.ones(2, 3), f), 1.0, noise=False).tolist()   # z + (1/2) * (-z)
+    [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
     """
     z = state.position
     moved = z + (0.5 * step_size * step_size) * state.logdensity_grad
     if noise:
-        moved = moved + step_size * torch.randn(z.shape, generator=key, dtype=z.dtype, device=z.device)
+        moved = moved + step_size * torch.randn(z.shape, generator=rng_key, dtype=z.dtype, device=z.device)
     return moved
 
 
-def ula_step(key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,
+def ula_step(rng_key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,
              step_size: float, noise: bool = True) -> tuple[LangevinState, LangevinInfo]:
     """One unadjusted Langevin step: the proposal, always kept.
 
@@ -116,7 +119,8 @@ def ula_step(key: torch.Generator | None, state: LangevinState, logdensity_fn: L
     >>> bool(info.is_accepted.all())
     True
     """
-    return proposal(key, state, logdensity_fn, step_size, noise), _ULA_INFO
+    new = proposal(rng_key, state, logdensity_fn, step_size, noise)
+    return new, LangevinInfo(torch.ones_like(new.logdensity), torch.ones_like(new.logdensity, dtype=torch.bool))
 
 
 def _log_q(to: torch.Tensor, frm: LangevinState, step_size: float) -> torch.Tensor:
@@ -148,7 +152,7 @@ def log_acceptance_ratio(state: LangevinState, new: LangevinState, step_size: fl
     return torch.where(valid, log_ratio, -torch.inf)  # reject nan and +-inf
 
 
-def metropolis_accept(key: torch.Generator | None, state: LangevinState, new: LangevinState,
+def metropolis_accept(rng_key: torch.Generator | None, state: LangevinState, new: LangevinState,
                       log_ratio: torch.Tensor) -> tuple[LangevinState, LangevinInfo]:
     r"""Keep ``new`` with probability :math:`\min(1, e^{\text{log\_ratio}})` per chain, else ``state``.
 
@@ -164,7 +168,7 @@ def metropolis_accept(key: torch.Generator | None, state: LangevinState, new: La
     (True, [0.0, 0.0, 0.0])
     """
     acceptance = log_ratio.clamp(max=0.0).exp()
-    u = torch.rand(acceptance.shape, generator=key, dtype=acceptance.dtype, device=acceptance.device)
+    u = torch.rand(acceptance.shape, generator=rng_key, dtype=acceptance.dtype, device=acceptance.device)
     accept = u < acceptance
     keep = accept.unsqueeze(-1)
     merged = LangevinState(torch.where(keep, new.position, state.position),
@@ -173,7 +177,7 @@ def metropolis_accept(key: torch.Generator | None, state: LangevinState, new: La
     return merged, LangevinInfo(acceptance, accept)
 
 
-def mala_step(key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,
+def mala_step(rng_key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,
               step_size: float) -> tuple[LangevinState, LangevinInfo]:
     r"""One Metropolis-adjusted Langevin step.
 
@@ -188,5 +192,5 @@ def mala_step(key: torch.Generator | None, state: LangevinState, logdensity_fn: 
     >>> info.acceptance_rate.shape
     torch.Size([5])
     """
-    new = proposal(key, state, logdensity_fn, step_size)
-    return metropolis_accept(key, state, new, log_acceptance_ratio(state, new, step_size))
+    new = proposal(rng_key, state, logdensity_fn, step_size)
+    return metropolis_accept(rng_key, state, new, log_acceptance_ratio(state, new, step_size))

@@ -184,6 +184,7 @@ class Importance:
         self.proposal = proposal
 
     def estimate(self, dist) -> LogZEstimate:
+        """:math:`\\log\\hat Z` per batch element with its standard error and ESS."""
         return log_mean_exp_with_error(_importance_log_weights(dist, self.num_samples, self.proposal))
 
     def term(self, dist) -> torch.Tensor:
@@ -235,6 +236,7 @@ class AnnealedImportance:
         self.betas = annealing_betas(self.num_steps, schedule).tolist()
 
     def estimate(self, dist) -> LogZEstimate:
+        """:math:`\\log\\hat Z` per batch element with its standard error and the weights' ESS."""
         with torch.no_grad():
             z = dist.base.sample((self.num_chains,))
             log_w = torch.zeros(z.shape[:-1], dtype=z.dtype)

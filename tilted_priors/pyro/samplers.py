@@ -93,7 +93,7 @@ class ShortRunLangevin(_Langevin):
 
     for ``steps`` steps with ``step_size`` :math:`h`. Not Metropolis-corrected: its samples follow a law that
     differs from :math:`\pi` by :math:`O(h^2)` even after many steps, and a short run is not convergent at all —
-    it is a learned generator (see :mod:`inference.diagnostics`). LEBM uses 60 x 0.4 for the prior and
+    it is a learned generator (see :mod:`tilted_priors.inference.diagnostics`). LEBM uses 60 x 0.4 for the prior and
     20 x 0.1 for the posterior. ``log_density`` need not be normalised.
 
     Parameters

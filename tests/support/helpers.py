@@ -132,12 +132,12 @@ class PyroBackend:
         """
         from pyro.infer import NUTS
 
-        from inference.pyro.handlers import normalizer
+        from tilted_priors.inference.pyro.handlers import normalizer
 
-        return NUTS(normalizer(self.tp.Unnormalized())(model), **kwargs)
+        return NUTS(normalizer(model, self.tp.Unnormalized()), **kwargs)
 
     def langevin(self, model, **kwargs):
-        from inference.pyro import Langevin
+        from tilted_priors.inference.pyro import Langevin
 
         return Langevin(model, **kwargs)
 
@@ -229,12 +229,12 @@ class NumPyroBackend:
         """
         from numpyro.infer import NUTS
 
-        from inference.numpyro.handlers import normalizer
+        from tilted_priors.inference.numpyro.handlers import normalizer
 
-        return NUTS(normalizer(self.tp.Unnormalized(), fn=model), **kwargs)
+        return NUTS(normalizer(model, self.tp.Unnormalized()), **kwargs)
 
     def langevin(self, model, **kwargs):
-        from inference.numpyro import Langevin
+        from tilted_priors.inference.numpyro import Langevin
 
         return Langevin(model, **kwargs)
 

@@ -1,11 +1,11 @@
-"""Command line: ``python -m models train|sample|evaluate|diagnose|demo``.
+"""Command line: ``tilted-priors train|sample|evaluate|diagnose|demo|prior-demo`` (also ``python -m tilted_priors``).
 
 - ``train METHOD --backend {pyro,numpyro} --data mnist|PATH --epochs N --out DIR``: train (``lebm``, or ``abp``
   with a Normal prior), then evaluate; ``--resume`` continues an interrupted run exactly.
 - ``sample DIR --n 64``: draw images from a trained run's prior into a PNG grid.
 - ``evaluate DIR``: recompute the run's samples, reconstructions and ``metrics.json``.
 - ``diagnose DIR``: prior chains short vs long, posterior chains (short-run guide vs MALA vs NUTS) for a few
-  test images; writes ``diagnostics.md``, ``diagnostics.json`` and PNGs (see :mod:`models.diagnose`).
+  test images; writes ``diagnostics.md``, ``diagnostics.json`` and PNGs (see :mod:`tilted_priors.models.diagnose`).
 - ``demo``: ``make demo``'s job: LEBM on the embedded MNIST-5k for a few minutes, on the faster backend.
 - ``prior-demo``: sample a 2-D tilted prior with a known answer (an 8-mode ring, ``log Z = 0``).
 """
@@ -31,7 +31,7 @@ def _positive(kind):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models", description="tilted-priors models")
+    parser = argparse.ArgumentParser(prog="tilted-priors", description="Train, sample, evaluate and diagnose the ready tilted-prior models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a model (then evaluate it)")
@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "prior-demo":
-        from models.demo import run_demo
+        from tilted_priors.models.demo import run_demo
 
         print(json.dumps(run_demo(args.out, num=args.num, seed=args.seed), indent=2))
         return 0
 
-    from models import runs
+    from tilted_priors.models import runs
 
     if args.command == "train":
         result = runs.train(args.method, backend=args.backend, data=args.data, out=args.out, epochs=args.epochs,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         result = runs.evaluate(args.run_dir)
     elif args.command == "diagnose":
-        from models.diagnose import diagnose
+        from tilted_priors.models.diagnose import diagnose
 
         result = diagnose(args.run_dir, out=args.out, num_starts=args.starts, chains_per_start=args.chains_per_start,
                           long_steps=args.long_steps, num_images=args.images, short_chains=args.short_chains,
