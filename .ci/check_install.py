@@ -23,7 +23,7 @@ from readme import readme_examples  # noqa: E402
 
 
 def run(*cmd, **kw):
-    print("+", " ".join(map(str, cmd)), flush=True)
+    print("+", " ".join(str(c) if len(str(c)) < 200 else "<code>" for c in cmd), flush=True)
     return subprocess.run(list(map(str, cmd)), check=True, **kw)
 
 

@@ -1,8 +1,9 @@
 """Sphinx configuration of the tilted-priors documentation.
 
-Built offline, warnings as errors (``make docs``, quick mode; ``make docs-full``, full mode)::
+Built offline, warnings as errors (``make docs``: tutorials in full mode; ``make docs-quick``: quick mode, the test
+suite's check)::
 
-    TILTED_PRIORS_QUICK=1 .venv/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+    TILTED_PRIORS_QUICK=1 .venv/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html-quick
 
 At build start (``builder-inited``) this file copies the tutorials (``tutorials/*.ipynb``, stored without outputs)
 and the benchmark figures into git-ignored folders of the source tree, and the local extension
@@ -22,7 +23,9 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(DOCS / "_ext"))
-os.environ.setdefault("MPLBACKEND", "Agg")  # kernels inherit it: figures render without a display
+# The kernels inherit this process's environment: a MPLBACKEND (e.g. Agg, set for headless test runs) would replace
+# Jupyter's inline backend and the notebooks' figures would not be rendered. Without it matplotlib picks Agg here.
+os.environ.pop("MPLBACKEND", None)
 
 import tilted_priors  # noqa: E402  (the installed package: `make install` / `pip install -e ".[docs]"`)
 
@@ -78,18 +81,19 @@ html_theme_options = {"source_repository": "https://github.com/tilted-priors/til
                       "source_branch": "main", "source_directory": "docs/"}
 
 # --- the library's fingerprint ------------------------------------------------------------------------------------
-# A change of any library source file (or of the quick/full mode) changes this value; it is registered below as a
-# config value that rebuilds the environment, so an incremental build re-reads every page: docstrings and
-# notebook outputs always come from the code being documented.
+# A change of any library source file, of this file or of docs/_ext (or of the quick/full mode) changes this value;
+# it is registered below as a config value that rebuilds the environment, so an incremental build re-reads every
+# page: docstrings and notebook outputs always come from the code (and the settings) being documented.
 _QUICK = os.environ.get("TILTED_PRIORS_QUICK", "")
 
 
 def _fingerprint() -> str:
     digest = hashlib.sha256(f"quick={_QUICK}".encode())
-    for folder in ("tilted_priors", "inference", "models"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            digest.update(str(path.relative_to(ROOT)).encode())
-            digest.update(path.read_bytes())
+    sources = [path for folder in ("tilted_priors", "inference", "models", "docs/_ext")
+               for path in (ROOT / folder).rglob("*.py")]
+    for path in sorted(sources) + [DOCS / "conf.py"]:
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -1,4 +1,4 @@
-r"""Normalizers: what :meth:`EnergyTilted.log_prob` subtracts for :math:`\log Z` (JAX / NumPyro).
+r"""Normalizers: what :meth:`~tilted_priors.numpyro.EnergyTilted.log_prob` subtracts for :math:`\log Z` (JAX / NumPyro).
 
 For a tilted density :math:`p(z) = e^{-E(z)} q(z) / Z` with base :math:`q`,
 
@@ -6,10 +6,10 @@ For a tilted density :math:`p(z) = e^{-E(z)} q(z) / Z` with base :math:`q`,
 
 and each normalizer decides what ``term`` is. Its meaning (and so the meaning of ``log_prob``) is stated on each
 class. ``term(dist, rng_key)`` returns an array broadcastable to the distribution's batch shape; the distribution
-computes it at most once per instance (:meth:`EnergyTilted.log_normalizer`, which also finds the key).
-:class:`Importance` and :class:`AnnealedImportance` also give :meth:`estimate`, a :class:`LogZEstimate` with its
-standard error. Normalizers are immutable and compare equal (and hash) by their settings, so they can sit in
-pytree auxiliary data and :func:`jax.jit` cache keys.
+computes it at most once per instance (:meth:`~tilted_priors.numpyro.EnergyTilted.log_normalizer`, which also
+finds the key). :class:`Importance` and :class:`AnnealedImportance` also give :meth:`~Importance.estimate`, a
+:class:`LogZEstimate` with its standard error. Normalizers are immutable and compare equal (and hash) by their
+settings, so they can sit in pytree auxiliary data and :func:`jax.jit` cache keys.
 """
 from __future__ import annotations
 

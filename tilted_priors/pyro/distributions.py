@@ -124,6 +124,7 @@ class EnergyTilted(TorchDistribution):
         return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """:math:`-E(z) + \\log q(z)` minus the normalizer's term (normalised or not: see the normalizer)."""
         if self._validate_args:
             self._validate_sample(value)
         return self.log_tilted(value) - self.log_normalizer()

@@ -1,4 +1,4 @@
-r"""Normalizers: what :meth:`EnergyTilted.log_prob` subtracts for :math:`\log Z` (torch / Pyro).
+r"""Normalizers: what :meth:`~tilted_priors.pyro.EnergyTilted.log_prob` subtracts for :math:`\log Z` (torch / Pyro).
 
 For a tilted density :math:`p(z) = e^{-E(z)} q(z) / Z` with base :math:`q`,
 
@@ -6,8 +6,9 @@ For a tilted density :math:`p(z) = e^{-E(z)} q(z) / Z` with base :math:`q`,
 
 and each normalizer decides what ``term`` is. Its meaning (and so the meaning of ``log_prob``) is stated on each
 class. ``term(dist)`` returns a tensor broadcastable to the distribution's batch shape; the distribution computes
-it at most once per instance (:meth:`EnergyTilted.log_normalizer`). :class:`Importance` and
-:class:`AnnealedImportance` also give :meth:`estimate`, a :class:`LogZEstimate` with its standard error.
+it at most once per instance (:meth:`~tilted_priors.pyro.EnergyTilted.log_normalizer`). :class:`Importance`
+and :class:`AnnealedImportance` also give :meth:`~Importance.estimate`, a :class:`LogZEstimate` with its standard
+error.
 """
 from __future__ import annotations
 
