@@ -8,6 +8,7 @@
 
 Run by ``make check-install`` (and CI); exact versions from .ci/constraints.txt; torch as the CPU build.
 """
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,8 @@ def main() -> int:
                      f"found = [m for m in {absent!r} if u.find_spec(m)]; "
                      "sys.exit(f'installed although not asked for: {found}' if found else 0)")
             run(python, "-c", probe)
-            run(python, "-c", examples[extra], cwd=tmp)
+            # One compute thread: torch's two threads on small tensors crawl when anything else shares the cores.
+            run(python, "-c", examples[extra], cwd=tmp, env={**os.environ, "OMP_NUM_THREADS": "1"})
             print(f"[{extra}] without {' or '.join(absent)}: the README's {extra} example ran", flush=True)
     return 0
 

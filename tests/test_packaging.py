@@ -60,3 +60,29 @@ def test_a_missing_extra_is_named(blocked, module, extra):
 def test_require_rejects_an_unknown_extra():
     with pytest.raises(ValueError, match="unknown extra 'tf'"):
         require("tf", "x")
+
+
+def test_dependencies_are_ranges_that_the_constraints_satisfy():
+    """Users get ranges (no ``==``); CI installs exact versions inside them, so the lower bounds are tested."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pins: dict[str, list[Version]] = {}
+    for line in (root / ".ci" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            requirement = Requirement(line)
+            pins.setdefault(requirement.name.lower(), []).append(Version(str(requirement.specifier).lstrip("=")))
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [Requirement(r) for group in project["optional-dependencies"].values() for r in group]
+    for requirement in requirements:
+        if requirement.name == "tilted-priors":
+            continue
+        assert "==" not in str(requirement.specifier), f"{requirement} is a pin: give a range"
+        assert requirement.name.lower() in pins, f"{requirement.name} has no exact version in .ci/constraints.txt"
+        for version in pins[requirement.name.lower()]:
+            assert requirement.specifier.contains(version, prereleases=True), f"{requirement} excludes CI's {version}"
