@@ -1,4 +1,4 @@
-r"""A small prior-sampling demo (the ``make demo`` job until the LEBM trainer lands).
+r"""A small prior-sampling demo with a known answer: ``tilted-priors prior-demo``.
 
 A standard Normal tilted by :math:`E(z) = \log \mathcal N(z; 0, I) - \log m(z)`, with :math:`m` an
 eight-component Gaussian ring, is exactly the ring mixture, so :math:`\log Z = 0` and the target is known. The demo
