@@ -53,7 +53,7 @@ test-arviz1: $(AZ1_STAMP)
 # Fresh environments with one backend each, from a wheel: the wheel holds one import root, and the README's example
 # for each backend runs where the other backend is not installed (CI runs this after `make test`).
 check-install: $(STAMP)
-	$(PY) .ci/check_install.py
+	TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) $(PY) .ci/check_install.py
 
 # The documentation site, offline, warnings as errors, the tutorials executed at build time: `make docs` in full
 # mode, as the site shows them (docs/_build/html); `make docs-quick` in quick mode, the test suite's check.

@@ -18,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# PyTorch's CPU wheel index, where the package index has no `+cpu` build of torch (set by the Makefile).
+TORCH_CPU_INDEX = os.environ.get("TORCH_CPU_INDEX", "https://download.pytorch.org/whl/cpu")
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 from readme import readme_examples  # noqa: E402
 

@@ -81,8 +81,9 @@ class PyroBackend:
         import torch
 
         import tilted_priors.pyro as tp
+        from tilted_priors.inference.pyro import handlers
 
-        self.torch, self.pyro, self.tp = torch, pyro, tp
+        self.torch, self.pyro, self.tp, self.handlers = torch, pyro, tp, handlers
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
 
@@ -112,6 +113,14 @@ class PyroBackend:
 
     def log_normalizer(self, dist):
         return dist.log_normalizer()
+
+    def site(self, name: str, dist):
+        """A sample statement ``name ~ dist`` (inside a model)."""
+        return self.pyro.sample(name, dist)
+
+    def site_fn(self, model, name: str):
+        """The distribution of site ``name`` in a trace of ``model()``, after the handlers around it."""
+        return self.pyro.poutine.trace(model).get_trace().nodes[name]["fn"]
 
     # --- whole models under the backend's own MCMC -----------------------------------------------------
     def regression_model(self, case: QuadraticCase, sigma: float):
@@ -171,9 +180,12 @@ class NumPyroBackend:
         import jax
         import jax.numpy as jnp
 
-        import tilted_priors.numpyro as tp
+        import numpyro
 
-        self.jax, self.jnp, self.tp = jax, jnp, tp
+        import tilted_priors.numpyro as tp
+        from tilted_priors.inference.numpyro import handlers
+
+        self.jax, self.jnp, self.numpyro, self.tp, self.handlers = jax, jnp, numpyro, tp, handlers
         self._key = jax.random.PRNGKey(seed)
 
     def key(self):
@@ -208,6 +220,16 @@ class NumPyroBackend:
 
     def log_normalizer(self, dist):
         return dist.log_normalizer(self.key())
+
+    def site(self, name: str, dist):
+        """A sample statement ``name ~ dist`` (inside a model)."""
+        return self.numpyro.sample(name, dist)
+
+    def site_fn(self, model, name: str):
+        """The distribution of site ``name`` in a seeded trace of ``model()``, after the handlers around it."""
+        from numpyro import handlers
+
+        return handlers.trace(handlers.seed(model, self.key())).get_trace()[name]["fn"]
 
     # --- whole models under the backend's own MCMC -----------------------------------------------------
     def regression_model(self, case: QuadraticCase, sigma: float):

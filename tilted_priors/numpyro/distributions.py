@@ -25,10 +25,10 @@ from jax import lax
 from jax.tree_util import Partial
 from numpyro.distributions import Distribution, Normal, constraints
 
-from tilted_priors._compat import numpyro_handler_stack
+from tilted_priors._compat import jax_in_transformation, numpyro_handler_stack
 from tilted_priors._validation import check_energy_shape
 from tilted_priors.numpyro.normalizers import Contrastive
-from tilted_priors.numpyro.samplers import ShortRunLangevin, _in_trace, _is_array_pytree, _is_concrete
+from tilted_priors.numpyro.samplers import ShortRunLangevin, _is_array_pytree, _is_concrete
 
 __all__ = ["EnergyTilted", "EnergyTiltedNormal"]
 
@@ -128,14 +128,14 @@ class EnergyTilted(Distribution):
         register = getattr(self.normalizer, "register_params", None)
         self._normalizer_params = register() if callable(register) else None
         self._log_normalizer = None
-        self._created_in_trace = _in_trace()
+        self._created_in_trace = jax_in_transformation()
         super().__init__(tuple(base.batch_shape), tuple(base.event_shape), validate_args=validate_args)
 
     @classmethod
     def tree_unflatten(cls, aux_data, params):
         d = super().tree_unflatten(aux_data, params)
         d._log_normalizer = None
-        d._created_in_trace = _in_trace()
+        d._created_in_trace = jax_in_transformation()
         return d
 
     @property

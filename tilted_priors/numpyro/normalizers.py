@@ -22,9 +22,10 @@ import numpyro
 from jax import lax
 from jax.scipy.special import logsumexp
 
+from tilted_priors._compat import jax_in_transformation
 from tilted_priors._validation import check_positive_int
 from tilted_priors.errors import ChainDivergenceError
-from tilted_priors.numpyro.samplers import MALA, _Frozen, _in_trace, _is_concrete
+from tilted_priors.numpyro.samplers import MALA, _Frozen, _is_concrete
 from tilted_priors.schedules import annealing_betas
 
 __all__ = ["LogZEstimate", "log_mean_exp_with_error", "Contrastive", "SelfNormalized", "Importance",
@@ -375,7 +376,7 @@ class AnnealedImportance(_Frozen):
     def estimate(self, dist, rng_key) -> LogZEstimate:
         """:math:`\\log\\hat Z` per batch element with its standard error and the weights' ESS."""
         rng_key = _require_key(rng_key, "AnnealedImportance")
-        if _in_trace(dist, rng_key):
+        if jax_in_transformation(dist, rng_key):
             log_w, bad_step, num_bad = _ais_log_weights(self, dist, rng_key)
         else:
             log_w, bad_step, num_bad = _ais_jit(self, dist, rng_key)

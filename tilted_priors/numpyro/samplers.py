@@ -112,11 +112,6 @@ def _as_partial(log_density) -> Partial:
     return Partial(log_density)
 
 
-def _in_trace(*trees) -> bool:
-    """True under an outer JAX transformation (jit, grad, vmap, scan), or when any leaf of ``trees`` is a tracer."""
-    return jax_in_transformation(*trees)
-
-
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -249,7 +244,7 @@ class _Langevin(_Frozen):
             raise ValueError("init must have shape (..., d), got a scalar")
         log_density = _as_partial(log_density)
         settings = (self._kind, self.steps, self.step_size, self._noise, self.unroll)
-        if _in_trace(rng_key, log_density, init):
+        if jax_in_transformation(rng_key, log_density, init):
             res = _chain(*settings, False, rng_key, log_density, init)  # nothing can be raised under a trace
         else:
             res = _run_jit(*settings, False, rng_key, log_density, init)
