@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from tilted_priors._validation import check_nonnegative_int
 
 __all__ = [
     "TrainingDiverged", "FitResult", "LearningRates", "TrainingPlan", "TrainerBackend", "make_plan",
-    "batch_order", "write_history", "run_training", "stage_settings",
+    "batch_order", "write_history", "run_training", "stage_settings", "check_data", "no_latents_error",
 ]
 
 CHECKPOINT_FORMAT = "tilted-priors.fit/1"
@@ -101,6 +101,20 @@ class FitResult:
         Path of the final checkpoint, or ``None`` when ``out`` was not given.
     steps : int
         Number of updates done in total (including those before a resume).
+    model : callable
+        The trained model, ready for ``Predictive(result.model, ...)`` or ``log_likelihood(result.model, ...)``.
+        NumPyro: ``numpyro.handlers.substitute(model, data=...)`` with the trained parameters (nested as the
+        param sites hold them, as ``svi.get_params`` gives them) and the mutable state. Pyro: the model itself,
+        whose parameters are the param store's (and those of the torch modules it registers): the trained ones
+        until something else changes the store; :meth:`restore` puts them back.
+    guide : callable or None
+        The trained guide, likewise (``None`` when ``fit`` was given none).
+
+    Examples
+    --------
+    >>> result = FitResult([], np.zeros(0), {"loc": np.ones(())}, None, None, 0)
+    >>> result.model is None, result.restore()
+    (True, None)
     """
 
     history: list = field(repr=False)
@@ -109,6 +123,17 @@ class FitResult:
     state: Any = field(repr=False)
     checkpoint: str | None
     steps: int
+    model: Any = field(default=None, repr=False)
+    guide: Any = field(default=None, repr=False)
+
+    def restore(self) -> None:
+        """Put ``params`` back where :attr:`model` and :attr:`guide` read them.
+
+        Pyro: writes them into Pyro's global param store (in place, so the torch modules that share the stored
+        tensors get them too), e.g. after ``pyro.clear_param_store()`` or after training another model with the
+        same parameter names. NumPyro: nothing to do (the parameters travel with :attr:`model` and
+        :attr:`guide`).
+        """
 
 
 class LearningRates:
@@ -235,11 +260,85 @@ def write_history(path, history: list, config: dict) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def _check_array(data, what: str) -> np.ndarray:
+    """One data array, checked (real, finite, with a leading data dimension) and cast to float."""
+    try:
+        array = np.asarray(data)
+    except Exception as err:  # e.g. a tensor that requires grad
+        raise TypeError(f"{what} must be a numpy array of shape (N, ...), got {type(data).__name__}: {err}") from err
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) \
+            or np.issubdtype(array.dtype, np.complexfloating):
+        raise TypeError(f"{what} must be a real numeric array of shape (N, ...), got dtype {array.dtype}")
+    if array.ndim == 0:
+        raise ValueError(f"{what} must have a leading data dimension (N, ...), got a scalar")
+    if array.shape[0] == 0:
+        raise ValueError(f"{what} is empty (shape {array.shape})")
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise ValueError(f"{what} holds {bad} non-finite value(s) (nan or inf); clean or impute them first")
+    return array
+
+
+def check_data(data) -> tuple[tuple[np.ndarray, ...], tuple[str, ...] | None]:
+    """The arrays of ``fit``'s ``data`` and their names: ``((array,), None)`` for one array, ``(arrays, None)``
+    for a tuple (passed positionally), ``(arrays, names)`` for a dict (passed by name). Each array is checked
+    (real, finite, cast to float) and all must share their first (data) dimension.
+
+    Examples
+    --------
+    >>> arrays, names = check_data({"x": np.zeros((4, 2)), "y": np.ones(4)})
+    >>> [a.shape for a in arrays], names
+    ([(4, 2), (4,)], ('x', 'y'))
+    """
+    if isinstance(data, Mapping):
+        if not data:
+            raise ValueError("data is an empty dict; give the arrays by name, e.g. data={'x': x, 'y': y}")
+        names = tuple(data)
+        for name in names:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise TypeError(f"data: the keys of a dict of arrays are the keyword names the model and guide "
+                                f"are called with, so they must be identifiers (str); got {name!r}")
+        arrays = tuple(_check_array(data[name], f"data[{name!r}]") for name in names)
+        labels = [f"data[{name!r}]" for name in names]
+    elif isinstance(data, tuple):
+        if not data:
+            raise ValueError("data is an empty tuple; give one array, a tuple (x, y) or a dict {'x': x, 'y': y}")
+        names = None
+        arrays = tuple(_check_array(a, f"data[{i}]") for i, a in enumerate(data))
+        labels = [f"data[{i}]" for i in range(len(data))]
+    else:
+        if isinstance(data, list) and data and all(hasattr(a, "shape") for a in data):
+            raise TypeError("data is a list of arrays: pass a tuple (x, y) to give the model several arrays "
+                            "(model(x_batch, y_batch)), or np.stack them into one array")
+        return (_check_array(data, "data"),), None
+    lengths = [a.shape[0] for a in arrays]
+    if len(set(lengths)) > 1:
+        listed = ", ".join(f"{label} has {n}" for label, n in zip(labels, lengths))
+        raise ValueError(f"the data arrays must share their first dimension (one entry per datum, batched "
+                         f"together): {listed}")
+    return arrays, names
+
+
+def no_latents_error(latents: Sequence[str]) -> ValueError:
+    """The error for ``guide=None`` on a model with latent sample sites."""
+    return ValueError(f"guide=None fits models whose sample sites are all observed (or absent), but the model has "
+                      f"latent site(s) {sorted(latents)!r}: give a guide for them (e.g. an AutoNormal, or "
+                      "ShortRunPosterior for tilted latents)")
+
+
 @dataclass
 class TrainingPlan:
-    """Checked arguments of ``fit`` and what follows from them (built by :func:`make_plan`)."""
+    """Checked arguments of ``fit`` and what follows from them (built by :func:`make_plan`).
 
-    data: np.ndarray
+    ``arrays`` are the data arrays (one, or those of a tuple or dict), ``names`` the dict's keys (``None`` for
+    one array or a tuple): :meth:`call` turns a batch of each into the model's arguments.
+    """
+
+    arrays: tuple
+    names: tuple | None
+    structured: bool
     batch_size: int
     steps_per_epoch: int
     total_steps: int
@@ -261,7 +360,21 @@ class TrainingPlan:
 
     @property
     def num_data(self) -> int:
-        return self.data.shape[0]
+        return self.arrays[0].shape[0]
+
+    def call(self, batch: Sequence) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for the model and guide from a batch of each array (in the order of ``arrays``)."""
+        if self.names is not None:
+            return (), dict(zip(self.names, batch))
+        return tuple(batch), {}
+
+    def data_shape(self):
+        """The data's shape as the checkpoints record it: a list; a list of lists (tuple); a dict of lists."""
+        if self.names is not None:
+            return {name: list(a.shape) for name, a in zip(self.names, self.arrays)}
+        if self.structured:
+            return [list(a.shape) for a in self.arrays]
+        return list(self.arrays[0].shape)
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -286,7 +399,7 @@ class TrainingPlan:
 
     def config(self) -> dict:
         return {"backend": self.backend, "seed": self.seed, "batch_size": self.batch_size,
-                "num_data": self.num_data, "data_shape": list(self.data.shape),
+                "num_data": self.num_data, "data_shape": self.data_shape(),
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "lr": self.lr.to_json(), "betas": list(self.betas), "lr_decay": self.lr_decay,
                 "clip_norm": self.clip_norm, "loss": self.loss_name, "pass_index": self.pass_index,
@@ -297,23 +410,11 @@ def make_plan(data, *, epochs, num_steps, batch_size, lr, betas, lr_decay, clip_
               checkpoint_every, resume, progress, pass_index, callback, loss_name: str, backend: str,
               checkpoint_name: str) -> TrainingPlan:
     """Check the arguments of ``fit`` (clear ``ValueError``/``TypeError`` messages) and build the plan."""
-    try:
-        array = np.asarray(data)
-    except Exception as err:  # e.g. a tensor that requires grad
-        raise TypeError(f"data must be a numpy array of shape (N, ...), got {type(data).__name__}: {err}") from err
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) \
-            or np.issubdtype(array.dtype, np.complexfloating):
-        raise TypeError(f"data must be a real numeric array of shape (N, ...), got dtype {array.dtype}")
-    if array.ndim == 0:
-        raise ValueError("data must have a leading data dimension (N, ...), got a scalar")
-    if array.shape[0] == 0:
-        raise ValueError(f"data is empty (shape {array.shape})")
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise ValueError(f"data holds {bad} non-finite value(s) (nan or inf); clean or impute them first")
-    num_data = array.shape[0]
+    arrays, names = check_data(data)
+    if pass_index and names is not None and "index" in names:
+        raise ValueError("data has an array named 'index', which pass_index=True also passes (the batch's data "
+                         "indices): rename the array")
+    num_data = arrays[0].shape[0]
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if batch_size > num_data:
@@ -352,9 +453,9 @@ def make_plan(data, *, epochs, num_steps, batch_size, lr, betas, lr_decay, clip_
         if out.exists() and not out.is_dir():
             raise ValueError(f"out={str(out)!r} exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
-    return TrainingPlan(array, batch_size, steps_per_epoch, total, rates, (b1, b2), lr_decay, clip_norm,
-                        int(seed), out, checkpoint_every, bool(resume), bool(progress), bool(pass_index),
-                        callback, loss_name, backend, checkpoint_name)
+    return TrainingPlan(arrays, names, isinstance(data, (tuple, Mapping)), batch_size, steps_per_epoch, total,
+                        rates, (b1, b2), lr_decay, clip_norm, int(seed), out, checkpoint_every, bool(resume),
+                        bool(progress), bool(pass_index), callback, loss_name, backend, checkpoint_name)
 
 
 class TrainerBackend(Protocol):
@@ -405,6 +506,9 @@ def run_training(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
         raise TrainingDiverged(start + 1, start // plan.steps_per_epoch + 1,
                                f"while setting up (running the model and guide once): {type(err).__name__}: {err}",
                                good_ckpt, good_step) from err
+    if not names:
+        raise ValueError("the model and guide declare no parameters (no param or module sites, e.g. a "
+                         "SelfNormalized b or a registered energy network): fit has nothing to train")
     plan.lr.check_names(names)
 
     def checkpoint(step: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-__all__ = ["find_wrapped", "map_wrapped", "handler_arguments"]
+__all__ = ["find_wrapped", "map_wrapped", "handler_arguments", "tilt_arguments"]
 
 
 def find_wrapped(fn, cls: type):
@@ -52,3 +52,24 @@ def handler_arguments(handler: str, fn, setting, *, setting_name: str, is_settin
     if fn is not None and not callable(fn):
         raise TypeError(f"{handler}(): fn must be the model to wrap (a callable) or None, got {fn!r}")
     return fn, setting
+
+
+def tilt_arguments(fn, energy, sites, normalizer, sampler) -> tuple[str, ...]:
+    """The site names of ``tilt(fn, energy, sites, normalizer=..., sampler=...)``, after checking every argument."""
+    if fn is not None and not callable(fn):
+        raise TypeError(f"tilt(): fn must be the model (a callable) or None, got {fn!r}")
+    if not callable(energy):
+        raise TypeError("tilt(): energy must be a callable taking {site: value} and returning one energy per draw, "
+                        f"e.g. lambda v: (v['w'] ** 2 - 1) ** 2; got {energy!r}")
+    names = (sites,) if isinstance(sites, str) else tuple(sites) if sites is not None else ()
+    if not names or not all(isinstance(s, str) for s in names):
+        raise TypeError(f"tilt(): sites must be a site name or a sequence of site names, got {sites!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"tilt(): sites has repeated names: {list(names)}")
+    if len(names) > 1 and fn is None:
+        raise TypeError("tilt(): a joint tilt of several sites re-runs the model: wrap it, tilt(model, energy, sites), "
+                        "rather than using a context manager")
+    for what, obj, attr in (("normalizer", normalizer, "term"), ("sampler", sampler, "run")):
+        if obj is not None and not callable(getattr(obj, attr, None)):
+            raise TypeError(f"tilt(): {what} must have a .{attr}() method, got {obj!r}")
+    return names

@@ -48,7 +48,7 @@ def run_demo(out: str | os.PathLike, num: int = 2000, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     prior = tp.EnergyTiltedNormal(ring_energy, jnp.zeros(2), jnp.ones(2))
-    short = np.asarray(prior.sample(k1, (num,)))  # default sampler: ShortRunLangevin(60, 0.4)
+    short = np.asarray(prior.sample_with(k1, tp.ShortRunLangevin(60, 0.4), (num,)))  # LEBM's prior chain
     long = np.asarray(prior.sample_with(k2, tp.MALA(2000, 0.3), (num,)))
     ais = tp.AnnealedImportance(500, 100, kernel=tp.MALA(2, 0.3)).estimate(prior, k3)
 

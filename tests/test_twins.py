@@ -57,9 +57,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     # --- samplers and normalizers -------------------------------------------------------------------------------
     ("tilted_priors.*.samplers", "*.__init__", "param unroll only on numpyro"):
         "unrolling of the compiled jax.lax.scan chain; Pyro runs a Python loop",
-    ("tilted_priors.*.normalizers", "SelfNormalized.register_params", "only on numpyro"):
-        "NumPyro evaluates log_prob after the model has run, so the bound's param site is declared when the "
-        "distribution is built; Pyro's log_prob runs inside the model and declares it there",
     # --- inference ----------------------------------------------------------------------------------------------
     ("tilted_priors.inference.*.guides", "ShortRunPosterior.__init__", "param name only on numpyro"):
         "NumPyro keeps persistent chains in a numpyro.mutable site of the SVI state, named by name",
@@ -70,6 +67,8 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("tilted_priors.inference.*.mixture", "RecursiveMixtureELBO.__init__", "param vectorize_particles only on numpyro"):
         "NumPyro's ELBO option (vmap over particles); the Pyro loss draws its particles in a loop",
     ("tilted_priors.inference.*.mixture", "RecursiveMixtureELBO.loss_and_grads", "only on pyro"):
+        "Pyro's SVI calls ELBO.loss_and_grads; NumPyro's SVI differentiates ELBO.loss itself",
+    ("tilted_priors.inference.*.nce", "NoiseContrastive.loss_and_grads", "only on pyro"):
         "Pyro's SVI calls ELBO.loss_and_grads; NumPyro's SVI differentiates ELBO.loss itself",
     ("tilted_priors.inference.*.kernels", "__all__", "name LangevinKernelState only on numpyro"):
         "NumPyro's MCMC kernels return their state as a pytree; Pyro's kernel keeps its state on the object",

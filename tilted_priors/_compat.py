@@ -6,7 +6,7 @@ this is the file to change (and each has a fallback that keeps the behaviour cor
 """
 from __future__ import annotations
 
-__all__ = ["numpyro_handler_stack", "jax_in_transformation", "pyro_am_i_wrapped"]
+__all__ = ["numpyro_handler_stack", "jax_in_transformation", "pyro_am_i_wrapped", "pyro_isolated", "distribution_mask"]
 
 
 def numpyro_handler_stack() -> list:
@@ -58,3 +58,49 @@ def pyro_am_i_wrapped() -> bool:
     from pyro.poutine.runtime import am_i_wrapped
 
     return am_i_wrapped()
+
+
+class pyro_isolated:
+    """Context manager: run Pyro code as if no handler and no plate were active, then restore them.
+
+    Used to run a model again from inside one of its own sample statements (the joint tilts of
+    :mod:`tilted_priors.inference.pyro.tilt`): Pyro refuses a plate whose name is already active. Swaps out
+    ``pyro.poutine.runtime._PYRO_STACK`` and the plate-dimension allocator's stack.
+
+    Examples
+    --------
+    >>> import pyro
+    >>> with pyro.plate("p", 3):
+    ...     with pyro_isolated():
+    ...         with pyro.plate("p", 2):
+    ...             pyro.sample("x", pyro.distributions.Normal(0.0, 1.0)).shape
+    torch.Size([2])
+    """
+
+    def __enter__(self):
+        from pyro.poutine import runtime
+
+        self._saved = (list(runtime._PYRO_STACK), list(runtime._DIM_ALLOCATOR._stack))
+        runtime._PYRO_STACK[:] = []
+        runtime._DIM_ALLOCATOR._stack[:] = []
+        return self
+
+    def __exit__(self, *exc):
+        from pyro.poutine import runtime
+
+        runtime._PYRO_STACK[:], runtime._DIM_ALLOCATOR._stack[:] = self._saved
+        return False
+
+
+def distribution_mask(fn):
+    """The mask of a Pyro or NumPyro ``MaskedDistribution`` (``d.mask(m)``): a boolean array or a Python bool.
+
+    Both backends keep it in the private attribute ``_mask``; ``True`` (nothing masked) where it is missing.
+
+    Examples
+    --------
+    >>> import torch, pyro.distributions as dist
+    >>> distribution_mask(dist.Normal(torch.zeros(2), 1.0).mask(torch.tensor([True, False])))
+    tensor([ True, False])
+    """
+    return getattr(fn, "_mask", True)

@@ -9,11 +9,13 @@ require("numpyro", "tilted_priors.inference.numpyro")
 from tilted_priors.inference.numpyro import handlers
 from tilted_priors.inference.numpyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
 from tilted_priors.inference.numpyro.kernels import Langevin
+from tilted_priors.inference.numpyro.likelihood import LogLikelihoodEstimate, log_likelihood
 from tilted_priors.inference.numpyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
 from tilted_priors.inference.numpyro.modules import register_module
+from tilted_priors.inference.numpyro.nce import NoiseContrastive
 from tilted_priors.inference.numpyro.reparam import FlowBackbone
 from tilted_priors.inference.numpyro.train import FitResult, TrainingDiverged, fit
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
-           "fit_recursive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers",
-           "register_module"]
+           "fit_recursive", "NoiseContrastive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged",
+           "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from contextlib import ExitStack
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -38,8 +39,10 @@ from numpyro.infer.util import log_density as joint_log_density
 from numpyro.primitives import Messenger
 
 from tilted_priors.inference.numpyro.handlers import normalizer, sampler
+from tilted_priors import _adapt
 from tilted_priors._compat import numpyro_handler_stack
 from tilted_priors._validation import check_positive_int
+from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro import ShortRunLangevin, Unnormalized
 from tilted_priors.numpyro.samplers import _is_array, _is_concrete
 
@@ -77,8 +80,8 @@ class ShortRunPosterior:
     r"""Short-run Langevin posterior as a guide (LEBM; Pang et al. 2020).
 
     On each call it finds the model's latent sites (a trace of the model under the same arguments), starts a chain
-    at ``init``, runs ``sampler`` (default ``ShortRunLangevin(steps, step_size)``) on the **unnormalised** joint
-    log density (every tilted prior's normalizer switched off with
+    at ``init``, runs ``sampler`` (default ``ShortRunLangevin(steps, step_size)``, ``step_size="auto"``) on the
+    **unnormalised** joint log density (every tilted prior's normalizer switched off with
     :func:`~tilted_priors.inference.numpyro.handlers.normalizer`; :math:`\log Z` is constant in :math:`z`), and records the final
     state as ``Delta`` sites (log density 0) inside the model's plates. The samples carry no gradient, as in LEBM.
     The model's parameters are declared in the guide too, so that the chain sees the values SVI is training.
@@ -88,12 +91,21 @@ class ShortRunPosterior:
     one chain on the summed joint (LEBM's), and ``MALA`` accepts or rejects each datum's move on its own. Otherwise
     all latent sites form one chain.
 
+    The default ``step_size="auto"`` scales the chain's step size to the posterior on every call (see
+    :class:`~tilted_priors.numpyro.ShortRunLangevin`), so the guide suits models whose latents are not on LEBM's
+    scale; pass ``step_size=0.1`` for LEBM's chain. A chain that hardly moves (root-mean-square displacement under
+    :math:`10^{-3}` of its starting points' spread: too small a step size) warns once per guide, naming
+    ``step_size`` and ``steps`` (under ``jit``, e.g. in ``SVI``, the check runs as a :func:`jax.debug.callback`);
+    a chain that diverges eagerly raises :class:`~tilted_priors.ChainDivergenceError` naming the guide and its
+    sites.
+
     Parameters
     ----------
     model : callable
         The NumPyro model; the guide is called with the model's arguments.
-    steps, step_size : int, float
-        Of the default ULA sampler (LEBM: 20 x 0.1), a fully unrolled loop (``unroll=True``).
+    steps, step_size : int, float or "auto"
+        Of the default ULA sampler (LEBM: 20 x 0.1; default 20 x ``"auto"``), a fully unrolled loop
+        (``unroll=True``).
     init : {"noise", "prior", "persistent"} or callable
         ``"noise"``: tilted sites from their base (LEBM), other latents from their prior; ``"prior"``: from the
         prior (the tilted prior's own sampler); a guide: from its sample; ``"persistent"``: per-datum chains
@@ -127,12 +139,13 @@ class ShortRunPosterior:
     (3,)
     """
 
-    def __init__(self, model: Callable, steps: int = 20, step_size: float = 0.1, init="noise", *,
+    def __init__(self, model: Callable, steps: int = 20, step_size: float | str = "auto", init="noise", *,
                  sampler=None, num_data: int | None = None, per_datum: bool = True,
                  name: str = "short_run_posterior"):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
+        self._warned = False  # the chain-did-not-move warning is given once per guide
         self.per_datum = bool(per_datum)
         # Fully unrolled: through a convolutional generator XLA's CPU loop is 4-5x slower (see ShortRunLangevin).
         self.sampler = ShortRunLangevin(steps, step_size, unroll=True) if sampler is None else sampler
@@ -275,7 +288,13 @@ class ShortRunPosterior:
             values = {n: v if axes[n] is None else jnp.moveaxis(v, 0, axes[n]) for n, v in values.items()}
             return {n: shift[n][0] + shift[n][1] * v for n, v in values.items()}
 
-        result = unflatten(self.sampler.run(rng_key, lambda u: log_joint(unflatten(u)), flatten(start)))
+        flat = flatten(start)
+        try:
+            moved = self.sampler.run(rng_key, lambda u: log_joint(unflatten(u)), flat)
+        except ChainDivergenceError as err:  # say which chain it was
+            raise err.add_context(label=f"the posterior guide {type(self).__name__}, sites {names}")
+        self._check_moved(flat, moved)
+        result = unflatten(moved)
 
         if index is not None:
             for name, value in result.items():
@@ -284,6 +303,31 @@ class ShortRunPosterior:
         for name, value in result.items():
             self._record(sites[name], value)
         return result
+
+    def _check_moved(self, start, end) -> None:
+        """Warn (once per guide) when the chain's displacement is negligible against its starting points' spread;
+        under a trace the check runs as a :func:`jax.debug.callback` on every call until it has warned."""
+        if self._warned:
+            return
+        start, end = jax.lax.stop_gradient(start), jax.lax.stop_gradient(end)
+        flat = start.reshape(-1, start.shape[-1]) if start.ndim > 1 else start.reshape(1, -1)
+        spread = jnp.sqrt(jnp.mean(jnp.var(flat, 0)) if flat.shape[0] > 1 else jnp.var(flat))
+        scale = jnp.where(spread > 0, spread, jnp.sqrt(jnp.mean(start * start)))
+        displacement = jnp.sqrt(jnp.mean((end - start) ** 2))
+        if _is_concrete(displacement) and _is_concrete(scale):
+            self._warn_if_stuck(displacement, scale)
+        else:
+            jax.debug.callback(self._warn_if_stuck, displacement, scale)
+
+    def _warn_if_stuck(self, displacement, scale) -> None:
+        if self._warned:
+            return
+        for d, s in zip(np.ravel(displacement), np.ravel(scale)):  # one pair per vmapped call
+            message = _adapt.stuck_message(type(self).__name__, float(d), float(s), self.sampler)
+            if message is not None:
+                self._warned = True
+                warnings.warn(message, UserWarning, stacklevel=2)
+                return
 
     @staticmethod
     def _record(site: dict, value) -> None:
@@ -666,8 +710,8 @@ class RefinedGuide:
     ----------
     guide : AmortizedGuide
         The encoder guide (any reparameterised guide with a ``model`` attribute and a sample at every latent site).
-    steps, step_size : int, float
-        Of the default ULA refinement chain.
+    steps, step_size : int, float or "auto"
+        Of the default ULA refinement chain (``"auto"``: adapted on every call).
     sampler : sampler, optional
         Overrides ``steps`` / ``step_size``.
     whiten : bool

@@ -21,8 +21,9 @@ from numpyro.primitives import Messenger
 
 from tilted_priors.inference._wrappers import find_wrapped, handler_arguments, map_wrapped
 from tilted_priors.numpyro import EnergyTilted
+from tilted_priors.inference.numpyro.tilt import tilt
 
-__all__ = ["sampler", "normalizer", "map_tilted", "find_tilted"]
+__all__ = ["tilt", "sampler", "normalizer", "map_tilted", "find_tilted"]
 
 
 def find_tilted(fn) -> EnergyTilted | None:

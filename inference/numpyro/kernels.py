@@ -11,16 +11,19 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import random
+import numpy as np
+from jax import lax, random
 from jax.flatten_util import ravel_pytree
-from numpyro.infer.hmc_util import dual_averaging
+from jax.scipy.linalg import solve_triangular
+from numpyro.infer.hmc_util import build_adaptation_schedule, dual_averaging, welford_covariance
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.mcmc import MCMCKernel
 from numpyro.infer.util import ParamInfo, initialize_model
 from numpyro.util import identity, is_prng_key
 
 from tilted_priors.inference.numpyro.handlers import normalizer
-from tilted_priors._validation import check_probability, check_step_size
+from tilted_priors._validation import (check_dense_mass, check_mass_matrix_shapes, check_probability,
+                                       check_step_size, mass_matrix_blocks)
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro import langevin
 
@@ -29,11 +32,19 @@ __all__ = ["Langevin", "LangevinKernelState", "LangevinAdaptState"]
 #: A proposal whose Metropolis-Hastings log-ratio is below minus this counts as a divergence (HMC's threshold).
 _MAX_LOG_RATIO_ERROR = 1000.0
 
+InverseMassMatrix = jax.Array | dict[tuple[str, ...], jax.Array]
+
 
 class LangevinAdaptState(NamedTuple):
-    """State of the dual-averaging step-size adaptation (Hoffman & Gelman 2014), on :math:`\\log h`.
+    """State of the warm-up adaptation: step size and mass matrix, as NumPyro's ``HMCAdaptState``.
 
-    The fields of :func:`numpyro.infer.hmc_util.dual_averaging`'s state, named.
+    The first five fields are :func:`numpyro.infer.hmc_util.dual_averaging`'s state (Hoffman & Gelman 2014, on
+    :math:`\\log h`), named; the others hold the mass matrix as ``HMCAdaptState`` does. ``inverse_mass_matrix``
+    is :math:`M^{-1}`, a vector (diagonal) or a matrix over the flattened latents (``ravel_pytree``'s order: sites
+    sorted by name), or with a structured ``dense_mass`` a dict ``{tuple of site names: block}``;
+    ``mass_matrix_sqrt`` is a Cholesky factor :math:`T` of :math:`M = T T^\\top` and ``mass_matrix_sqrt_inv``
+    :math:`S = T^{-1}`, so :math:`M^{-1} = S^\\top S` (for a diagonal: :math:`1/\\sqrt{m}` and
+    :math:`\\sqrt{m}`).
     """
 
     log_step_size: jax.Array  # the current iterate x_t
@@ -41,6 +52,55 @@ class LangevinAdaptState(NamedTuple):
     grad_avg: jax.Array  # running mean of (target_accept_prob - accept_prob)
     t: jax.Array  # number of updates
     prox_center: jax.Array  # log(10 h_0)
+    inverse_mass_matrix: Any  # M^-1, adapted per window
+    mass_matrix_sqrt: Any  # T, M = T T^T
+    mass_matrix_sqrt_inv: Any  # S = T^-1, M^-1 = S^T S
+    mm_state: Any  # Welford (co)variance state of the current window
+    window_idx: jax.Array  # index of the current warm-up window
+
+
+def _mass_matrix_factors(inverse_mass_matrix: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(M^-1, T, S)`` as :func:`numpyro.infer.hmc_util.welford_covariance`'s ``final_fn`` returns them."""
+    if jnp.ndim(inverse_mass_matrix) == 1:
+        sqrt = jnp.sqrt(inverse_mass_matrix)
+        return inverse_mass_matrix, jnp.reciprocal(sqrt), sqrt
+    tril_inv = jnp.swapaxes(jnp.linalg.cholesky(inverse_mass_matrix[..., ::-1, ::-1])[..., ::-1, ::-1], -2, -1)
+    eye = jnp.identity(inverse_mass_matrix.shape[-1], inverse_mass_matrix.dtype)
+    return inverse_mass_matrix, solve_triangular(tril_inv, eye, lower=True), tril_inv
+
+
+def _check_inverse_mass_matrix(value) -> InverseMassMatrix | None:
+    """``inverse_mass_matrix`` as arrays (one, or a dict by block of site names), each positive definite."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        bad = [k for k in value if not (isinstance(k, tuple) and k and all(isinstance(n, str) for n in k))]
+        if bad:
+            raise ValueError(f"inverse_mass_matrix as a dict must be keyed by tuples of site names (as "
+                             f"HMCAdaptState.inverse_mass_matrix), got the keys {bad}")
+        return {k: _check_matrix(v, f"inverse_mass_matrix[{k!r}]") for k, v in value.items()}
+    return _check_matrix(value, "inverse_mass_matrix")
+
+
+def _check_matrix(value, name: str) -> jax.Array:
+    m = np.asarray(value)
+    if not np.issubdtype(m.dtype, np.floating):
+        m = m.astype(jnp.zeros(()).dtype)
+    if m.ndim not in (1, 2) or m.ndim == 2 and m.shape[0] != m.shape[1]:
+        raise ValueError(f"{name} must be a vector (a diagonal) or a square matrix, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError(f"{name} has non-finite entries")
+    if m.ndim == 1 and not (m > 0).all():
+        raise ValueError(f"{name} is a diagonal with entries <= 0: an inverse mass matrix is positive definite")
+    if m.ndim == 2:
+        try:
+            ok = np.allclose(m, m.T) and bool(np.isfinite(np.linalg.cholesky(m)).all())
+        except np.linalg.LinAlgError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be symmetric positive definite (a covariance of the unconstrained "
+                             "latents)")
+    return jnp.asarray(m)
 
 
 class LangevinKernelState(NamedTuple):
@@ -76,15 +136,16 @@ class Langevin(MCMCKernel):
 
     All latent sites are flattened (:func:`jax.flatten_util.ravel_pytree`) into one vector :math:`z` in
     unconstrained space, with target :math:`\log\pi(z) = -U(z)`, :math:`U` the model's potential energy. Each
-    transition proposes
+    transition proposes, with inverse mass matrix :math:`M^{-1} = S^\top S`,
 
-    .. math:: z' = z + \tfrac{h^2}{2}\nabla\log\pi(z) + h\,\xi, \qquad \xi \sim \mathcal N(0, I),
+    .. math:: z' = z + \tfrac{h^2}{2}M^{-1}\nabla\log\pi(z) + h\,S^\top\xi, \qquad \xi \sim \mathcal N(0, I),
 
-    (:func:`tilted_priors.numpyro.langevin.proposal`, :math:`h` the ``step_size``, the scale of the noise, as in
-    the prior's samplers) and, for MALA, keeps it with probability
+    (:math:`h` the ``step_size``, the scale of the noise, as in the prior's samplers; with :math:`M = I` it is
+    :func:`tilted_priors.numpyro.langevin.proposal`) and, for MALA, keeps it with probability
 
     .. math:: \alpha = \min\Bigl\{1, \frac{\pi(z')\, q(z \mid z')}{\pi(z)\, q(z' \mid z)}\Bigr\},
-              \qquad q(z' \mid z) = \mathcal N\bigl(z';\, z + \tfrac{h^2}{2}\nabla\log\pi(z),\, h^2 I\bigr),
+              \qquad q(z' \mid z) = \mathcal N\bigl(z';\, z + \tfrac{h^2}{2}M^{-1}\nabla\log\pi(z),\,
+              h^2 M^{-1}\bigr),
 
     so that :math:`\pi` is exactly invariant. ULA always keeps the proposal: its stationary law differs from
     :math:`\pi` by :math:`O(h^2)`; it reports as ``accept_prob`` the :math:`\alpha` the step would have had, a
@@ -102,6 +163,18 @@ class Langevin(MCMCKernel):
     the acceptance probability approaches ``target_accept_prob`` (0.574 is optimal for MALA in high dimension,
     Roberts & Rosenthal 1998); after warm-up the averaged step size is kept fixed. For ULA the same rule
     targets the would-be acceptance, i.e. bounds the discretisation error.
+
+    **Mass matrix.** With ``adapt_mass_matrix`` (the default) :math:`M^{-1}` is adapted during warm-up as
+    NumPyro's HMC does (:func:`numpyro.infer.hmc_util.build_adaptation_schedule`, Stan's windows): after an
+    initial buffer the draws of each window of doubling length give a regularised Welford estimate of the
+    posterior covariance (:func:`numpyro.infer.hmc_util.welford_covariance`), which becomes :math:`M^{-1}` for
+    the next window, the step-size adaptation restarting with it; a final buffer tunes the step size alone. A
+    Gaussian posterior with covariance :math:`\Sigma` and :math:`M^{-1} = \Sigma` is a standard normal in the
+    preconditioned coordinates, so badly scaled or correlated latents (regression coefficients) mix as well as
+    isotropic ones. The matrix is diagonal by default (``dense_mass=True``: dense; a list of tuples of site
+    names: dense blocks). After warm-up it is fixed, in ``mcmc.last_state.adapt_state.inverse_mass_matrix``
+    (as ``HMCAdaptState.inverse_mass_matrix``). Warm-up shorter than 20 steps has a single window and adapts no
+    mass matrix.
 
     **Divergences.** A proposal with a non-finite position, log density or gradient, or with a log-ratio below
     :math:`-1000` (HMC's threshold), sets ``diverging``. MALA
@@ -123,6 +196,15 @@ class Langevin(MCMCKernel):
         for it.
     adapt_step_size : bool
         Adapt :math:`h` during warm-up.
+    adapt_mass_matrix : bool
+        Adapt :math:`M^{-1}` during warm-up (starting from ``inverse_mass_matrix``, or the identity).
+    dense_mass : bool or list of tuple of str
+        ``False``: diagonal :math:`M^{-1}`; ``True``: dense; ``[("a", "b"), ...]``: a dense block for each tuple of
+        sites, one diagonal block for the others (as NumPyro's HMC).
+    inverse_mass_matrix : array or dict, optional
+        A starting (or, with ``adapt_mass_matrix=False``, fixed) :math:`M^{-1}`: a vector (diagonal) or square
+        matrix over all unconstrained latent values, sites sorted by name and each flattened; or a dict
+        ``{tuple of site names: matrix}`` with one entry per block.
     target_accept_prob : float
         Target of the adaptation, in :math:`(0, 1)`.
     init_strategy : callable
@@ -143,12 +225,16 @@ class Langevin(MCMCKernel):
     (300, 2)
     >>> bool(0.3 < mcmc.get_extra_fields()["accept_prob"].mean() < 0.85)
     True
+    >>> mcmc.last_state.adapt_state.inverse_mass_matrix.shape   # adapted in warm-up: the posterior variances
+    (2,)
     """
 
     sample_field = "z"
 
     def __init__(self, model: Callable | None = None, step_size: float = 0.1, adjusted: bool = True, *,
                  potential_fn: Callable | None = None, adapt_step_size: bool = True,
+                 adapt_mass_matrix: bool = True, dense_mass: bool | list[tuple[str, ...]] = False,
+                 inverse_mass_matrix: InverseMassMatrix | None = None,
                  target_accept_prob: float = 0.57, init_strategy: Callable = init_to_uniform):
         if (model is None) == (potential_fn is None):
             raise ValueError("Langevin needs exactly one of `model` or `potential_fn`"
@@ -165,8 +251,16 @@ class Langevin(MCMCKernel):
         self._adjusted = bool(adjusted)
         self._adapt_step_size = bool(adapt_step_size)
         self._target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
+        self._adapt_mass_matrix = bool(adapt_mass_matrix)
+        self._dense_mass = check_dense_mass(dense_mass)
+        self._inverse_mass_matrix = _check_inverse_mass_matrix(inverse_mass_matrix)
         self._init_strategy = init_strategy
         self._num_warmup = 0
+        # set by init: the mass matrix's blocks (site names, positions in the flat vector; used when structured),
+        # the Welford state's sizes, the warm-up windows
+        self._block_index: list[tuple[tuple[str, ...], np.ndarray]] = []
+        self._mm_size: Any = None
+        self._schedule = np.zeros((0, 2), int)
         # set by init
         self._potential_fn_gen = None
         self._postprocess_fn = None
@@ -214,6 +308,91 @@ class Langevin(MCMCKernel):
             init_params = model_info.param_info
         return init_params.z if isinstance(init_params, ParamInfo) else init_params
 
+    @property
+    def _preconditioned(self) -> bool:
+        """Whether the proposal uses a mass matrix (adapted, or given as ``inverse_mass_matrix``)."""
+        return self._adapt_mass_matrix or self._inverse_mass_matrix is not None
+
+    @property
+    def _structured(self) -> bool:
+        """Whether the mass matrix is a dict of blocks (``dense_mass`` a list of tuples of site names)."""
+        return isinstance(self._dense_mass, list)
+
+    def _init_mass_matrix(self, z, dtype) -> tuple[Any, Any, Any]:
+        """The blocks of the mass matrix for latents ``z`` (one chain), and the starting ``(M^-1, T, S)``."""
+        if isinstance(z, dict):
+            names = sorted(z)  # ravel_pytree's order
+            sizes = {k: int(np.size(z[k])) for k in names}
+            blocks = mass_matrix_blocks(self._dense_mass, sizes)
+            offsets = dict(zip(names, np.cumsum([0] + [sizes[k] for k in names]).tolist()))
+            self._block_index = [(b, np.concatenate([np.arange(offsets[n], offsets[n] + sizes[n]) for n in b]))
+                                 for b, _, _ in blocks]
+        elif self._structured:
+            raise ValueError("dense_mass as blocks of site names needs the latent values as a dict by site name; "
+                             f"the potential's argument is a {type(z).__name__}: pass dense_mass=True or False")
+        else:  # one block over a pytree without site names
+            blocks = [((), self._dense_mass, int(ravel_pytree(z)[0].size))]
+        given = self._inverse_mass_matrix
+        if given is not None and blocks:
+            check_mass_matrix_shapes({b: m.shape for b, m in given.items()} if isinstance(given, dict)
+                                     else given.shape, blocks)
+        if not isinstance(given, dict):
+            given = {blocks[0][0]: given} if blocks else {}
+        matrices = {}
+        for b, dense, k in blocks:
+            m = given.get(b)
+            if m is None:
+                m = jnp.identity(k, dtype) if dense else jnp.ones(k, dtype)
+            elif dense and m.ndim == 1:
+                m = jnp.diag(m)
+            matrices[b] = _mass_matrix_factors(jnp.asarray(m, dtype))
+        self._mm_size = {b: ((k, k) if dense else (k,)) for b, dense, k in blocks}
+        if not self._structured:
+            self._mm_size = self._mm_size[blocks[0][0]] if blocks else (0,)
+            return matrices[blocks[0][0]] if blocks else (jnp.ones(0, dtype),) * 3
+        return tuple({b: f[j] for b, f in matrices.items()} for j in range(3))
+
+    def _precondition(self, x: jax.Array, matrix: Any, transpose: bool = False) -> jax.Array:
+        """``matrix @ x`` (or ``matrix.T @ x``) for the flat vector ``x``, block by block."""
+        def product(m, v):
+            return m * v if jnp.ndim(m) == 1 else (v @ m if transpose else m @ v)
+
+        if not self._structured:
+            return product(matrix, x)
+        out = x
+        for names, index in self._block_index:
+            out = out.at[index].set(product(matrix[names], x[index]))
+        return out
+
+    def _adapt_mass(self, i: jax.Array, adapt: LangevinAdaptState, z: Any, flat: jax.Array,
+                    step_size: jax.Array) -> LangevinAdaptState:
+        """One warm-up step of the windowed mass-matrix adaptation (that of NumPyro's ``warmup_adapter``).
+
+        Welford-update the window's (co)variance with the new draw in a middle window; at a middle window's
+        end, make it :math:`M^{-1}` and restart the step-size adaptation (centred at ``log(10 h)`` for MALA,
+        ``log h`` for ULA)."""
+        mm_init, mm_update, mm_final = welford_covariance(diagonal=not self._dense_mass)
+        num_windows = len(self._schedule)
+        window_idx = adapt.window_idx
+        is_middle = (0 < window_idx) & (window_idx < num_windows - 1)
+        sample = z if self._structured else flat
+        mm_state = lax.cond(is_middle, lambda s: mm_update(sample, s), lambda s: s, adapt.mm_state)
+        at_end = i == jnp.asarray(self._schedule)[window_idx, 1]
+        adapt = adapt._replace(mm_state=mm_state, window_idx=jnp.where(at_end, window_idx + 1, window_idx))
+
+        def end_window(adapt: LangevinAdaptState) -> LangevinAdaptState:
+            new = adapt._replace(**dict(zip(("inverse_mass_matrix", "mass_matrix_sqrt", "mass_matrix_sqrt_inv"),
+                                            mm_final(adapt.mm_state, regularize=True))),
+                                 mm_state=mm_init(self._mm_size))
+            if self._adapt_step_size:
+                ss_init, _ = dual_averaging()
+                factor = 10.0 if self._adjusted else 1.0
+                new = new._replace(**dict(zip(LangevinAdaptState._fields[:5],
+                                              ss_init(jnp.log(factor) + jnp.log(step_size)))))
+            return jax.tree.map(lambda a, b: jnp.asarray(a, jnp.result_type(b)), new, adapt)
+
+        return lax.cond(at_end & is_middle, end_window, lambda a: a, adapt)
+
     def _get_potential_fn(self, model_args, model_kwargs) -> Callable:
         if self._potential_fn_gen is None:
             return self._potential_fn
@@ -229,6 +408,7 @@ class Langevin(MCMCKernel):
             rng_key, key_init = random.split(rng_key)
         init_params = self._init_params(key_init, model_args, model_kwargs, init_params)
         potential_fn = self._get_potential_fn(model_args, model_kwargs)
+        self._schedule = np.asarray(build_adaptation_schedule(self._num_warmup), dtype=int).reshape(-1, 2)
 
         def init_one(z, key):
             flat, unravel = ravel_pytree(z)
@@ -236,8 +416,11 @@ class Langevin(MCMCKernel):
             dtype = jnp.result_type(flat.dtype, jnp.float32)  # float64 under jax_enable_x64
             step_size = jnp.asarray(self._step_size, dtype)
             ss_init, _ = dual_averaging()
+            mm_init, _, _ = welford_covariance(diagonal=not self._dense_mass)
+            factors = self._init_mass_matrix(z, dtype)
             # Centred at log(10 h0) for MALA, as HMC; at log(h0) for ULA, which keeps every trial move.
-            adapt_state = LangevinAdaptState(*ss_init(jnp.log((10.0 if self._adjusted else 1.0) * step_size)))
+            adapt_state = LangevinAdaptState(*ss_init(jnp.log((10.0 if self._adjusted else 1.0) * step_size)),
+                                             *factors, mm_init(self._mm_size), jnp.array(0))
             zero = jnp.zeros((), dtype)
             return LangevinKernelState(jnp.array(0), z, -state.logdensity, unravel(-state.logdensity_grad),
                                        step_size, zero, zero, jnp.zeros((), bool), adapt_state, key)
@@ -267,8 +450,11 @@ class Langevin(MCMCKernel):
         rng_key, key_step = random.split(state.rng_key)
         # The steps of langevin.mala_step, kept apart to see the proposal (divergence) and, for ULA, its ratio.
         key_proposal, key_accept = random.split(key_step)
-        new = langevin.proposal(key_proposal, current, log_density, h)
-        log_ratio = langevin.log_acceptance_ratio(current, new, h)
+        if self._preconditioned:
+            new, log_ratio = self._preconditioned_proposal(key_proposal, current, log_density, h, state.adapt_state)
+        else:
+            new = langevin.proposal(key_proposal, current, log_density, h)
+            log_ratio = langevin.log_acceptance_ratio(current, new, h)
         # Non-finite, or a log-ratio below -1000 (the threshold HMC puts on its energy error; Pyro's kernel too).
         diverging = ~(jnp.isfinite(new.logdensity) & jnp.all(jnp.isfinite(new.position))
                       & jnp.all(jnp.isfinite(new.logdensity_grad)) & (log_ratio >= -_MAX_LOG_RATIO_ERROR))
@@ -285,18 +471,40 @@ class Langevin(MCMCKernel):
         step_size, adapt_state = h, state.adapt_state
         if self._adapt_step_size:
             _, ss_update = dual_averaging()
-            updated = LangevinAdaptState(*ss_update(self._target_accept_prob - accept_prob, adapt_state))
+            updated = ss_update(self._target_accept_prob - accept_prob, tuple(adapt_state[:5]))
+            updated = adapt_state._replace(**dict(zip(LangevinAdaptState._fields[:5], updated)))
             adapt_state = jax.tree.map(lambda a, b: jnp.where(warming, a, b), updated, adapt_state)
             # the iterate during warm-up, its average from the last warm-up step on (as NumPyro's HMC)
             log_h = jnp.where(i == self._num_warmup - 1, adapt_state.log_step_size_avg, adapt_state.log_step_size)
             finfo = jnp.finfo(h.dtype)
             step_size = jnp.where(warming, jnp.clip(jnp.exp(log_h), finfo.tiny, finfo.max).astype(h.dtype), h)
+        if self._adapt_mass_matrix:
+            updated = self._adapt_mass(i, adapt_state, unravel(nxt.position), nxt.position, step_size)
+            adapt_state = jax.tree.map(lambda a, b: jnp.where(warming, a, b), updated, adapt_state)
 
         itr = i + 1
         n = jnp.where(warming, itr, itr - self._num_warmup)
         mean_accept_prob = state.mean_accept_prob + (accept_prob - state.mean_accept_prob) / n
         return LangevinKernelState(itr, unravel(nxt.position), -nxt.logdensity, unravel(-nxt.logdensity_grad),
                                    step_size, accept_prob, mean_accept_prob, diverging, adapt_state, rng_key)
+
+    def _preconditioned_proposal(self, rng_key: jax.Array, current: langevin.LangevinState, log_density: Callable,
+                                 h: jax.Array, adapt: LangevinAdaptState) -> tuple[langevin.LangevinState, jax.Array]:
+        """The proposal z + (h^2/2) M^-1 grad + h S^T xi, evaluated, with its Metropolis-Hastings log-ratio."""
+        def mean(s: langevin.LangevinState) -> jax.Array:
+            return s.position + (0.5 * h * h) * self._precondition(s.logdensity_grad, adapt.inverse_mass_matrix)
+
+        def log_q(to: jax.Array, frm: langevin.LangevinState) -> jax.Array:  # up to a shared constant
+            diff = self._precondition(to - mean(frm), adapt.mass_matrix_sqrt, transpose=True)  # |T^T d|^2 = d^T M d
+            return -jnp.sum(diff * diff, -1) / (2.0 * h * h)
+
+        z = current.position
+        noise = random.normal(rng_key, z.shape, z.dtype)
+        moved = mean(current) + h * self._precondition(noise, adapt.mass_matrix_sqrt_inv, transpose=True)
+        new = langevin.LangevinState(moved, *langevin.value_and_grad(log_density, moved))
+        log_ratio = new.logdensity - current.logdensity + log_q(z, new) - log_q(moved, current)
+        valid = jnp.isfinite(new.logdensity) & ~jnp.isnan(log_ratio)
+        return new, jnp.where(valid, log_ratio, -jnp.inf)  # reject nan and +-inf, as langevin's ratio
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -305,4 +513,5 @@ class Langevin(MCMCKernel):
 
     def __repr__(self) -> str:
         return (f"Langevin({'MALA' if self._adjusted else 'ULA'}, step_size={self._step_size:g}, "
-                f"adapt_step_size={self._adapt_step_size}, target_accept_prob={self._target_accept_prob:g})")
+                f"adapt_step_size={self._adapt_step_size}, adapt_mass_matrix={self._adapt_mass_matrix}, "
+                f"dense_mass={self._dense_mass}, target_accept_prob={self._target_accept_prob:g})")

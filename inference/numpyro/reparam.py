@@ -67,16 +67,17 @@ def _log_abs_det(transform: Transform, u, z, intermediates=None):
     return jnp.broadcast_to(ladj, jnp.shape(u)[:-1])
 
 
-def _pulled_back_energy(energy: Callable, transform: Transform, u):
-    r"""Form (a): :math:`E(T(u))` (module-level, so that compiled chains are reused)."""
-    return energy(transform(u))
+def _pulled_back_energy(energy: Callable, transform: Transform, u, *context):
+    r"""Form (a): :math:`E(T(u))` (:math:`E(T(u), x)` with a context; module-level, so that compiled chains are
+    reused)."""
+    return energy(transform(u), *context)
 
 
-def _carried_energy(energy: Callable, transform: Transform, base, u):
+def _carried_energy(energy: Callable, transform: Transform, base, u, *context):
     r"""Form (b): :math:`E(T(u)) - \log q(T(u)) - \log|\det J_T(u)| + \log \mathcal N(u; 0, I)`."""
     z, intermediates = transform.call_with_intermediates(u)
     log_normal = -0.5 * jnp.sum(u * u, -1) - 0.5 * jnp.shape(u)[-1] * _LOG_2PI
-    return energy(z) - base.log_prob(z) - _log_abs_det(transform, u, z, intermediates) + log_normal
+    return energy(z, *context) - base.log_prob(z) - _log_abs_det(transform, u, z, intermediates) + log_normal
 
 
 class FlowBackbone(Reparam):
@@ -206,8 +207,8 @@ class FlowBackbone(Reparam):
         else:
             transform = self.transform
         self._check_transform(name, transform, event_shape)
-        settings = dict(normalizer=tilted.normalizer, sampler=tilted.sampler, rng_key=tilted.rng_key,
-                        validate_args=False)
+        settings = dict(context=tilted.__dict__.get("context"), normalizer=tilted.normalizer,
+                        sampler=tilted.sampler, rng_key=tilted.rng_key, validate_args=False)
         parts = _parts(transform)
         if flow is not None and len(parts) == len(flow_parts) and all(a is b for a, b in zip(parts, flow_parts)):
             # (a) the base is this flow: u ~ EnergyTilted(E o T, the flow's base)

@@ -3,6 +3,7 @@ exponential schedule (optax), gradient clipping, a divergence guard, atomic chec
 resume, a metrics history and a progress bar. The Pyro twin is :func:`tilted_priors.inference.pyro.train.fit`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -11,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 
-from tilted_priors.inference._training import FitResult, TrainingDiverged, TrainingPlan, make_plan, run_training
+from tilted_priors.inference._training import (FitResult, TrainingDiverged, TrainingPlan, make_plan, no_latents_error,
+                                                run_training)
 from tilted_priors.inference.files import flatten_state, unflatten_state
 
 __all__ = ["fit", "FitResult", "TrainingDiverged"]
@@ -96,26 +99,42 @@ def _extra_state(obj) -> dict | None:
     return out
 
 
+def _empty_guide(*args, **kwargs) -> None:
+    """The guide of ``fit(model, None, data)``: nothing to infer (every sample site of the model is observed)."""
+    return None
+
+
+def _latent_sites(model, rng_key, args: tuple, kwargs: dict) -> list[str]:
+    trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*args, **kwargs)
+    return [name for name, site in trace.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site["infer"].get("is_auxiliary")]
+
+
 class _NumPyroTrainer:
     def __init__(self, model, guide, loss, plan: TrainingPlan, init_params: Mapping | None = None):
+        self.check_latents = guide is None
+        guide = _empty_guide if guide is None else guide
         self.model, self.guide, self.plan, self.init_params = model, guide, plan, init_params
         self.svi = SVI(model, guide, optax_to_numpyro(_optimizer(plan)), loss)
-        self.data = jnp.asarray(plan.data, dtype=jnp.result_type(float))
+        self.data = tuple(jnp.asarray(a, dtype=jnp.result_type(float)) for a in plan.arrays)
         self.state = None
         pass_index, svi = plan.pass_index, self.svi
 
         def update(state, data, idx):
-            kwargs = {"index": idx} if pass_index else {}
-            new_state, loss_value = svi.update(state, jnp.take(data, idx, axis=0), **kwargs)
+            args, kwargs = plan.call([jnp.take(a, idx, axis=0) for a in data])
+            if pass_index:
+                kwargs["index"] = idx
+            new_state, loss_value = svi.update(state, *args, **kwargs)
             leaves = jax.tree_util.tree_leaves(svi.optim.get_params(new_state.optim_state))
             finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
             return new_state, loss_value, finite
 
         self._update = jax.jit(update)
 
-    def _kwargs(self, idx: np.ndarray) -> tuple[jax.Array, dict]:
+    def _kwargs(self, idx: np.ndarray) -> tuple[tuple, dict]:
         index = jnp.asarray(idx, dtype=jnp.int32)
-        return jnp.take(self.data, index, axis=0), ({"index": index} if self.plan.pass_index else {})
+        args, kwargs = self.plan.call([jnp.take(a, index, axis=0) for a in self.data])
+        return args, ({**kwargs, "index": index} if self.plan.pass_index else kwargs)
 
     def read(self, path: Path):
         with np.load(path, allow_pickle=False) as f:
@@ -130,13 +149,17 @@ class _NumPyroTrainer:
         return arrays, meta
 
     def setup(self, idx: np.ndarray, payload) -> list[str]:
-        x, kwargs = self._kwargs(idx)
+        args, kwargs = self._kwargs(idx)
+        if self.check_latents:
+            latents = _latent_sites(self.model, jax.random.PRNGKey(self.plan.seed), args, kwargs)
+            if latents:
+                raise no_latents_error(latents)
         # A fresh state from the seed: the run's initial state, or on resume the template whose tree structure
         # receives the checkpoint's leaves.
-        state = self.svi.init(jax.random.PRNGKey(self.plan.seed), x, **kwargs)
+        state = self.svi.init(jax.random.PRNGKey(self.plan.seed), *args, **kwargs)
         if payload is None and self.init_params is not None:
             init_params = _nest_params(self.init_params, self.svi.get_params(state))
-            state = self.svi.init(jax.random.PRNGKey(self.plan.seed), x, init_params=init_params, **kwargs)
+            state = self.svi.init(jax.random.PRNGKey(self.plan.seed), *args, init_params=init_params, **kwargs)
         names = sorted(self.svi.optim.get_params(state.optim_state))
         if payload is not None:
             leaves, treedef = jax.tree_util.tree_flatten(state)
@@ -183,7 +206,16 @@ class _NumPyroTrainer:
         return _flat_params(self.svi.get_params(self.state)), self.state
 
 
-def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, num_steps: int | None = None,
+def _trained(result: FitResult, trainer: _NumPyroTrainer, model: Callable, guide: Callable | None) -> FitResult:
+    """``result`` with the model and the guide given back with the trained parameters (nested, as their param
+    sites hold them) and the mutable state substituted."""
+    values = dict(trainer.svi.get_params(trainer.state))
+    values.update(trainer.state.mutable_state or {})
+    return dataclasses.replace(result, model=handlers.substitute(model, data=values),
+                               guide=None if guide is None else handlers.substitute(guide, data=values))
+
+
+def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = None, num_steps: int | None = None,
         batch_size: int = 100, lr: float | Mapping[str, float] = 1e-4, betas: Sequence[float] = (0.5, 0.999),
         lr_decay: float = 1.0, clip_norm: float | None = None, loss: Any = None, seed: int = 0,
         out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
@@ -195,9 +227,14 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
     ----------
     model, guide : callable
         Called by ``SVI`` as ``model(x_batch)`` / ``guide(x_batch)`` with ``x_batch`` a JAX array of shape
-        ``(batch_size, ...)`` in JAX's default float dtype (and ``index=`` when ``pass_index``).
-    data : numpy.ndarray
-        Training data, shape ``(N, ...)``, finite, real (cast to float). It is put on the device once.
+        ``(batch_size, ...)`` in JAX's default float dtype (and ``index=`` when ``pass_index``); with several
+        arrays, ``model(x_batch, y_batch)`` (a tuple) or ``model(x=x_batch, y=y_batch)`` (a dict). ``guide=None``
+        is an empty guide, for models whose sample sites are all observed (or that have none), e.g. a conditional
+        density of ``y`` given ``x`` (``ValueError`` if the model has latent sites).
+    data : numpy.ndarray, tuple or dict of numpy.ndarray
+        Training data: one array of shape ``(N, ...)``, a tuple of arrays (passed positionally) or a dict of
+        arrays (passed by name), all with the same first dimension ``N`` and batched together; finite, real
+        (cast to float). It is put on the device once.
     epochs, num_steps : int
         Length of training: exactly one. ``epochs`` means ``epochs * (N // batch_size)`` updates. Both count
         from the start of training, also when resuming.
@@ -227,8 +264,8 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
         Continue from ``out/checkpoint.npz`` if it exists (else start afresh). The result is bit-identical to a
         run that was never interrupted: the whole ``SVIState`` (parameters, optimizer state with its step count,
         mutable state, RNG key) and ``guide.state_dict()`` (if the guide has one) are restored. ``seed``,
-        ``batch_size`` and the data's shape must match; learning-rate values, ``clip_norm`` and the length may
-        change (the prefixes of ``lr`` may not: they shape the optimizer state).
+        ``batch_size`` and the data's shapes (and their tuple or dict structure) must match; learning-rate values,
+        ``clip_norm`` and the length may change (the prefixes of ``lr`` may not: they shape the optimizer state).
     progress : bool
         Show a tqdm bar with the loss and the speed.
     pass_index : bool
@@ -249,7 +286,10 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
     -------
     FitResult
         ``history``, ``losses``, ``params`` (constrained, by site name; pytree leaves as ``site/key/...``),
-        ``state`` (the final ``SVIState``), ``checkpoint`` and ``steps``.
+        ``state`` (the final ``SVIState``), ``checkpoint``, ``steps``, and ``model`` / ``guide``: the model and
+        the guide with the trained parameters and mutable state substituted (``numpyro.handlers.substitute``),
+        ready for ``Predictive(result.model, guide=result.guide, ...)`` or
+        :func:`~tilted_priors.inference.numpyro.log_likelihood`.
 
     Raises
     ------
@@ -257,8 +297,9 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
         When a loss or a parameter becomes non-finite (checked on the values the jitted update returns): the
         diverged state is dropped, not checkpointed, and the last good checkpoint stays on disk.
     ValueError, TypeError
-        For bad arguments (non-finite or empty data, a batch size outside ``[1, N]``, both or neither of
-        ``epochs``/``num_steps``, learning rates <= 0, a prefix that names no parameter, ...).
+        For bad arguments (non-finite or empty data, data arrays of different lengths, a batch size outside
+        ``[1, N]``, both or neither of ``epochs``/``num_steps``, learning rates <= 0, a prefix that names no
+        parameter, ``guide=None`` with latent sites, a model and guide without parameters, ...).
 
     Notes
     -----
@@ -290,4 +331,5 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
     if init_params is not None and not isinstance(init_params, Mapping):
         raise TypeError(f"init_params must be a mapping of param site names to values, got "
                         f"{type(init_params).__name__}")
-    return run_training(plan, _NumPyroTrainer(model, guide, loss, plan, init_params))
+    trainer = _NumPyroTrainer(model, guide, loss, plan, init_params)
+    return _trained(run_training(plan, trainer), trainer, model, guide)

@@ -9,11 +9,13 @@ require("pyro", "tilted_priors.inference.pyro")
 from tilted_priors.inference.pyro import handlers
 from tilted_priors.inference.pyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
 from tilted_priors.inference.pyro.kernels import Langevin
+from tilted_priors.inference.pyro.likelihood import LogLikelihoodEstimate, log_likelihood
 from tilted_priors.inference.pyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
 from tilted_priors.inference.pyro.modules import register_module
+from tilted_priors.inference.pyro.nce import NoiseContrastive
 from tilted_priors.inference.pyro.reparam import FlowBackbone
 from tilted_priors.inference.pyro.train import FitResult, TrainingDiverged, fit
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
-           "fit_recursive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged", "handlers",
-           "register_module"]
+           "fit_recursive", "NoiseContrastive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged",
+           "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate"]

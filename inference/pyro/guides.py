@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -34,8 +35,10 @@ from pyro.poutine.util import is_validation_enabled
 
 from tilted_priors.inference.pyro.handlers import normalizer, sampler
 from tilted_priors.inference.pyro.modules import register_module
+from tilted_priors import _adapt
 from tilted_priors._compat import pyro_am_i_wrapped
 from tilted_priors._validation import check_positive_int
+from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import ShortRunLangevin, Unnormalized
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide"]
@@ -95,8 +98,8 @@ class ShortRunPosterior:
     r"""Short-run Langevin posterior as a guide (LEBM; Pang et al. 2020).
 
     On each call it finds the model's latent sites (a trace of the model under the same arguments), starts a chain
-    at ``init``, runs ``sampler`` (default ``ShortRunLangevin(steps, step_size)``) on the **unnormalised** joint
-    log density
+    at ``init``, runs ``sampler`` (default ``ShortRunLangevin(steps, step_size)``, ``step_size="auto"``) on the
+    **unnormalised** joint log density
 
     .. math:: \log \tilde p(x, z) = \sum_{\text{sites}} \log p(\cdot) \text{ with every tilted prior's normalizer off}
 
@@ -109,12 +112,19 @@ class ShortRunPosterior:
     one chain on the summed joint (LEBM's), and ``MALA`` accepts or rejects each datum's move on its own. Otherwise
     all latent sites form one chain.
 
+    The default ``step_size="auto"`` scales the chain's step size to the posterior on every call (see
+    :class:`~tilted_priors.pyro.ShortRunLangevin`), so the guide suits models whose latents are not on LEBM's
+    scale; pass ``step_size=0.1`` for LEBM's chain. A chain that hardly moves (root-mean-square displacement under
+    :math:`10^{-3}` of its starting points' spread: too small a step size) warns once per guide, naming
+    ``step_size`` and ``steps``; a chain that diverges raises :class:`~tilted_priors.ChainDivergenceError` naming
+    the guide and its sites.
+
     Parameters
     ----------
     model : callable
         The Pyro model; the guide is called with the model's arguments.
-    steps, step_size : int, float
-        Of the default ULA sampler (LEBM: 20 x 0.1).
+    steps, step_size : int, float or "auto"
+        Of the default ULA sampler (LEBM: 20 x 0.1; default 20 x ``"auto"``).
     init : {"noise", "prior", "persistent"} or callable
         Where chains start: ``"noise"`` draws tilted sites from their base (LEBM's :math:`\mathcal N(0, I)`) and
         other latent sites from their prior; ``"prior"`` from the prior itself (the tilted prior's own sampler);
@@ -150,11 +160,12 @@ class ShortRunPosterior:
     torch.Size([8, 2])
     """
 
-    def __init__(self, model: Callable, steps: int = 20, step_size: float = 0.1, init="noise", *,
+    def __init__(self, model: Callable, steps: int = 20, step_size: float | str = "auto", init="noise", *,
                  sampler=None, num_data: int | None = None, per_datum: bool = True):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
+        self._warned = False  # the chain-did-not-move warning is given once per guide
         self.per_datum = bool(per_datum)
         self.sampler = ShortRunLangevin(steps, step_size) if sampler is None else sampler
         if not callable(getattr(self.sampler, "run", None)):
@@ -285,7 +296,13 @@ class ShortRunPosterior:
             values = {n: v if axes[n] is None else v.movedim(0, axes[n]) for n, v in values.items()}
             return {n: shift[n][0] + shift[n][1] * v for n, v in values.items()}
 
-        result = unflatten(self.sampler.run(lambda u: log_joint(unflatten(u)), flatten(start)))
+        flat = flatten(start)
+        try:
+            moved = self.sampler.run(lambda u: log_joint(unflatten(u)), flat)
+        except ChainDivergenceError as err:  # say which chain it was
+            raise err.add_context(label=f"the posterior guide {type(self).__name__}, sites {names}")
+        self._check_moved(flat, moved)
+        result = unflatten(moved)
 
         if index is not None:
             for name, value in result.items():
@@ -295,6 +312,20 @@ class ShortRunPosterior:
         for name, value in result.items():
             self._record(trace, sites[name], value, plates)
         return result
+
+    def _check_moved(self, start: torch.Tensor, end: torch.Tensor) -> None:
+        """Warn (once per guide) when the chain's displacement is negligible against its starting points' spread."""
+        if self._warned:
+            return
+        with torch.no_grad():
+            flat = start.reshape(-1, start.shape[-1]) if start.dim() > 1 else start.reshape(1, -1)
+            spread = (flat.var(0, unbiased=False).mean() if flat.shape[0] > 1 else flat.var(unbiased=False)).sqrt()
+            scale = torch.where(spread > 0, spread, start.square().mean().sqrt())
+            displacement = (end - start).square().mean().sqrt()
+        message = _adapt.stuck_message(type(self).__name__, float(displacement), float(scale), self.sampler)
+        if message is not None:
+            self._warned = True
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     @staticmethod
     def _record(trace: poutine.Trace, site: dict, value: torch.Tensor, plates: dict) -> None:
@@ -665,8 +696,8 @@ class RefinedGuide:
     ----------
     guide : AmortizedGuide
         The encoder guide (any reparameterised guide with a ``model`` attribute and a sample at every latent site).
-    steps, step_size : int, float
-        Of the default ULA refinement chain.
+    steps, step_size : int, float or "auto"
+        Of the default ULA refinement chain (``"auto"``: adapted on every call).
     sampler : sampler, optional
         Overrides ``steps`` / ``step_size``.
     whiten : bool

@@ -13,23 +13,69 @@ from typing import Callable
 import pyro
 import torch
 from pyro.infer.autoguide import init_to_uniform
+from pyro.infer.mcmc.adaptation import WarmupAdapter
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.infer.mcmc.util import initialize_model
-from pyro.ops.dual_averaging import DualAveraging
 from pyro.util import optional
 
 from tilted_priors.inference.pyro.handlers import normalizer
-from tilted_priors._validation import check_probability, check_step_size
+from tilted_priors._validation import (check_dense_mass, check_mass_matrix_shapes, check_probability,
+                                       check_step_size, mass_matrix_blocks)
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import Unnormalized, langevin
 
 __all__ = ["Langevin"]
 
 Params = dict[str, torch.Tensor]
+InverseMassMatrix = torch.Tensor | dict[tuple[str, ...], torch.Tensor]
 
 #: A step whose Metropolis-Hastings log-ratio is below minus this (or non-finite) is a divergence: the same
 #: threshold as Pyro's HMC puts on the energy error (``HMC._max_sliced_energy``).
 _MAX_LOG_RATIO_ERROR = 1000.0
+
+
+class _WarmupAdapter(WarmupAdapter):
+    r"""Pyro's windowed warm-up adapter (HMC's), with the step-size scheme restarted at ``log(prox_factor * h)``.
+
+    HMC restarts dual averaging at :math:`\log(10 h)` after each mass-matrix window; MALA does the same, ULA
+    (which keeps every trial move) at :math:`\log h`.
+    """
+
+    def __init__(self, prox_factor: float, **kwargs):
+        super().__init__(**kwargs)
+        self._prox_factor = prox_factor
+
+    def reset_step_size_adaptation(self, z: Params | None = None) -> None:
+        self._step_size_adapt_scheme.prox_center = math.log(self._prox_factor * self.step_size)
+        self._step_size_adapt_scheme.reset()
+
+
+def _check_inverse_mass_matrix(value) -> InverseMassMatrix | None:
+    """``inverse_mass_matrix`` as tensors (one, or a dict by block of site names), each positive definite."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        bad = [k for k in value if not (isinstance(k, tuple) and k and all(isinstance(n, str) for n in k))]
+        if bad:
+            raise ValueError(f"inverse_mass_matrix as a dict must be keyed by tuples of site names (as "
+                             f"kernel.inverse_mass_matrix), got the keys {bad}")
+        return {k: _check_matrix(v, f"inverse_mass_matrix[{k!r}]") for k, v in value.items()}
+    return _check_matrix(value, "inverse_mass_matrix")
+
+
+def _check_matrix(value, name: str) -> torch.Tensor:
+    m = torch.as_tensor(value).detach()
+    if not m.is_floating_point():
+        m = m.to(torch.get_default_dtype())
+    if m.dim() not in (1, 2) or m.dim() == 2 and m.shape[0] != m.shape[1]:
+        raise ValueError(f"{name} must be a vector (a diagonal) or a square matrix, got shape {tuple(m.shape)}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"{name} has non-finite entries")
+    if m.dim() == 1 and not bool((m > 0).all()):
+        raise ValueError(f"{name} is a diagonal with entries <= 0: an inverse mass matrix is positive definite")
+    if m.dim() == 2 and not (torch.allclose(m, m.T) and int(torch.linalg.cholesky_ex(m).info) == 0):
+        raise ValueError(f"{name} must be symmetric positive definite (a covariance of the unconstrained latents)")
+    return m
 
 
 class Langevin(MCMCKernel):
@@ -37,18 +83,21 @@ class Langevin(MCMCKernel):
 
     All unconstrained latent sites form one vector :math:`z` (in the order of the model's trace) and the chain runs
     on :math:`\log\pi(z) = -U(z)`, with :math:`U` the potential energy of the model (Pyro's ``potential_fn``).
-    Every step makes the Langevin proposal with step size :math:`h`
+    Every step makes the preconditioned Langevin proposal with step size :math:`h` and inverse mass matrix
+    :math:`M^{-1}`
 
-    .. math:: z' = z + \tfrac{h^2}{2} \nabla \log \pi(z) + h\, \xi, \qquad \xi \sim \mathcal N(0, I),
+    .. math:: z' = z + \tfrac{h^2}{2} M^{-1} \nabla \log \pi(z) + h\, M^{-1/2} \xi, \qquad \xi \sim \mathcal N(0, I),
 
-    which MALA accepts with the Metropolis-Hastings probability
+    (:math:`M^{-1/2}` the Cholesky factor of :math:`M^{-1}`) which MALA accepts with the Metropolis-Hastings
+    probability
 
     .. math:: \alpha = \min\Bigl\{1, \frac{\pi(z')\, q(z \mid z')}{\pi(z)\, q(z' \mid z)}\Bigr\}, \qquad
-              q(z' \mid z) = \mathcal N\bigl(z';\, z + \tfrac{h^2}{2}\nabla\log\pi(z),\, h^2 I\bigr),
+              q(z' \mid z) = \mathcal N\bigl(z';\, z + \tfrac{h^2}{2}M^{-1}\nabla\log\pi(z),\, h^2 M^{-1}\bigr),
 
     leaving the posterior exactly invariant; ULA keeps every proposal (its law is biased by :math:`O(h^2)`) and
     reports :math:`\alpha` as the acceptance probability the step would have had, a measure of its discretisation
-    error. The proposal, :math:`\alpha` and the accept step are those of :mod:`tilted_priors.pyro.langevin`.
+    error. With :math:`M = I` (``adapt_mass_matrix=False`` and no ``inverse_mass_matrix``) the proposal,
+    :math:`\alpha` and the accept step are those of :mod:`tilted_priors.pyro.langevin`.
 
     The log density is **unnormalised**: the model runs under
     :func:`~tilted_priors.inference.pyro.handlers.normalizer` with :class:`~tilted_priors.pyro.Unnormalized`, so every tilted
@@ -60,6 +109,17 @@ class Langevin(MCMCKernel):
     :math:`\exp` of the averaged log step size. MALA's scheme is centred at :math:`\log(10 h_0)` as HMC's; ULA's at
     :math:`\log h_0` (an unadjusted chain keeps every move, so trial step sizes far above :math:`h_0` are not
     free). The default target 0.57 is the optimal MALA acceptance rate (Roberts & Rosenthal 1998).
+
+    **Mass matrix.** With ``adapt_mass_matrix`` (the default) :math:`M^{-1}` is adapted during warm-up as Pyro's
+    HMC does (:class:`pyro.infer.mcmc.adaptation.WarmupAdapter`, Stan's windows): after an initial buffer the
+    draws of each window of doubling length give a regularised Welford estimate of the posterior covariance
+    (:mod:`pyro.ops.welford`), which becomes :math:`M^{-1}` for the next window, the step-size adaptation
+    restarting with it; a final buffer tunes the step size alone. A Gaussian posterior with covariance
+    :math:`\Sigma` and :math:`M^{-1} = \Sigma` is a standard normal in the preconditioned coordinates, so
+    badly scaled or correlated latents (regression coefficients) mix as well as isotropic ones. The matrix is
+    diagonal by default (``dense_mass=True``: dense; a list of tuples of site names: dense blocks, as HMC's
+    ``full_mass``). After warm-up it is fixed, in :attr:`inverse_mass_matrix`. Warm-up shorter than 20 steps
+    has a single window and adapts no mass matrix.
 
     A MALA proposal with a non-finite log density (or a log-ratio below :math:`-1000`, HMC's threshold) is
     rejected and counted in ``diagnostics()["divergences"]`` (indices of post-warm-up draws, read by
@@ -80,6 +140,15 @@ class Langevin(MCMCKernel):
         (given to ``MCMC`` or set on the kernel).
     adapt_step_size : bool
         Adapt :math:`h` during warm-up.
+    adapt_mass_matrix : bool
+        Adapt :math:`M^{-1}` during warm-up (starting from ``inverse_mass_matrix``, or the identity).
+    dense_mass : bool or list of tuple of str
+        ``False``: diagonal :math:`M^{-1}`; ``True``: dense; ``[("a", "b"), ...]``: a dense block for each tuple of
+        sites, one diagonal block for the others (Pyro's HMC calls this ``full_mass``).
+    inverse_mass_matrix : tensor or dict, optional
+        A starting (or, with ``adapt_mass_matrix=False``, fixed) :math:`M^{-1}`: a vector (diagonal) or square
+        matrix over all unconstrained latent values, sites sorted by name and each flattened; or a dict
+        ``{tuple of site names: matrix}`` with one entry per block, as :attr:`inverse_mass_matrix` returns.
     target_accept_prob : float
         In :math:`(0, 1)`; the adaptation's target for the mean acceptance probability.
     transforms : dict, optional
@@ -99,16 +168,21 @@ class Langevin(MCMCKernel):
     ...                                sampler=ShortRunLangevin(10, 0.2))
     ...     z = pyro.sample("z", prior)
     ...     pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
-    >>> mcmc = MCMC(Langevin(model, step_size=0.3), num_samples=50, warmup_steps=50, disable_progbar=True)
+    >>> kernel = Langevin(model, step_size=0.3)
+    >>> mcmc = MCMC(kernel, num_samples=50, warmup_steps=50, disable_progbar=True)
     >>> mcmc.run(torch.tensor([1.0, -0.5]))
     >>> mcmc.get_samples()["z"].shape
     torch.Size([50, 2])
     >>> sorted(mcmc.diagnostics()["acceptance rate"])
     ['chain 0']
+    >>> kernel.inverse_mass_matrix["z",].shape   # adapted in warm-up: the posterior variances
+    torch.Size([2])
     """
 
     def __init__(self, model: Callable | None = None, step_size: float = 0.1, adjusted: bool = True, *,
                  potential_fn: Callable[[Params], torch.Tensor] | None = None, adapt_step_size: bool = True,
+                 adapt_mass_matrix: bool = True, dense_mass: bool | list[tuple[str, ...]] = False,
+                 inverse_mass_matrix: InverseMassMatrix | None = None,
                  target_accept_prob: float = 0.57, transforms: dict | None = None,
                  max_plate_nesting: int | None = None, jit_compile: bool = False, jit_options: dict | None = None,
                  ignore_jit_warnings: bool = False, init_strategy: Callable = init_to_uniform,
@@ -130,6 +204,9 @@ class Langevin(MCMCKernel):
         self.adjusted = bool(adjusted)
         self.adapt_step_size = bool(adapt_step_size)
         self.target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
+        self.adapt_mass_matrix = bool(adapt_mass_matrix)
+        self.dense_mass = check_dense_mass(dense_mass)
+        self._given_inverse_mass_matrix = _check_inverse_mass_matrix(inverse_mass_matrix)
         self._max_plate_nesting = max_plate_nesting
         self._jit_compile = jit_compile
         self._jit_options = jit_options
@@ -137,7 +214,11 @@ class Langevin(MCMCKernel):
         self._init_strategy = init_strategy
         self._step_size = self._init_step_size
         self._initial_params: Params | None = None
-        self._dual_averaging = DualAveraging()
+        # Centred at log(10 h) for MALA, as HMC; at log(h) for ULA, which keeps every trial move.
+        self._adapter = _WarmupAdapter(10.0 if self.adjusted else 1.0, step_size=self._init_step_size,
+                                       adapt_step_size=self.adapt_step_size,
+                                       target_accept_prob=self.target_accept_prob,
+                                       adapt_mass_matrix=self.adapt_mass_matrix, dense_mass=self.dense_mass)
         self._reset()
         super().__init__()
 
@@ -153,6 +234,9 @@ class Langevin(MCMCKernel):
         self._shapes: list[torch.Size] = []
         self._sizes: list[int] = []
         self._initial_params = None
+        # The mass matrix by block: positions in the flat vector, and (M^-1, its Cholesky factor L, L^-1).
+        self._block_index: list[torch.Tensor] = []
+        self._factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @property
     def name(self) -> str:
@@ -162,6 +246,18 @@ class Langevin(MCMCKernel):
     def step_size(self) -> float:
         """The step size in use (adapted during warm-up, fixed after)."""
         return self._step_size
+
+    @property
+    def inverse_mass_matrix(self) -> dict[tuple[str, ...], torch.Tensor]:
+        """:math:`M^{-1}` in use, as Pyro's ``HMC.inverse_mass_matrix``: ``{tuple of site names: tensor}``, a
+        vector for a diagonal block, a matrix for a dense one (sites in the order named, each flattened). Adapted
+        during warm-up, fixed after; empty before the kernel is set up."""
+        return self._adapter.mass_matrix_adapter.inverse_mass_matrix
+
+    @property
+    def mass_matrix_adapter(self):
+        """Pyro's :class:`~pyro.infer.mcmc.adaptation.BlockMassMatrix` holding :math:`M^{-1}` (as HMC's)."""
+        return self._adapter.mass_matrix_adapter
 
     @property
     def initial_params(self) -> Params | None:
@@ -217,46 +313,125 @@ class Langevin(MCMCKernel):
                              "dict of unconstrained tensors, with a leading dimension of num_chains when "
                              "num_chains > 1) or set kernel.initial_params")
         self._step_size = self._init_step_size
-        if self.adapt_step_size:
-            self._dual_averaging.prox_center = math.log((10.0 if self.adjusted else 1.0) * self._step_size)
-            self._dual_averaging.reset()
         self._start(self._initial_params)
+        self._setup_adapter()
+
+    def _setup_adapter(self) -> None:
+        """Configure the warm-up adapter for the sites of the chain: blocks, starting mass matrix, step size."""
+        blocks = mass_matrix_blocks(self.dense_mass, dict(zip(self._names, self._sizes)))
+        like = self._state.position if self._state is not None else torch.zeros(())
+        self._adapter.configure(self._warmup_steps, initial_step_size=self._init_step_size,
+                                mass_matrix_shape=OrderedDict((b, (k, k) if dense else (k,)) for b, dense, k in blocks),
+                                options={"dtype": like.dtype, "device": like.device})
+        given = self._given_inverse_mass_matrix
+        if given is not None and blocks:
+            check_mass_matrix_shapes({b: m.shape for b, m in given.items()} if isinstance(given, dict)
+                                     else given.shape, blocks)
+            given = given if isinstance(given, dict) else {blocks[0][0]: given}
+            self._adapter.mass_matrix_adapter.inverse_mass_matrix = {
+                b: (torch.diag(given[b]) if dense and given[b].dim() == 1 else given[b]).to(like)
+                for b, dense, _ in blocks}
+        if self.adapt_step_size:
+            self._adapter.reset_step_size_adaptation()
+        offsets = dict(zip(self._names, torch.tensor([0] + self._sizes).cumsum(0).tolist()))
+        sizes = dict(zip(self._names, self._sizes))
+        self._block_index = [torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n]) for n in b]).to(like.device)
+                             for b, _, _ in blocks]
+        self._factors = []
+        self._update_factors()
+
+    def _update_factors(self) -> None:
+        """Factor M^-1 by block (once per mass-matrix window): M^-1 = L L^T, L^-1."""
+        matrices = list(self.inverse_mass_matrix.values())
+        if len(matrices) == len(self._factors) and all(m is f[0] for m, f in zip(matrices, self._factors)):
+            return
+        factors = []
+        for m in matrices:
+            if m.dim() == 1:
+                sqrt = m.sqrt()
+                factors.append((m, sqrt, sqrt.reciprocal()))
+            else:
+                chol = torch.linalg.cholesky(m)
+                eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+                factors.append((m, chol, torch.linalg.solve_triangular(chol, eye, upper=False)))
+        self._factors = factors
+
+    def _precondition(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """``x`` (flat) times M^-1 (``which=0``), L (1) or L^-1 (2), block by block."""
+        out = torch.empty_like(x)
+        for index, factors in zip(self._block_index, self._factors):
+            m = factors[which]
+            out[index] = m * x[index] if m.dim() == 1 else m @ x[index]
+        return out
+
+    def _preconditioned_proposal(self, state: langevin.LangevinState,
+                                 h: float) -> tuple[langevin.LangevinState, torch.Tensor]:
+        """The proposal z + (h^2/2) M^-1 grad + h L xi, evaluated, with its Metropolis-Hastings log-ratio."""
+        def mean(s: langevin.LangevinState) -> torch.Tensor:
+            return s.position + (0.5 * h * h) * self._precondition(s.logdensity_grad, 0)
+
+        def log_q(to: torch.Tensor, frm: langevin.LangevinState) -> torch.Tensor:  # up to a shared constant
+            diff = self._precondition(to - mean(frm), 2)
+            return -(diff * diff).sum(-1) / (2.0 * h * h)
+
+        z = state.position
+        noise = torch.randn(z.shape, dtype=z.dtype, device=z.device)
+        moved = mean(state) + h * self._precondition(noise, 1)
+        new = langevin.LangevinState(moved, *langevin.value_and_grad(self._log_density, moved))
+        log_ratio = new.logdensity - state.logdensity + log_q(z, new) - log_q(moved, state)
+        valid = torch.isfinite(new.logdensity) & ~torch.isnan(log_ratio)
+        return new, torch.where(valid, log_ratio, -torch.inf)  # reject nan and +-inf, as langevin's ratio
 
     def sample(self, params: Params) -> Params:
         """One Langevin step from ``params`` (the kernel's cached state when it has one)."""
         if self._state is None and self._names != list(params):
             self._start(params)
+            self._setup_adapter()
         if self._state is None:  # no latent site: nothing moves
-            self._record(1.0, True, 0.0)
+            self._record(1.0, True, 0.0, {})
             return dict(params)
         state, h, t = self._state, self._step_size, self._t
         with optional(pyro.validation_enabled(False), t < self._warmup_steps):
-            if self.adjusted:
+            if self._preconditioned:
+                new, log_ratio = self._preconditioned_proposal(state, h)
+            elif self.adjusted:
                 new = langevin.proposal(None, state, self._log_density, h)
                 log_ratio = langevin.log_acceptance_ratio(state, new, h)
+            else:
+                new, _ = langevin.ula_step(None, state, self._log_density, h)
+            if self.adjusted:
                 self._state, info = langevin.metropolis_accept(None, state, new, log_ratio)
                 accepted = bool(info.is_accepted)
             else:
-                new, _ = langevin.ula_step(None, state, self._log_density, h)
                 self._check_finite(new, t + 1)
-                log_ratio = langevin.log_acceptance_ratio(state, new, h)
+                if not self._preconditioned:
+                    log_ratio = langevin.log_acceptance_ratio(state, new, h)
                 self._state, accepted = new, True
         log_ratio = float(log_ratio)
-        self._record(math.exp(min(log_ratio, 0.0)), accepted, log_ratio)
-        return self._unflatten(self._state.position)
+        params = self._unflatten(self._state.position)
+        self._record(math.exp(min(log_ratio, 0.0)), accepted, log_ratio, params)
+        return params
 
-    def _record(self, accept_prob: float, accepted: bool, log_ratio: float) -> None:
-        """Bookkeeping after step ``self._t``: adaptation in warm-up, acceptance and divergences after."""
+    @property
+    def _preconditioned(self) -> bool:
+        """Whether the proposal uses a mass matrix (adapted, or given as ``inverse_mass_matrix``)."""
+        return self.adapt_mass_matrix or self._given_inverse_mass_matrix is not None
+
+    def _record(self, accept_prob: float, accepted: bool, log_ratio: float, params: Params) -> None:
+        """Bookkeeping after step ``self._t`` (now at ``params``): adaptation in warm-up, acceptance and
+        divergences after."""
         warmup = self._warmup_steps
         if self._t >= warmup and not log_ratio >= -_MAX_LOG_RATIO_ERROR:
             self._divergences.append(self._t - warmup)
         self._t += 1
         if self._t <= warmup:
             n = self._t
+            # Pyro's HMC schedule: step size every step (its average from the last one on), M^-1 per window.
+            self._adapter.step(self._t - 1, params, torch.tensor(accept_prob, dtype=torch.float64))
             if self.adapt_step_size:
-                self._dual_averaging.step(self.target_accept_prob - accept_prob)
-                log_step, log_step_avg = self._dual_averaging.get_state()
-                self._step_size = self._clamp(math.exp(log_step_avg if self._t == warmup else log_step))
+                self._step_size = self._clamp(self._adapter.step_size)
+            if self.adapt_mass_matrix:
+                self._update_factors()
         else:
             n = self._t - warmup
             self._accept_cnt += int(accepted)
@@ -284,4 +459,5 @@ class Langevin(MCMCKernel):
 
     def __repr__(self) -> str:
         return (f"Langevin(step_size={self._init_step_size:g}, adjusted={self.adjusted}, "
-                f"adapt_step_size={self.adapt_step_size}, target_accept_prob={self.target_accept_prob:g})")
+                f"adapt_step_size={self.adapt_step_size}, adapt_mass_matrix={self.adapt_mass_matrix}, "
+                f"dense_mass={self.dense_mass}, target_accept_prob={self.target_accept_prob:g})")

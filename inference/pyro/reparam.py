@@ -77,13 +77,13 @@ def _standard_normal_log_prob(u: torch.Tensor) -> torch.Tensor:
 
 
 class _PulledBackEnergy:
-    r"""Form (a): :math:`u \mapsto E(T(u))`."""
+    r"""Form (a): :math:`u \mapsto E(T(u))` (:math:`E(T(u), x)` with a context)."""
 
     def __init__(self, energy: Callable, transform: Transform):
         self.energy, self.transform = energy, transform
 
-    def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        return self.energy(self.transform(u))
+    def __call__(self, u: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        return self.energy(self.transform(u), *context)
 
     def __repr__(self) -> str:
         return f"{self.energy!r} o {self.transform!r}"
@@ -95,9 +95,9 @@ class _CarriedEnergy:
     def __init__(self, energy: Callable, transform: Transform, base):
         self.energy, self.transform, self.base = energy, transform, base
 
-    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+    def __call__(self, u: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
         z = self.transform(u)
-        return (self.energy(z) - self.base.log_prob(z) - _log_abs_det(self.transform, u, z)
+        return (self.energy(z, *context) - self.base.log_prob(z) - _log_abs_det(self.transform, u, z)
                 + _standard_normal_log_prob(u))
 
     def __repr__(self) -> str:
@@ -230,7 +230,8 @@ class FlowBackbone(Reparam):
         else:
             transform = self.transform
         self._check_transform(name, transform, event_shape)
-        settings = dict(normalizer=tilted.normalizer, sampler=tilted.sampler, validate_args=False)
+        settings = dict(context=tilted.context, normalizer=tilted.normalizer, sampler=tilted.sampler,
+                        validate_args=False)
         parts = _parts(transform)
         if flow is not None and len(parts) == len(flow_parts) and all(a is b for a, b in zip(parts, flow_parts)):
             # (a) the base is this flow: u ~ EnergyTilted(E o T, the flow's base)

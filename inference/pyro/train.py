@@ -3,6 +3,7 @@ exponential schedule, gradient clipping, a divergence guard, atomic checkpoints 
 metrics history and a progress bar. The NumPyro twin is :func:`tilted_priors.inference.numpyro.train.fit`."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,10 +13,13 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import PyroOptim
+from pyro.poutine.util import site_is_subsample
 
-from tilted_priors.inference._training import FitResult, TrainingDiverged, TrainingPlan, make_plan, run_training
+from tilted_priors.inference._training import (FitResult, TrainingDiverged, TrainingPlan, make_plan, no_latents_error,
+                                                run_training)
 from tilted_priors.inference.files import flatten_state, unflatten_state
 
 __all__ = ["fit", "FitResult", "TrainingDiverged"]
@@ -128,17 +132,32 @@ def _derived_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
 
 
+def _empty_guide(*args, **kwargs) -> None:
+    """The guide of ``fit(model, None, data)``: nothing to infer (every sample site of the model is observed)."""
+    return None
+
+
+def _latent_sites(model, args: tuple, kwargs: dict) -> list[str]:
+    trace = poutine.trace(model).get_trace(*args, **kwargs)
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+            and not site["infer"].get("is_auxiliary")]
+
+
 class _PyroTrainer:
     def __init__(self, model, guide, loss, plan: TrainingPlan):
+        self.check_latents = guide is None
+        guide = _empty_guide if guide is None else guide
         self.model, self.guide, self.loss, self.plan = model, guide, loss, plan
-        self.data = torch.as_tensor(plan.data, dtype=torch.get_default_dtype())
+        self.data = [torch.as_tensor(a, dtype=torch.get_default_dtype()) for a in plan.arrays]
         self.optim = _FitAdam(plan)
         self.svi = SVI(model, guide, self.optim, loss=loss)
         self.names: list[str] = []
 
-    def _kwargs(self, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+    def _kwargs(self, idx: np.ndarray) -> tuple[tuple, dict]:
         index = torch.as_tensor(idx, dtype=torch.long)
-        return self.data[index], ({"index": index} if self.plan.pass_index else {})
+        args, kwargs = self.plan.call([a[index] for a in self.data])
+        return args, ({**kwargs, "index": index} if self.plan.pass_index else kwargs)
 
     def read(self, path: Path):
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
@@ -149,14 +168,20 @@ class _PyroTrainer:
     def setup(self, idx: np.ndarray, payload) -> list[str]:
         # Run the loss once so that every parameter exists (AutoGuides and pyro.module create them lazily);
         # a resumed run then overwrites them in place and restores the optimizer state and the RNGs.
+        args, kwargs = self._kwargs(idx)
+        if self.check_latents:  # seeded: params the model creates here start from the seed
+            pyro.set_rng_seed(self.plan.seed)
+            with _nonfinite_as_floating_point_error():
+                latents = _latent_sites(self.model, args, kwargs)
+            if latents:
+                raise no_latents_error(latents)
         pyro.set_rng_seed(self.plan.seed)
-        x, kwargs = self._kwargs(idx)
         with _nonfinite_as_floating_point_error(), poutine.trace(param_only=True) as tr:
             if callable(getattr(self.loss, "loss", None)):
-                self.loss.loss(self.model, self.guide, x, **kwargs)
+                self.loss.loss(self.model, self.guide, *args, **kwargs)
             else:
-                guide_trace = poutine.trace(self.guide).get_trace(x, **kwargs)
-                poutine.replay(self.model, trace=guide_trace)(x, **kwargs)
+                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+                poutine.replay(self.model, trace=guide_trace)(*args, **kwargs)
         self.names = sorted(tr.trace.nodes)
         store = pyro.get_param_store()
         if payload is None:
@@ -183,9 +208,9 @@ class _PyroTrainer:
 
     def step(self, step: int, idx: np.ndarray) -> tuple[float, bool]:
         self.optim.step_index = step
-        x, kwargs = self._kwargs(idx)
+        args, kwargs = self._kwargs(idx)
         with _nonfinite_as_floating_point_error():
-            loss = float(self.svi.step(x, **kwargs))
+            loss = float(self.svi.step(*args, **kwargs))
         finite = all(bool(torch.isfinite(p).all()) for p in self.optim.optim_objs)
         return loss, finite
 
@@ -210,7 +235,37 @@ class _PyroTrainer:
         return params, None
 
 
-def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, num_steps: int | None = None,
+@dataclasses.dataclass(eq=False)
+class _PyroFitResult(FitResult):
+    """:class:`FitResult` whose :meth:`restore` writes ``params`` back into Pyro's param store."""
+
+    _constraints: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def restore(self) -> None:
+        store = pyro.get_param_store()
+        unconstrained = dict(store.named_parameters())
+        with torch.no_grad():
+            for name, value in self.params.items():
+                constraint = self._constraints.get(name, constraints.real)
+                target = unconstrained.get(name)
+                value = torch.as_tensor(value)
+                if target is not None and target.shape == value.shape:
+                    target.copy_(torch.distributions.transform_to(constraint).inv(value.to(target.dtype)))
+                else:
+                    if name in store:
+                        del store[name]
+                    store.setdefault(name, value.clone(), constraint)
+
+
+def _trained(result: FitResult, model: Callable, guide: Callable | None) -> FitResult:
+    """``result`` with the model and the guide, and the constraints that :meth:`_PyroFitResult.restore` needs."""
+    stored = pyro.get_param_store().get_state()["constraints"]
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    fields.update(model=model, guide=guide)
+    return _PyroFitResult(**fields, _constraints={name: stored[name] for name in result.params if name in stored})
+
+
+def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = None, num_steps: int | None = None,
         batch_size: int = 100, lr: float | Mapping[str, float] = 1e-4, betas: Sequence[float] = (0.5, 0.999),
         lr_decay: float = 1.0, clip_norm: float | None = None, loss: Any = None, seed: int = 0,
         out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
@@ -222,9 +277,14 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
     ----------
     model, guide : callable
         Called by ``SVI`` as ``model(x_batch)`` / ``guide(x_batch)`` with ``x_batch`` a tensor of shape
-        ``(batch_size, ...)`` in torch's default dtype (and ``index=`` when ``pass_index``).
-    data : numpy.ndarray
-        Training data, shape ``(N, ...)``, finite, real (cast to float).
+        ``(batch_size, ...)`` in torch's default dtype (and ``index=`` when ``pass_index``); with several arrays,
+        ``model(x_batch, y_batch)`` (a tuple) or ``model(x=x_batch, y=y_batch)`` (a dict). ``guide=None`` is an
+        empty guide, for models whose sample sites are all observed (or that have none), e.g. a conditional
+        density of ``y`` given ``x`` (``ValueError`` if the model has latent sites).
+    data : numpy.ndarray, tuple or dict of numpy.ndarray
+        Training data: one array of shape ``(N, ...)``, a tuple of arrays (passed positionally) or a dict of
+        arrays (passed by name), all with the same first dimension ``N`` and batched together; finite, real
+        (cast to float).
     epochs, num_steps : int
         Length of training: exactly one. ``epochs`` means ``epochs * (N // batch_size)`` updates. Both count
         from the start of training, also when resuming.
@@ -255,7 +315,8 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
         Continue from ``out/checkpoint.pt`` if it exists (else start afresh). The result is bit-identical to a run
         that was never interrupted: parameters, Adam moments and step counts, the schedule's position, the RNG
         states and ``guide.state_dict()`` (if the guide has one) are restored. ``seed``, ``batch_size`` and the
-        data's shape must match; learning rates, ``clip_norm`` and the length may change.
+        data's shapes (and their tuple or dict structure) must match; learning rates, ``clip_norm`` and the length
+        may change.
     progress : bool
         Show a tqdm bar with the loss and the speed.
     pass_index : bool
@@ -269,7 +330,10 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
     -------
     FitResult
         ``history``, ``losses``, ``params`` (constrained values, by param-store name), ``state=None``,
-        ``checkpoint`` and ``steps``.
+        ``checkpoint``, ``steps``, and ``model`` / ``guide``: the model and the guide themselves, whose parameters
+        are the param store's (``result.restore()`` writes ``params`` back into the store after it changed), ready
+        for ``Predictive(result.model, guide=result.guide, ...)`` or
+        :func:`~tilted_priors.inference.pyro.log_likelihood`.
 
     Raises
     ------
@@ -277,8 +341,9 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
         When a loss or a parameter becomes non-finite, or a sampler raises ``ChainDivergenceError``: the state
         is not checkpointed and the last good checkpoint stays on disk (the message names it).
     ValueError, TypeError
-        For bad arguments (non-finite or empty data, a batch size outside ``[1, N]``, both or neither of
-        ``epochs``/``num_steps``, learning rates <= 0, a prefix that names no parameter, ...).
+        For bad arguments (non-finite or empty data, data arrays of different lengths, a batch size outside
+        ``[1, N]``, both or neither of ``epochs``/``num_steps``, learning rates <= 0, a prefix that names no
+        parameter, ``guide=None`` with latent sites, a model and guide without parameters, ...).
 
     Notes
     -----
@@ -310,4 +375,4 @@ def fit(model: Callable, guide: Callable, data, *, epochs: int | None = None, nu
                      lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
                      resume=resume, progress=progress, pass_index=pass_index, callback=callback,
                      loss_name=type(loss).__name__, backend="pyro", checkpoint_name="checkpoint.pt")
-    return run_training(plan, _PyroTrainer(model, guide, loss, plan))
+    return _trained(run_training(plan, _PyroTrainer(model, guide, loss, plan)), model, guide)

@@ -52,7 +52,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from tilted_priors._validation import check_positive_int
 from tilted_priors.inference.numpyro.modules import register_module
-from tilted_priors.numpyro import EnergyMLP, EnergyTiltedNormal
+from tilted_priors.numpyro import EnergyMLP, EnergyTiltedNormal, ShortRunLangevin
 from tilted_priors.models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
 
 __all__ = ["REFERENCE", "MNIST", "Generator", "LatentVariableModel", "latent_prior", "build", "parameter_group",
@@ -324,7 +324,15 @@ def latent_prior(model, like, batch_shape=(), *, energy=None, rng_key: jax.Array
     if model.prior_kind == "gaussian":
         return dist.Normal(loc, scale).to_event(1)
     return EnergyTiltedNormal(model.energy if energy is None else energy, loc, scale, normalizer=model.normalizer,
-                              sampler=model.prior_sampler, rng_key=rng_key)
+                              sampler=_prior_sampler(model), rng_key=rng_key)
+
+
+def _prior_sampler(model) -> Any:
+    """The model's prior sampler, LEBM's ``ShortRunLangevin(60, 0.4)`` by default (not the distributions' "auto"
+    default: the reproductions run the paper's chain)."""
+    if model.prior_sampler is not None:
+        return model.prior_sampler
+    return ShortRunLangevin(LEBM["prior_steps"], LEBM["prior_step_size"])
 
 
 @dataclass(frozen=True, eq=False)

@@ -42,7 +42,7 @@ from torch import nn
 
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors._validation import check_positive_int
-from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal
+from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal, ShortRunLangevin
 from tilted_priors.models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
 
 __all__ = ["REFERENCE", "MNIST", "Generator", "LatentVariableModel", "latent_prior", "build", "parameter_group",
@@ -137,7 +137,15 @@ def latent_prior(model, like: torch.Tensor, batch_shape=(), *, energy=None) -> d
     if model.prior_kind == "gaussian":
         return dist.Normal(loc, scale).to_event(1)
     return EnergyTiltedNormal(model.energy if energy is None else energy, loc, scale, normalizer=model.normalizer,
-                              sampler=model.prior_sampler)
+                              sampler=_prior_sampler(model))
+
+
+def _prior_sampler(model) -> Any:
+    """The model's prior sampler, LEBM's ``ShortRunLangevin(60, 0.4)`` by default (not the distributions' "auto"
+    default: the reproductions run the paper's chain)."""
+    if model.prior_sampler is not None:
+        return model.prior_sampler
+    return ShortRunLangevin(LEBM["prior_steps"], LEBM["prior_step_size"])
 
 
 @dataclass(frozen=True, eq=False)

@@ -130,7 +130,9 @@ class NTEBM:
         return dist.TransformedDistribution(self.base(), list(self.transforms))
 
     def prior(self, *, normalizer=None, sampler=None) -> EnergyTilted:
-        r"""``EnergyTilted(E, q_T)``: the model's distribution of :math:`x` (default normalizer ``Contrastive``)."""
+        r"""``EnergyTilted(E, q_T)``: the model's distribution of :math:`x` (default normalizer ``Contrastive``, default
+        sampler ``ShortRunLangevin(60, 0.4)``, the distributions' former default, which the reproductions keep)."""
+        sampler = ShortRunLangevin(60, 0.4) if sampler is None else sampler
         return EnergyTilted(self.energy, self.flow_dist(), normalizer=normalizer, sampler=sampler)
 
     def model(self, x: torch.Tensor) -> None:

@@ -528,3 +528,38 @@ def test_resume_with_persistent_short_run_posterior(side, tmp_path):
     model, guide = build()
     resumed = side.fit(model, guide, data, num_steps=6, out=tmp_path / "b", resume=True, **kwargs)
     _assert_identical(straight, resumed)
+
+
+# --- the trained model and guide ------------------------------------------------------------------------------
+def _predict_z(side, model, guide=None, num_samples: int = 1000) -> np.ndarray:
+    """Draws of the latent ``z`` for one batch (the AutoNormal's size), from the model's prior or from the guide, by
+    the backend's ``Predictive``."""
+    x = _data()[:BATCH]
+    if side.name == "pyro":
+        from pyro.infer import Predictive
+
+        predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=["z"], parallel=True)
+        return predictive(side.torch.as_tensor(x))["z"].detach().numpy()
+    import jax
+    from numpyro.infer import Predictive
+
+    predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=["z"])
+    return np.asarray(predictive(jax.random.PRNGKey(1), side.jnp.asarray(x))["z"])
+
+
+def test_result_gives_back_the_trained_model_and_guide(side):
+    side.fresh()
+    result = _run(side, epochs=15, lr=0.05, betas=(0.9, 0.999))
+    mu = float(result.params["mu"])
+    assert mu > 1.5  # learned (it starts at 0)
+    # z ~ N(mu, 1) under the model: the mean of 1000 * 6 draws is within 0.06 of the trained mu (~4.6 std errors)
+    assert abs(_predict_z(side, result.model).mean() - mu) < 0.06
+    # z ~ the guide's N(loc, scale ~ 0.45): each datum's mean of 1000 draws is within 0.06 of the trained loc
+    loc = result.params["AutoNormal.locs.z" if side.name == "pyro" else "z_auto_loc"]
+    assert np.abs(_predict_z(side, result.model, result.guide).mean(0) - loc).max() < 0.06
+    if side.name == "pyro":  # the parameters live in the param store: restore() puts them back
+        side.pyro.clear_param_store()
+        assert abs(_predict_z(side, result.model).mean()) < 0.06
+        result.restore()
+        assert abs(_predict_z(side, result.model).mean() - mu) < 0.06
+        assert np.abs(_predict_z(side, result.model, result.guide).mean(0) - loc).max() < 0.06

@@ -123,6 +123,22 @@ class PyroBackend:
         return self.pyro.poutine.trace(model).get_trace().nodes[name]["fn"]
 
     # --- whole models under the backend's own MCMC -----------------------------------------------------
+    def trace(self, model, *args):
+        """``{site: (value, fn)}`` of one (seeded) run of ``model(*args)``."""
+        tr = self.pyro.poutine.trace(model).get_trace(*args)
+        return {k: (v["value"], v["fn"]) for k, v in tr.nodes.items() if v["type"] == "sample"}
+
+    def log_density(self, model, values: dict, *args) -> float:
+        """The model's log joint at ``values`` (all sample sites given)."""
+        cond = self.pyro.poutine.condition(model, {k: self.array(v) for k, v in values.items()})
+        tr = self.pyro.poutine.trace(cond).get_trace(*args)
+        return float(tr.log_prob_sum().detach())
+
+    def predictive(self, model, num_samples: int, *args) -> dict:
+        from pyro.infer import Predictive
+
+        return {k: self.numpy(v) for k, v in Predictive(model, num_samples=num_samples)(*args).items()}
+
     def regression_model(self, case: QuadraticCase, sigma: float):
         """``model(x)``: z ~ the tilted prior of ``case`` (default normalizer), x ~ N(z, sigma^2 I) observed."""
         import pyro.distributions as dist
@@ -134,16 +150,10 @@ class PyroBackend:
         return model
 
     def nuts(self, model, **kwargs):
-        """Pyro's NUTS on ``model`` with the tilted priors' normalizer off, as :class:`Langevin` does inside.
-
-        (With the default ``Contrastive`` normalizer every potential evaluation would also draw a prior sample
-        for its gradient w.r.t. the energy's parameters, which MCMC over the latents never uses: ~20x slower.)
-        """
+        """Pyro's NUTS on the model as written (the contrastive term runs no chain for gradients in the latents)."""
         from pyro.infer import NUTS
 
-        from tilted_priors.inference.pyro.handlers import normalizer
-
-        return NUTS(normalizer(model, self.tp.Unnormalized()), **kwargs)
+        return NUTS(model, **kwargs)
 
     def langevin(self, model, **kwargs):
         from tilted_priors.inference.pyro import Langevin
@@ -232,6 +242,27 @@ class NumPyroBackend:
         return handlers.trace(handlers.seed(model, self.key())).get_trace()[name]["fn"]
 
     # --- whole models under the backend's own MCMC -----------------------------------------------------
+    def trace(self, model, *args):
+        """``{site: (value, fn)}`` of one (seeded) run of ``model(*args)``."""
+        from numpyro import handlers
+
+        tr = handlers.trace(handlers.seed(model, self.key())).get_trace(*args)
+        return {k: (v["value"], v["fn"]) for k, v in tr.items() if v["type"] == "sample"}
+
+    def log_density(self, model, values: dict, *args) -> float:
+        """The model's log joint at ``values`` (all sample sites given)."""
+        from numpyro import handlers
+        from numpyro.infer.util import log_density
+
+        seeded = handlers.seed(model, self.key())
+        return float(log_density(seeded, args, {}, {k: self.array(v) for k, v in values.items()})[0])
+
+    def predictive(self, model, num_samples: int, *args) -> dict:
+        from numpyro.infer import Predictive
+
+        out = Predictive(model, num_samples=num_samples)(self.key(), *args)
+        return {k: self.numpy(v) for k, v in out.items()}
+
     def regression_model(self, case: QuadraticCase, sigma: float):
         """``model(x)``: z ~ the tilted prior of ``case`` (default normalizer), x ~ N(z, sigma^2 I) observed."""
         import numpyro
@@ -244,16 +275,10 @@ class NumPyroBackend:
         return model
 
     def nuts(self, model, **kwargs):
-        """NumPyro's NUTS with the tilted priors' normalizer switched off, as ``Langevin`` does itself.
-
-        NumPyro evaluates the potential without a seed, and the default ``Contrastive`` term needs a key (it is
-        constant in z anyway, so switching it off leaves the posterior unchanged).
-        """
+        """NumPyro's NUTS on the model as written (the contrastive term is 0 inside MCMC's potential)."""
         from numpyro.infer import NUTS
 
-        from tilted_priors.inference.numpyro.handlers import normalizer
-
-        return NUTS(normalizer(model, self.tp.Unnormalized()), **kwargs)
+        return NUTS(model, **kwargs)
 
     def langevin(self, model, **kwargs):
         from tilted_priors.inference.numpyro import Langevin

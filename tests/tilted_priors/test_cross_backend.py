@@ -98,9 +98,10 @@ def test_ula_info_has_the_same_fields_shapes_and_dtypes(shape):
     _, run_t = tt.ShortRunLangevin(3, 0.1).run(f_t, torch.zeros(*shape, 2), return_info=True)
     _, run_n = tn.ShortRunLangevin(3, 0.1).run(jax.random.PRNGKey(0), f_n, jnp.zeros(shape + (2,)),
                                                return_info=True)
-    assert run_t._fields == run_n._fields == ("acceptance_rate", "logdensity")
+    assert run_t._fields == run_n._fields == ("acceptance_rate", "logdensity", "step_size")
     for a, b in zip(run_t, run_n):
-        assert tuple(a.shape) == tuple(b.shape) == shape
+        assert tuple(a.shape) == tuple(b.shape) == (() if a is run_t.step_size else shape)
         assert str(a.dtype).replace("torch.", "") == str(b.dtype)
+    assert float(run_t.step_size) == pytest.approx(0.1) and float(run_n.step_size) == pytest.approx(0.1)
     np.testing.assert_array_equal(run_t.acceptance_rate.numpy(), np.ones(shape))
     np.testing.assert_array_equal(np.asarray(run_n.acceptance_rate), np.ones(shape))

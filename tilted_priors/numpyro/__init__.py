@@ -19,11 +19,12 @@ from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro.distributions import EnergyTilted, EnergyTiltedNormal
 from tilted_priors.numpyro.energies import EnergyMLP
 from tilted_priors.numpyro.normalizers import (AnnealedImportance, Contrastive, Importance, LogZEstimate,
-                                               SelfNormalized, Unnormalized)
+                                               LearnedLogZ, SelfNormalized, Unnormalized)
 from tilted_priors.numpyro.samplers import MALA, Persistent, SamplerInfo, ShortRunLangevin
+from tilted_priors.numpyro.sir import SIR, SIRInfo
 
 __all__ = [
     "EnergyTilted", "EnergyTiltedNormal", "EnergyMLP",
-    "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized", "LogZEstimate",
-    "ShortRunLangevin", "MALA", "Persistent", "SamplerInfo", "ChainDivergenceError",
+    "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized", "LearnedLogZ", "LogZEstimate",
+    "ShortRunLangevin", "MALA", "Persistent", "SamplerInfo", "SIR", "SIRInfo", "ChainDivergenceError",
 ]

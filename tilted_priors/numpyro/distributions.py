@@ -4,18 +4,21 @@ r"""Energy-tilted distributions for NumPyro.
 
 with :math:`q` a base distribution over vectors (event shape ``(d,)``) and :math:`E` an energy mapping
 ``(..., d) -> (...)``. :class:`EnergyTiltedNormal` is the case :math:`q = \mathcal N(\text{loc}, \text{scale}^2)`.
+With ``context=x`` the density is conditional, :math:`p(z \mid x) \propto e^{-E(z, x)} q(z)`, one row per batch
+element.
 
 The distributions are pytrees (NumPyro's ``pytree_data_fields`` / ``pytree_aux_fields``), so they pass through
 :func:`jax.jit`, :func:`jax.vmap` and NumPyro's inference. The energy is a data field (its arrays are dynamic)
 when it is a pytree whose leaves are all arrays — a Flax NNX module, a :class:`jax.tree_util.Partial` of a
 function and its parameters — and auxiliary (static, compared by identity) otherwise, e.g. a plain function.
-The normalizer and the sampler are auxiliary and compare by their settings. Pass the energy as a pytree to reuse
-compiled chains across distribution instances (see :mod:`tilted_priors.numpyro.samplers`).
+The context is a data field. The normalizer and the sampler are auxiliary and compare by their settings. Pass the
+energy as a pytree to reuse compiled chains across distribution instances (see
+:mod:`tilted_priors.numpyro.samplers`).
 """
 from __future__ import annotations
 
 import copy
-
+import inspect
 import math
 
 import jax
@@ -26,7 +29,9 @@ from jax.tree_util import Partial
 from numpyro.distributions import Distribution, Normal, constraints
 
 from tilted_priors._compat import jax_in_transformation, numpyro_handler_stack
-from tilted_priors._validation import check_energy_shape
+from tilted_priors._loc_scale import missing_energy_message
+from tilted_priors._validation import check_energy_shape, context_batch_shape
+from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro.normalizers import Contrastive
 from tilted_priors.numpyro.samplers import ShortRunLangevin, _is_array_pytree, _is_concrete
 
@@ -42,6 +47,17 @@ def _seed_key():
     return None
 
 
+def _in_mcmc_potential() -> bool:
+    """Whether the model runs inside NumPyro MCMC's potential function: unseeded, under a ``substitute`` with a
+    ``substitute_fn`` (``numpyro.infer.util.potential_energy``), where the latents are given and only gradients
+    in them are taken."""
+    from numpyro.handlers import seed, substitute
+
+    stack = numpyro_handler_stack()
+    return (any(isinstance(h, substitute) and h.substitute_fn is not None for h in stack)
+            and not any(isinstance(h, seed) for h in stack))
+
+
 def _annealed_log_density(dist: "EnergyTilted", beta, z):
     """:math:`-\\beta E(z) + \\log q(z)` (up to a constant); module-level so that jit caches hit."""
     return dist._base_log_density(z) - beta * dist._energy(z)
@@ -50,6 +66,31 @@ def _annealed_log_density(dist: "EnergyTilted", beta, z):
 def _float_array(x):
     x = jnp.asarray(x)
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float))
+
+
+def _as_context(context):
+    """``context`` as a floating array with at least one dimension (the features), or a clear error."""
+    try:
+        context = _float_array(context)
+    except TypeError as err:
+        raise TypeError(f"context must be an array of shape batch_shape + (c,), got {type(context).__name__}"
+                        ) from err
+    if context.ndim < 1:
+        raise ValueError("context must have at least one dimension, the last holding the c covariates of a row "
+                         "(shape batch_shape + (c,)); for one covariate per row pass x[..., None]")
+    return context
+
+
+def _register_normalizer(normalizer, dist):
+    """Declare the normalizer's learned params (``register_params``, given ``dist`` when it takes an argument)."""
+    register = getattr(normalizer, "register_params", None)
+    if not callable(register):
+        return None
+    try:
+        takes_dist = len(inspect.signature(register).parameters) > 0
+    except (TypeError, ValueError):
+        takes_dist = False
+    return register(dist) if takes_dist else register()
 
 
 class EnergyTilted(Distribution):
@@ -63,8 +104,17 @@ class EnergyTilted(Distribution):
     density) and :class:`~tilted_priors.numpyro.Unnormalized`, a lower bound with
     :class:`~tilted_priors.numpyro.SelfNormalized`, an estimate with :class:`~tilted_priors.numpyro.Importance`
     and :class:`~tilted_priors.numpyro.AnnealedImportance`. ``sample(rng_key, sample_shape)`` draws base samples
-    and moves them with ``sampler`` (default ``ShortRunLangevin(60, 0.4)``); the draws are not reparameterised
+    and moves them with ``sampler`` (default ``ShortRunLangevin(60, "auto")``); the draws are not reparameterised
     (``has_rsample = False``).
+
+    **Conditional densities.** With ``context`` (covariates :math:`x`, shape ``batch_shape + (c,)``), the
+    distribution is :math:`p(z \mid x) = e^{-E(z, x)} q(z) / Z(x)`, one context row per batch element, and the
+    energy is called as ``energy(z, context)``: ``z`` of shape ``(..., d)`` (leading dimensions added by
+    ``sample_shape``, chains and the normalizers' draws) and the context broadcast for you to ``(..., c)``. The
+    batch shape is that of the base broadcast with ``context.shape[:-1]`` (the base is expanded to it), and the
+    normalizers estimate :math:`\log Z(x)` per row. The context is a pytree data field (traced, so compiled
+    chains are reused across contexts of the same shape). Without ``context`` the energy is called as
+    ``energy(z)``.
 
     Most normalizers are random and need a PRNG key. :meth:`log_normalizer` takes, in this order, the key passed
     to it, the ``rng_key`` given here, or a key from ``numpyro.prng_key()``. A distribution built inside a seeded
@@ -77,14 +127,19 @@ class EnergyTilted(Distribution):
     ----------
     energy : callable
         :math:`E`, mapping ``(..., d) -> (...)``: a :class:`~tilted_priors.numpyro.EnergyMLP` (any Flax NNX
-        module), a :class:`jax.tree_util.Partial` of a function and its parameters, or a plain function.
+        module), a :class:`jax.tree_util.Partial` of a function and its parameters, or a plain function; with
+        ``context``, ``(..., d), (..., c) -> (...)`` (e.g. ``EnergyMLP(d, context_dim=c)``).
     base : numpyro.distributions.Distribution
         :math:`q`, with event shape ``(d,)`` (e.g. ``Normal(0, 1).expand([d]).to_event(1)``, a flow's
         ``TransformedDistribution``). Its batch shape is the distribution's batch shape.
+    context : array_like, optional
+        Covariates :math:`x` the energy is conditioned on, shape ``batch_shape + (c,)`` or broadcastable with it
+        (at least one dimension: the last holds the ``c`` features; use ``x[..., None]`` for one covariate).
     normalizer : normalizer, optional
         What ``log_prob`` subtracts for :math:`\log Z`; default :class:`~tilted_priors.numpyro.Contrastive`.
     sampler : sampler, optional
-        Draws from the tilted density; default ``ShortRunLangevin(60, 0.4)``.
+        Draws from the tilted density; default ``ShortRunLangevin(60, "auto")`` (its step size scaled to
+        the tilted density in each draw; LEBM's prior chain is ``ShortRunLangevin(60, 0.4)``).
     rng_key : jax.Array, optional
         Key for the normalizer's random draws (see above).
     validate_args : bool, optional
@@ -97,16 +152,24 @@ class EnergyTilted(Distribution):
     >>> d = EnergyTilted(EnergyMLP(2, 16), dist.Normal(jnp.zeros(2), 1.0).to_event(1))
     >>> d.sample(jax.random.PRNGKey(0), (5,)).shape
     (5, 2)
+
+    A conditional density, one row per context:
+
+    >>> x = jnp.linspace(-1, 1, 3)[:, None]                       # 3 rows, c = 1
+    >>> d = EnergyTilted(lambda z, x: (z * x).sum(-1), dist.Normal(jnp.zeros(2), 1.0).to_event(1), context=x)
+    >>> d.batch_shape, d.sample(jax.random.PRNGKey(0), (5,)).shape
+    ((3,), (5, 3, 2))
     """
 
     arg_constraints: dict = {}
     support = constraints.real_vector
     has_rsample = False
     reparametrized_params: list = []
-    pytree_data_fields = ("_energy_data", "base", "_rng_key", "_normalizer_params")
+    pytree_data_fields = ("_energy_data", "base", "context", "_rng_key", "_normalizer_params")
     pytree_aux_fields = ("_energy_static", "normalizer", "sampler")
 
-    def __init__(self, energy, base, *, normalizer=None, sampler=None, rng_key=None, validate_args=None):
+    def __init__(self, energy, base, *, context=None, normalizer=None, sampler=None, rng_key=None,
+                 validate_args=None):
         if not callable(energy):
             raise TypeError(f"energy must be callable (..., d) -> (...), got {type(energy).__name__}")
         if not isinstance(base, Distribution):
@@ -114,22 +177,28 @@ class EnergyTilted(Distribution):
         if len(base.event_shape) != 1:
             raise ValueError(f"base must have event shape (d,), got {tuple(base.event_shape)}; "
                              "declare the last dimension as the event with .to_event(1)")
+        if context is not None:
+            context = _as_context(context)
+            batch_shape = context_batch_shape(tuple(base.batch_shape), tuple(context.shape))
+            if batch_shape != tuple(base.batch_shape):
+                base = base.expand(batch_shape)
+        self.context = context
         if _is_array_pytree(energy) and jax.tree_util.tree_leaves(energy):
             self._energy_data, self._energy_static = energy, None
         else:
             self._energy_data, self._energy_static = None, energy
         self.base = base
         self.normalizer = Contrastive() if normalizer is None else normalizer
-        self.sampler = ShortRunLangevin(60, 0.4) if sampler is None else sampler
+        self.sampler = ShortRunLangevin(60, "auto") if sampler is None else sampler
         for what, obj, attr in (("normalizer", self.normalizer, "term"), ("sampler", self.sampler, "run")):
             if not callable(getattr(obj, attr, None)):
                 raise TypeError(f"{what} must have a .{attr}() method, got {obj!r}")
         self._rng_key = _seed_key() if rng_key is None else rng_key
-        register = getattr(self.normalizer, "register_params", None)
-        self._normalizer_params = register() if callable(register) else None
+        self._in_potential = self._rng_key is None and _in_mcmc_potential()
         self._log_normalizer = None
         self._created_in_trace = jax_in_transformation()
         super().__init__(tuple(base.batch_shape), tuple(base.event_shape), validate_args=validate_args)
+        self._normalizer_params = _register_normalizer(self.normalizer, self)
 
     @classmethod
     def tree_unflatten(cls, aux_data, params):
@@ -151,7 +220,14 @@ class EnergyTilted(Distribution):
 
     # --- densities -------------------------------------------------------------------------------------
     def _energy(self, z):
-        e = self.energy(z)
+        """:math:`E(z)`, or :math:`E(z, x)` with the context broadcast to ``z``'s leading shape."""
+        context = self.__dict__.get("context")
+        if context is None:
+            e = self.energy(z)
+        else:
+            shape = context_batch_shape(tuple(jnp.shape(z)[:-1]), tuple(jnp.shape(context)), what="z")
+            z = jnp.broadcast_to(z, shape + tuple(jnp.shape(z)[-1:]))
+            e = self.energy(z, jnp.broadcast_to(context, shape + tuple(jnp.shape(context)[-1:])))
         if jnp.shape(e) != jnp.shape(z)[:-1]:
             check_energy_shape("energy", tuple(jnp.shape(z)), tuple(jnp.shape(e)))
         return e
@@ -176,8 +252,9 @@ class EnergyTilted(Distribution):
     def annealed_log_density(self, beta: float = 1.0):
         r"""The function :math:`z \mapsto -\beta E(z) + \log q(z)` (unnormalised), what the chains run on.
 
-        Returned as a :class:`jax.tree_util.Partial` of a module-level function, the distribution's energy and
-        base and :math:`\beta`: a pytree whose arrays (energy parameters, base parameters, :math:`\beta`) are
+        Returned as a :class:`jax.tree_util.Partial` of a module-level function, the distribution's energy,
+        base and context and :math:`\beta`: a pytree whose arrays (energy parameters, base parameters, context,
+        :math:`\beta`) are
         dynamic, so a sampler's compiled chain is reused across calls, across :math:`\beta` and across
         distributions with the same energy structure and shapes (whatever their normalizer, sampler or key).
 
@@ -192,8 +269,8 @@ class EnergyTilted(Distribution):
         return Partial(_annealed_log_density, self._chain_view(), beta)
 
     def _chain_view(self) -> "EnergyTilted":
-        """A copy holding only what the chains need (energy, base, shapes): its pytree structure does not depend
-        on the normalizer, the sampler, the key or the validation setting, so compiled chains are shared."""
+        """A copy holding only what the chains need (energy, base, context, shapes): its pytree structure does not
+        depend on the normalizer, the sampler, the key or the validation setting, so compiled chains are shared."""
         view = object.__new__(type(self))
         fields = type(self).gather_pytree_data_fields() + type(self).gather_pytree_aux_fields()
         view.__dict__.update({name: self.__dict__.get(name) for name in fields})
@@ -205,8 +282,10 @@ class EnergyTilted(Distribution):
         """The normalizer's term for :math:`\\log Z`, computed once per instance (see the normalizer's doc).
 
         The key is ``rng_key`` if given, else the distribution's ``rng_key``, else ``numpyro.prng_key()`` inside a
-        seeded model; a normalizer that needs one and finds none raises ``ValueError``. Values computed under a
-        trace are cached only on distributions that live in that trace (no tracer leaks).
+        seeded model; a normalizer that needs one and finds none raises ``ValueError``. A distribution built inside
+        MCMC's potential function (unseeded, as ``NUTS(model)`` evaluates the model) returns 0 without a key: there
+        the term is constant in the latents, so NUTS runs on the model as written and no chains run per gradient.
+        Values computed under a trace are cached only on distributions that live in that trace (no tracer leaks).
 
         Examples
         --------
@@ -221,6 +300,8 @@ class EnergyTilted(Distribution):
         if cached is not None:
             return cached
         key = rng_key if rng_key is not None else self.rng_key
+        if key is None and self.__dict__.get("_in_potential", False):
+            return jnp.zeros(())  # inside MCMC's potential the term is constant in the latents: nothing to run
         if key is None:
             key = _seed_key()
         term = self.normalizer.term(self, key)
@@ -260,6 +341,10 @@ class EnergyTilted(Distribution):
     def sample_with(self, rng_key, sampler, sample_shape=()):
         """Draw base samples of shape ``sample_shape + batch_shape + event_shape`` and run ``sampler`` on them.
 
+        A sampler with a ``sample_tilted(rng_key, dist, sample_shape)`` method (one that needs the distribution
+        itself, e.g. :class:`~tilted_priors.numpyro.SIR`, which draws from the base) is handed the distribution
+        instead.
+
         Examples
         --------
         >>> import jax, jax.numpy as jnp
@@ -271,9 +356,15 @@ class EnergyTilted(Distribution):
         if rng_key is None:
             raise ValueError(f"{type(self).__name__}.sample needs a PRNG key, e.g. jax.random.PRNGKey(0) "
                              "(inside a model, numpyro.sample provides it under numpyro.handlers.seed)")
+        sample_tilted = getattr(sampler, "sample_tilted", None)
+        if callable(sample_tilted):  # a sampler that needs the distribution itself (its base), e.g. SIR
+            return sample_tilted(rng_key, self, tuple(sample_shape))
         key_init, key_chain = jax.random.split(rng_key)
         init = lax.stop_gradient(self.base.sample(key_init, tuple(sample_shape)))
-        return sampler.run(key_chain, self.annealed_log_density(1.0), init)
+        try:
+            return sampler.run(key_chain, self.annealed_log_density(1.0), init)
+        except ChainDivergenceError as err:  # say which chain it was
+            raise err.add_context(label=f"the sampler of the prior {type(self).__name__}")
 
     def sample(self, key, sample_shape=()):
         """Draw ``sample_shape + batch_shape + event_shape`` samples with the distribution's sampler."""
@@ -297,8 +388,7 @@ class EnergyTilted(Distribution):
         new = copy.copy(self)
         if normalizer is not None:
             new.normalizer = normalizer
-            register = getattr(normalizer, "register_params", None)
-            new._normalizer_params = register() if callable(register) else None
+            new._normalizer_params = _register_normalizer(normalizer, new)
         if sampler is not None:
             new.sampler = sampler
         new._log_normalizer = None
@@ -313,8 +403,9 @@ class EnergyTilted(Distribution):
         batch_shape = tuple(batch_shape)
         if batch_shape == tuple(self.batch_shape):
             return self
-        new = EnergyTilted(self.energy, self.base.expand(batch_shape), normalizer=self.normalizer,
-                           sampler=self.sampler, rng_key=self.rng_key, validate_args=False)
+        new = EnergyTilted(self.energy, self.base.expand(batch_shape), context=self.context,
+                           normalizer=self.normalizer, sampler=self.sampler, rng_key=self.rng_key,
+                           validate_args=False)
         return self._copy_settings(new)
 
     @property
@@ -346,9 +437,12 @@ class EnergyTiltedNormal(EnergyTilted):
     Parameters
     ----------
     energy : callable
-        :math:`E`, mapping ``(..., d) -> (...)``.
+        :math:`E`, mapping ``(..., d) -> (...)``, or ``(..., d), (..., c) -> (...)`` with ``context``.
     loc, scale : array_like
         Mean and standard deviation of the base, at least one dimension; ``scale > 0``.
+    context : array_like, optional
+        Covariates of shape ``batch_shape + (c,)``: a conditional density, as for :class:`EnergyTilted`
+        (``loc`` and ``scale`` broadcast with ``context.shape[:-1]``).
     normalizer, sampler, rng_key, validate_args
         As for :class:`EnergyTilted`.
 
@@ -365,11 +459,23 @@ class EnergyTiltedNormal(EnergyTilted):
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     pytree_data_fields = ("loc", "scale")
 
-    def __init__(self, energy, loc, scale, *, normalizer=None, sampler=None, rng_key=None, validate_args=None):
+    def __new__(cls, *args, **kwargs):
+        # LocScaleReparam rebuilds the site's distribution as type(fn)(loc=..., scale=...), with no energy: say
+        # what to use instead of failing on a missing argument (copy and pickle call __new__ with no arguments).
+        if not args and "energy" not in kwargs and ("loc" in kwargs or "scale" in kwargs):
+            raise TypeError(missing_energy_message(cls.__name__, "numpyro"))
+        return super().__new__(cls)
+
+    def __init__(self, energy, loc, scale, *, context=None, normalizer=None, sampler=None, rng_key=None,
+                 validate_args=None):
         loc, scale = jnp.broadcast_arrays(_float_array(loc), _float_array(scale))
         if loc.ndim < 1:
             raise ValueError("loc and scale must have at least one dimension: the last one is the event (d,); "
                              "for a d-dimensional prior pass arrays of shape (d,)")
+        if context is not None:
+            context = _as_context(context)
+            shape = context_batch_shape(tuple(loc.shape[:-1]), tuple(context.shape)) + tuple(loc.shape[-1:])
+            loc, scale = jnp.broadcast_to(loc, shape), jnp.broadcast_to(scale, shape)
         validate = type(self)._validate_args if validate_args is None else validate_args
         if validate:
             if _is_concrete(scale) and not bool(jnp.all(scale > 0)):
@@ -379,7 +485,7 @@ class EnergyTiltedNormal(EnergyTilted):
                 raise ValueError(f"{type(self).__name__}: loc must be finite, got nan or inf")
         self.loc, self.scale = loc, scale
         base = Normal(loc, scale, validate_args=False).to_event(1)
-        super().__init__(energy, base, normalizer=normalizer, sampler=sampler, rng_key=rng_key,
+        super().__init__(energy, base, context=context, normalizer=normalizer, sampler=sampler, rng_key=rng_key,
                          validate_args=validate_args)
 
     def _base_log_density(self, z):
@@ -398,6 +504,6 @@ class EnergyTiltedNormal(EnergyTilted):
             return self
         shape = batch_shape + tuple(self.event_shape)
         new = EnergyTiltedNormal(self.energy, jnp.broadcast_to(self.loc, shape), jnp.broadcast_to(self.scale, shape),
-                                 normalizer=self.normalizer, sampler=self.sampler, rng_key=self.rng_key,
-                                 validate_args=False)
+                                 context=self.context, normalizer=self.normalizer, sampler=self.sampler,
+                                 rng_key=self.rng_key, validate_args=False)
         return self._copy_settings(new)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_nonnegative_int, check_positive_int
 
 __all__ = ["EnergyMLP"]
 
@@ -109,6 +109,10 @@ class EnergyMLP(_TorchTwin, nnx.Module):
     The module is a pytree of its parameters: it can be the ``energy`` of an
     :class:`~tilted_priors.numpyro.EnergyTiltedNormal` directly.
 
+    With ``context_dim=c`` it is a conditional energy :math:`E(z, x)`, called as ``energy(z, context)`` (as
+    :class:`~tilted_priors.numpyro.EnergyTilted` does with ``context=``): the first layer reads the concatenation
+    ``[z, context]`` of width ``d + c``, their leading dimensions broadcast.
+
     Parameters
     ----------
     latent_dim : int
@@ -119,6 +123,8 @@ class EnergyMLP(_TorchTwin, nnx.Module):
         Number of hidden layers (at least 1).
     activation : callable
         Elementwise activation applied after each hidden layer (e.g. ``jax.nn.leaky_relu``); default exact GELU.
+    context_dim : int
+        :math:`c`, the number of covariates of a conditional energy; 0 (the default) for :math:`E(z)`.
     rngs : int or flax.nnx.Rngs
         Seed or NNX random streams for the initial weights.
 
@@ -128,11 +134,14 @@ class EnergyMLP(_TorchTwin, nnx.Module):
     >>> energy = EnergyMLP(16)
     >>> energy(jnp.ones((64, 16))).shape
     (64,)
+    >>> EnergyMLP(2, 16, context_dim=3)(jnp.ones((10, 5, 2)), jnp.ones((5, 3))).shape
+    (10, 5)
     """
 
     def __init__(self, latent_dim: int, hidden: int = 200, depth: int = 2, activation=_exact_gelu, *,
-                 rngs: int | nnx.Rngs = 0):
+                 context_dim: int = 0, rngs: int | nnx.Rngs = 0):
         self.latent_dim = check_positive_int("latent_dim", latent_dim)
+        self.context_dim = check_nonnegative_int("context_dim", context_dim)
         hidden = check_positive_int("hidden", hidden)
         depth = check_positive_int("depth", depth)
         if not callable(activation):
@@ -142,7 +151,7 @@ class EnergyMLP(_TorchTwin, nnx.Module):
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"rngs must be an int seed or flax.nnx.Rngs, got {type(rngs).__name__}")
         self.activation = activation
-        widths = [self.latent_dim] + [hidden] * depth + [1]
+        widths = [self.latent_dim + self.context_dim] + [hidden] * depth + [1]
         layers = []
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             layer = nnx.Linear(w_in, w_out, rngs=rngs)
@@ -150,10 +159,23 @@ class EnergyMLP(_TorchTwin, nnx.Module):
             layers.append(layer)
         self.layers = nnx.List(layers)
 
-    def __call__(self, z):
+    def __call__(self, z, context=None):
         z = jnp.asarray(z)
         if z.shape[-1:] != (self.latent_dim,):
             raise ValueError(f"EnergyMLP expects inputs of shape (..., {self.latent_dim}), got {tuple(z.shape)}")
+        if self.context_dim:
+            if context is None or jnp.shape(context)[-1:] != (self.context_dim,):
+                got = "none" if context is None else f"shape {tuple(jnp.shape(context))}"
+                raise ValueError(f"EnergyMLP(context_dim={self.context_dim}) is a conditional energy: call it as "
+                                 f"energy(z, context) with context of shape (..., {self.context_dim}) (got {got}); "
+                                 "EnergyTilted(..., context=x) does so")
+            context = jnp.asarray(context, z.dtype)
+            lead = jnp.broadcast_shapes(z.shape[:-1], context.shape[:-1])
+            z = jnp.concatenate([jnp.broadcast_to(z, lead + z.shape[-1:]),
+                                 jnp.broadcast_to(context, lead + context.shape[-1:])], -1)
+        elif context is not None:
+            raise ValueError("EnergyMLP got a context but was built without one: build it with "
+                             "EnergyMLP(latent_dim, ..., context_dim=c)")
         h = z
         for layer in self.layers[:-1]:
             h = self.activation(layer(h))

@@ -23,13 +23,13 @@ from jax import lax
 from jax.scipy.special import logsumexp
 
 from tilted_priors._compat import jax_in_transformation
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_positive_int, check_snl_b
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro.samplers import MALA, _Frozen, _is_concrete
 from tilted_priors.schedules import annealing_betas
 
 __all__ = ["LogZEstimate", "log_mean_exp_with_error", "Contrastive", "SelfNormalized", "Importance",
-           "AnnealedImportance", "Unnormalized"]
+           "AnnealedImportance", "Unnormalized", "LearnedLogZ"]
 
 
 class LogZEstimate(NamedTuple):
@@ -63,9 +63,8 @@ def log_mean_exp_with_error(log_w) -> LogZEstimate:
 
 
 _KEY_HELP = ("pass one to log_normalizer(rng_key), give rng_key=... when building the distribution, or "
-             "evaluate it inside a seeded model (numpyro.handlers.seed). Inside MCMC over the latents (NUTS, HMC) "
-             "the term is a constant: switch it off with the normalizer Unnormalized(), e.g. "
-             "NUTS(tilted_priors.inference.numpyro.handlers.normalizer(model, Unnormalized()))")
+             "evaluate it inside a seeded model (numpyro.handlers.seed); where only gradients in the latents are "
+             "needed, use the normalizer Unnormalized()")
 
 
 def _require_key(rng_key, who: str):
@@ -107,7 +106,10 @@ class Contrastive(_Frozen):
     (for the energy's parameters; the base's parameters get the matching term). ``log_prob`` values are
     **unnormalised** (the term is 0); only their gradients are those of the normalised density, exactly so when
     the sampler is exact. JAX cannot tell whether a gradient will be taken, so the chains always run when the
-    term is computed (unlike torch's ``no_grad`` shortcut); use :class:`Unnormalized` where no gradient is needed.
+    term is computed with a key (unlike torch's lazy term); use :class:`Unnormalized` where no gradient is needed.
+    Inside MCMC over the latents (``NUTS(model)``: NumPyro evaluates the model unseeded, under the potential's
+    ``substitute``) the term is constant in the latents and is 0 with no chains run, so ``NUTS`` works on the
+    model as written at no extra cost.
 
     Parameters
     ----------
@@ -153,32 +155,68 @@ class Contrastive(_Frozen):
         return f"Contrastive(sampler={self.sampler!r}, num_samples={self.num_samples})"
 
 
+def _register_nnx(name: str, module):
+    """``module``'s parameters as the param site ``name + "$params"``; a copy of the module holding its values.
+
+    (:func:`tilted_priors.inference.numpyro.register_module` without its checks: this package does not import
+    :mod:`tilted_priors.inference`.)
+    """
+    from flax import nnx
+    from numpyro.contrib.module import nnx_module
+
+    graphdef, state, rest = nnx.split(module, nnx.Param, nnx.Not(nnx.Param))
+    params = nnx_module(name, module).args[0]
+    if params is None:
+        return module
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state, rest)
+
+
+_PER_ROW_HELP = ("a per-row b belongs to fixed rows, the same contexts in the same order at every step (SVI on a "
+                 "fixed batch; fit shuffles the rows), so for minibatches or changing rows use an amortised "
+                 "b(context)")
+
+
 class SelfNormalized(_Frozen):
-    r"""Self-normalised bound (SNL / SNELBO, Senetaire et al.): a learned scalar :math:`b` with
+    r"""Self-normalised bound (SNL / SNELBO, Senetaire et al.): a learned :math:`b` with
 
     .. math:: \text{term} = b + e^{-b}\hat Z - 1 \;\ge\; \log Z, \qquad
               \hat Z = \frac1n \sum_{i=1}^n \frac{e^{-E(z_i)} q(z_i)}{r(z_i)},\ z_i \sim r,
 
     from :math:`\log u \le u - 1`, tight at :math:`b = \log Z`; :math:`\hat Z` is unbiased, so ``log_prob`` is an
     unbiased estimate of a **lower bound** of the normalised log density, and maximising it over :math:`b` drives
-    :math:`b \to \log Z`. :math:`b` is the NumPyro param ``name`` (``numpyro.param``, initialised at ``init``),
-    declared when the distribution is built (:meth:`register_params`), so inside a model it is a site of the
-    model's trace that ``SVI`` learns; outside any handler it is just ``init`` (substitute learned values with
-    ``numpyro.handlers.substitute``). No MCMC.
+    :math:`b \to \log Z`. No MCMC. The bound holds row by row (per batch element), so :math:`b` may be one scalar
+    (the NumPyro param ``name``, initialised at ``init``), one value per row (``b="per_row"``), or amortised,
+    :math:`b(x)` of the distribution's context :math:`x` (``b=`` a module or function): for a conditional density
+    whose :math:`\log Z(x)` varies with :math:`x`, a scalar :math:`b` is tight for no row but on average. The
+    params are declared when the distribution is built (:meth:`register_params`), so inside a model they are
+    sites of the model's trace that ``SVI`` learns; outside any handler :math:`b` is ``init`` (or the module's
+    own weights; substitute learned values with ``numpyro.handlers.substitute``).
 
     Parameters
     ----------
     num_samples : int
-        Draws from the proposal in all, shared out over the batch (at least one per batch element); when the
-        batch elements share one base (a prior expanded over a plate) the summed bound equals that of the pooled
-        estimate.
+        Draws from the proposal **per row** (batch element), when the distribution has a ``context`` or ``b`` is
+        not the shared scalar. With no context and the scalar ``b`` (the default) the rows are exchangeable and
+        the draws are pooled: ``num_samples`` in all, shared out over the batch (at least one per row); when the
+        rows share one base (a prior expanded over a plate) the summed bound equals that of the pooled estimate.
     proposal : numpyro.distributions.Distribution, optional
         :math:`r`; the base :math:`q` when ``None`` (then the weights are :math:`e^{-E(z_i)}`). Reparameterised
         draws (``rsample``) are used when available.
     name : str
-        Name of the param :math:`b`; give each tilted prior in a model its own.
+        Name of the param :math:`b` (of the module's param site ``name$params`` for an amortised ``b``); give
+        each tilted prior in a model its own.
     init : float
-        Starting value of :math:`b`.
+        Starting value of :math:`b` (of each row's with ``"per_row"``; unused with an amortised ``b``).
+    b : None, "per_row" or callable
+        ``None``: one scalar param. ``"per_row"``: a param of the distribution's batch shape, one :math:`b` per
+        row, for fixed rows (the same contexts in the same order at every step, as in SVI on a fixed batch;
+        ``fit`` shuffles the rows, so with it, or with minibatches, use an amortised :math:`b`). A callable: the
+        amortised :math:`b(x)`, mapping the context ``batch_shape + (c,)`` to ``batch_shape`` (a trailing
+        dimension of size 1 is dropped), e.g. ``flax.nnx.Linear(c, 1, rngs=nnx.Rngs(0))``; a Flax NNX module's
+        parameters become the param site ``name$params`` (as
+        :func:`~tilted_priors.inference.numpyro.register_module` does), so SVI trains it with the model. Needs the
+        distribution's ``context``.
 
     Examples
     --------
@@ -188,48 +226,101 @@ class SelfNormalized(_Frozen):
     ...                        normalizer=SelfNormalized(100, name="doc_b"))
     >>> float(d.log_normalizer(jax.random.PRNGKey(0)))  # b = 0 and Z = 1: the bound is tight
     0.0
+
+    An amortised :math:`b(x)` for a conditional density (here :math:`\log Z(x) = x^2 / 2`):
+
+    >>> from flax import nnx
+    >>> x = jnp.linspace(-1, 1, 4)[:, None]
+    >>> snl = SelfNormalized(64, name="doc_bx", b=nnx.Linear(1, 1, rngs=nnx.Rngs(0)))
+    >>> d = EnergyTiltedNormal(lambda z, x: (z * x).sum(-1), jnp.zeros(1), jnp.ones(1), context=x,
+    ...                        normalizer=snl)
+    >>> snl.b_value(d).shape, d.log_normalizer(jax.random.PRNGKey(0)).shape
+    ((4,), (4,))
     """
 
-    __slots__ = ("num_samples", "proposal", "name", "init")
+    __slots__ = ("num_samples", "proposal", "name", "init", "b")
 
-    def __init__(self, num_samples: int, proposal=None, name: str = "snl_b", init: float = 0.0):
+    def __init__(self, num_samples: int, proposal=None, name: str = "snl_b", init: float = 0.0, b=None):
         object.__setattr__(self, "num_samples", check_positive_int("num_samples", num_samples))
         object.__setattr__(self, "proposal", proposal)
         object.__setattr__(self, "name", str(name))
         object.__setattr__(self, "init", float(init))
+        object.__setattr__(self, "b", check_snl_b(b))
 
     def _key(self) -> tuple:
-        return (self.num_samples, self.proposal, self.name, self.init)
+        return (self.num_samples, self.proposal, self.name, self.init, self.b)
 
     def __reduce__(self):
-        return (SelfNormalized, (self.num_samples, self.proposal, self.name, self.init))
+        return (SelfNormalized, (self.num_samples, self.proposal, self.name, self.init, self.b))
+
+    def _pooled(self, dist) -> bool:
+        return self.b is None and dist.__dict__.get("context") is None
 
     def log_z_hat(self, dist, rng_key):
         r""":math:`\log \hat Z` per batch element (a biased-low estimate of :math:`\log Z`)."""
         rng_key = _require_key(rng_key, "SelfNormalized")
-        log_w = _importance_log_weights(dist, rng_key, _per_element(self.num_samples, dist.batch_shape),
-                                        self.proposal)
+        n = _per_element(self.num_samples, dist.batch_shape) if self._pooled(dist) else self.num_samples
+        log_w = _importance_log_weights(dist, rng_key, n, self.proposal)
         return logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
-    def register_params(self) -> dict:
-        """Declare :math:`b` with ``numpyro.param``; returns ``{name: b}``.
+    def register_params(self, dist=None) -> dict:
+        """Declare :math:`b`'s params (``numpyro.param``); returns ``{name: b}`` (the registered module for an
+        amortised :math:`b`, nothing for a plain function).
 
-        The distribution calls this when it is built, i.e. while the model runs, so that :math:`b` is part of the
-        model's trace (and learned by ``SVI``) even though NumPyro evaluates ``log_prob`` after the model has run.
-        Outside any handler it returns ``init``.
+        The distribution calls this when it is built (``dist`` is the distribution), i.e. while the model runs,
+        so that :math:`b` is part of the model's trace (and learned by ``SVI``) even though NumPyro evaluates
+        ``log_prob`` after the model has run. Outside any handler it returns ``init`` (the module's own weights).
         """
-        return {self.name: numpyro.param(self.name, jnp.asarray(self.init))}
+        if self.b is None:
+            return {self.name: numpyro.param(self.name, jnp.asarray(self.init))}
+        if isinstance(self.b, str):  # "per_row"
+            if dist is None:
+                raise ValueError("SelfNormalized(b='per_row').register_params needs the distribution (its batch "
+                                 "shape is the shape of b)")
+            batch_shape = tuple(dist.batch_shape)
+            b = numpyro.param(self.name, jnp.full(batch_shape, self.init))
+            if jnp.shape(b) != batch_shape:
+                raise ValueError(f"SelfNormalized(b='per_row'): the param {self.name!r} has shape "
+                                 f"{tuple(jnp.shape(b))}, the distribution's batch shape is {batch_shape}: "
+                                 f"{_PER_ROW_HELP}, or a new name / a fresh SVI state")
+            return {self.name: b}
+        from flax import nnx
 
-    def term(self, dist, rng_key):
-        """The bound :math:`b + e^{-b}\\hat Z - 1`, with :math:`b` as registered when ``dist`` was built."""
+        if isinstance(self.b, nnx.Module):
+            return {self.name: _register_nnx(self.name, self.b)}
+        return {}
+
+    def b_value(self, dist):
+        r"""The learned :math:`b` for ``dist`` (as registered when it was built): a scalar, or of the batch shape
+        (``"per_row"``, amortised), where it estimates :math:`\log Z` row by row once trained."""
         registered = dist.__dict__.get("_normalizer_params") if dist is not None else None
         b = registered.get(self.name) if isinstance(registered, dict) else None
         if b is None:
-            b = self.register_params()[self.name]
+            b = self.register_params(dist).get(self.name, self.b)
+        if self.b is None or isinstance(self.b, str):
+            return b
+        context = dist.__dict__.get("context")
+        if context is None:
+            raise ValueError(f"SelfNormalized(b={self.b!r}) computes b from the distribution's context, but the "
+                             "distribution has none: build it with context=..., or use b=None or b='per_row'")
+        batch_shape = tuple(dist.batch_shape)
+        value = b(jnp.broadcast_to(context, batch_shape + tuple(jnp.shape(context)[-1:])))
+        if jnp.shape(value) == batch_shape + (1,):
+            value = value[..., 0]
+        if jnp.shape(value) != batch_shape:
+            raise ValueError(f"SelfNormalized: the amortised b maps the context {batch_shape} + (c,) to shape "
+                             f"{tuple(jnp.shape(value))}; it must give the batch shape {batch_shape} (or "
+                             f"{batch_shape + (1,)})")
+        return value
+
+    def term(self, dist, rng_key):
+        """The bound :math:`b + e^{-b}\\hat Z - 1`, with :math:`b` as registered when ``dist`` was built."""
+        b = self.b_value(dist)
         return b + jnp.exp(self.log_z_hat(dist, rng_key) - b) - 1.0
 
     def __repr__(self) -> str:
-        return f"SelfNormalized(num_samples={self.num_samples}, name={self.name!r})"
+        b = "" if self.b is None else f", b={self.b if isinstance(self.b, str) else type(self.b).__name__!r}"
+        return f"SelfNormalized(num_samples={self.num_samples}, name={self.name!r}{b})"
 
 
 class Importance(_Frozen):
@@ -237,7 +328,8 @@ class Importance(_Frozen):
 
     .. math:: \text{term} = \log \frac1n \sum_{i=1}^n e^{-E(z_i)}, \qquad z_i \sim q,
 
-    with ``num_samples`` draws per batch element (from ``proposal`` :math:`r` with weights
+    with ``num_samples`` draws per row (batch element; a conditional density, with ``context``, gets its
+    :math:`\log Z(x)` row by row) (from ``proposal`` :math:`r` with weights
     :math:`e^{-E} q / r` when given). ``log_prob`` is then an **estimate** of the normalised log density
     (consistent; :math:`\log\hat Z` is biased low by about :math:`\mathrm{se}^2/2`, so ``log_prob`` is biased high
     by that). Gradients flow through the estimate (reparameterised draws). :meth:`estimate` adds the standard
@@ -246,7 +338,7 @@ class Importance(_Frozen):
     Parameters
     ----------
     num_samples : int
-        Draws per batch element.
+        Draws per row (batch element).
     proposal : numpyro.distributions.Distribution, optional
         :math:`r`; the base when ``None``.
 
@@ -337,7 +429,8 @@ class AnnealedImportance(_Frozen):
     Parameters
     ----------
     num_chains : int
-        Independent annealing chains per batch element.
+        Independent annealing chains per row (batch element): a conditional density (``context``) gets its
+        :math:`\log Z(x)` row by row.
     num_steps : int
         Number of temperatures :math:`T`.
     kernel : ShortRunLangevin or MALA, optional
@@ -419,3 +512,64 @@ class Unnormalized(_Frozen):
 
     def __repr__(self) -> str:
         return "Unnormalized()"
+
+
+class LearnedLogZ(_Frozen):
+    r"""A learned constant for :math:`\log Z`: term :math:`c`, the NumPyro param ``name``, what
+    :class:`~tilted_priors.inference.numpyro.NoiseContrastive` trains.
+
+    .. math:: \log p(x) = -E(x) + \log q(x) - c
+
+    Noise-contrastive estimation (Gutmann & Hyvärinen 2010) treats :math:`c` as one more parameter of the model,
+    learned with the energy; at its optimum :math:`c = \log Z`, so ``log_prob`` is then an **estimate** of the
+    normalised log density that costs no sampling. Only NCE gives :math:`c` a learning signal: under a likelihood
+    objective (``Trace_ELBO``) the gradient of ``log_prob`` in :math:`c` is always :math:`-1` and :math:`c` runs off
+    (use :class:`Contrastive` or :class:`SelfNormalized` there). Check a trained :math:`c` against
+    :class:`Importance` or :class:`AnnealedImportance`. As for :class:`SelfNormalized`, :math:`c` is declared
+    (``numpyro.param``) when the distribution is built, so inside a model it is a site that ``SVI`` learns; outside
+    any handler it is ``init``. Needs no key.
+
+    Parameters
+    ----------
+    name : str
+        Name of the param :math:`c`; give each tilted distribution in a model its own.
+    init : float
+        Starting value of :math:`c`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from tilted_priors.numpyro import EnergyTiltedNormal
+    >>> d = EnergyTiltedNormal(lambda z: (z ** 2).sum(-1), jnp.zeros(1), jnp.ones(1),
+    ...                        normalizer=LearnedLogZ("doc_c", init=-0.549))
+    >>> round(float(d.log_normalizer()), 3)   # c, here set at log Z = -log(3) / 2
+    -0.549
+    """
+
+    __slots__ = ("name", "init")
+
+    def __init__(self, name: str = "log_z", init: float = 0.0):
+        object.__setattr__(self, "name", str(name))
+        object.__setattr__(self, "init", float(init))
+
+    def _key(self) -> tuple:
+        return (self.name, self.init)
+
+    def __reduce__(self):
+        return (LearnedLogZ, (self.name, self.init))
+
+    def register_params(self) -> dict:
+        """Declare :math:`c` with ``numpyro.param`` (initialised at ``init``); returns ``{name: c}``.
+
+        The distribution calls this when it is built, so that :math:`c` is part of the model's trace.
+        """
+        return {self.name: numpyro.param(self.name, jnp.asarray(self.init))}
+
+    def term(self, dist, rng_key=None):
+        """:math:`c` as registered when ``dist`` was built (a scalar, the same for every batch element)."""
+        registered = dist.__dict__.get("_normalizer_params") if dist is not None else None
+        c = registered.get(self.name) if isinstance(registered, dict) else None
+        return self.register_params()[self.name] if c is None else c
+
+    def __repr__(self) -> str:
+        return f"LearnedLogZ(name={self.name!r})"

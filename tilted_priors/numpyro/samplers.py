@@ -31,7 +31,14 @@ keys) is run again tracking every step to name the first bad one; this keeps the
 one. (A ULA chain whose log density is ``-inf`` at some step but whose gradient stays finite, and which then
 returns to finite values, is therefore not reported.) Under an outer trace the values are not known yet and
 nothing can be raised: the non-finite values propagate to the caller (check the result with
-:func:`jax.numpy.isfinite`, or run eagerly once to locate the problem).
+:func:`jax.numpy.isfinite`, or run eagerly once to locate the problem). The error's message gives a step size
+within the stability bound measured at ``init`` (see :mod:`tilted_priors._adapt`).
+
+**Step size.** ``step_size="auto"`` scales the step size to the target and adapts it within each ``run``: it
+starts from :math:`1/\sqrt{\hat L}`, :math:`\hat L` the gradient's Lipschitz constant probed at ``init``, moves
+:math:`\log h` towards a target Metropolis-Hastings acceptance during the first half of the steps (MALA accepts
+with it; ULA only measures it) and keeps the last value for the second half (:mod:`tilted_priors._adapt` has the
+rule). It is a second compiled chain; a fixed step size runs exactly the chain it always did.
 
 Samplers are immutable and compare equal (and hash) by their settings, so they can sit in pytree auxiliary data
 and in :func:`jax.jit` cache keys.
@@ -47,9 +54,10 @@ import numpy as np
 from jax import lax
 from jax.tree_util import Partial
 
+from tilted_priors import _adapt
 from tilted_priors._compat import jax_in_transformation
 from tilted_priors._persistent import PersistentBase
-from tilted_priors._validation import check_positive_int, check_step_size
+from tilted_priors._validation import check_positive_int
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro import langevin
 
@@ -57,10 +65,12 @@ __all__ = ["SamplerInfo", "ShortRunLangevin", "MALA", "Persistent"]
 
 
 class SamplerInfo(NamedTuple):
-    """Summary of one ``run``: mean acceptance probability per chain (1 for ULA) and the final log density."""
+    """Summary of one ``run``: mean acceptance probability per chain (1 for ULA; with ``step_size="auto"`` over the
+    steps after the warm-up), the final log density and the step size used (the adapted one for ``"auto"``)."""
 
     acceptance_rate: jax.Array
     logdensity: jax.Array
+    step_size: jax.Array | None = None
 
 
 # --- helpers shared with normalizers.py and distributions.py ----------------------------------------------
@@ -122,6 +132,7 @@ class _ChainResult(NamedTuple):
     logdensity: jax.Array
     bad_step: jax.Array  # first 1-based step with a non-finite chain, 0 for the initial state, -1 for none
     num_bad: jax.Array  # chains non-finite at that step
+    step_size: jax.Array  # the step size of the last steps (the adapted one for "auto")
 
 
 def _first_bad(first, logdensity, step):
@@ -129,10 +140,11 @@ def _first_bad(first, logdensity, step):
     return jnp.where((first < 0) & ~jnp.isfinite(logdensity), step, first)
 
 
-def _chain(kind: str, steps: int, step_size: float, noise: bool, unroll: int, track: bool, rng_key, log_density,
+def _chain(kind: str, steps: int, step_size, noise: bool, unroll: int, track: bool, rng_key, log_density,
            init) -> _ChainResult:
     """``steps`` Langevin steps as one :func:`jax.lax.scan`.
 
+    ``step_size`` is a float, or ``("auto", target_accept)`` for the adaptive chain (:func:`_adaptive_chain`).
     With ``track`` each chain carries the first step at which its log density was non-finite (elementwise, so it
     fuses with the step); the first step over all chains and the number of chains non-finite at it are read off
     after the loop. Without it (the fast path, a few percent quicker) only the initial and the final states are
@@ -140,9 +152,20 @@ def _chain(kind: str, steps: int, step_size: float, noise: bool, unroll: int, tr
     non-finite proposals) — and ``bad_step`` is ``steps`` when the final state is non-finite; the caller then
     re-runs with ``track`` (the same keys give the same chain) to name the step.
     """
+    if isinstance(step_size, tuple):
+        return _adaptive_chain(kind, steps, step_size[1], noise, unroll, track, rng_key, log_density, init)
     log_density = jax.tree_util.tree_map(lax.stop_gradient, log_density)
     state = langevin.init(init, log_density)
     first = _first_bad(jnp.full(state.logdensity.shape, -1, jnp.int32), state.logdensity, 0)
+    keys = jax.random.split(rng_key, steps)
+    idx = jnp.arange(1, steps + 1, dtype=jnp.int32)
+    state, acceptance, tracked = _fixed_steps(kind, step_size, noise, unroll, track, log_density, state, first,
+                                              keys, idx)
+    return _finish(kind, steps, steps, step_size, track, log_density, state, acceptance, tracked, first)
+
+
+def _fixed_steps(kind, step_size, noise, unroll, track, log_density, state, first, keys, idx):
+    """Langevin steps of a fixed ``step_size`` (a float, or a traced scalar after adaptation), one per key."""
     adjusted = kind == "mala"
 
     def body(carry, xs):
@@ -157,14 +180,17 @@ def _chain(kind: str, steps: int, step_size: float, noise: bool, unroll: int, tr
             first = _first_bad(first, state.logdensity, i)
         return (state, acceptance, first), None
 
-    keys = jax.random.split(rng_key, steps)
-    idx = jnp.arange(1, steps + 1, dtype=jnp.int32)
     acceptance = jnp.zeros_like(state.logdensity) if adjusted else None
     carry = (state, acceptance, first if track else None)
-    (state, acceptance, tracked), _ = lax.scan(body, carry, (keys, idx), unroll=unroll)
+    (state, acceptance, tracked), _ = lax.scan(body, carry, (keys, idx), unroll=min(unroll, keys.shape[0]))
+    return state, acceptance, tracked
+
+
+def _finish(kind, steps, num_fixed, step_size, track, log_density, state, acceptance, tracked, first):
+    """The chain's result: acceptance averaged over the ``num_fixed`` fixed steps, the first non-finite step."""
     logdensity = state.logdensity
-    if adjusted:
-        acceptance = acceptance / steps
+    if kind == "mala":
+        acceptance = acceptance / num_fixed
     else:
         acceptance = jnp.ones_like(logdensity)
         if not track:
@@ -176,22 +202,117 @@ def _chain(kind: str, steps: int, step_size: float, noise: bool, unroll: int, tr
     bad_step = jnp.min(jnp.where(diverged, first, steps + 1), initial=steps + 1)
     num_bad = jnp.sum(diverged & (first == bad_step)).astype(jnp.int32)
     bad_step = jnp.where(bad_step > steps, -1, bad_step).astype(jnp.int32)
-    return _ChainResult(state.position, acceptance, logdensity, bad_step, num_bad)
+    return _ChainResult(state.position, acceptance, logdensity, bad_step, num_bad,
+                        jnp.asarray(step_size, logdensity.dtype))
+
+
+def _lipschitz(rng_key, log_density, state: langevin.LangevinState) -> jax.Array:
+    r"""The largest ratio :math:`\|\nabla\log\pi(z+\delta) - \nabla\log\pi(z)\| / \|\delta\|` over the chains.
+
+    Two power-iteration probes per chain (the second :math:`\delta` along the first gradient difference, so the
+    ratio approaches the largest curvature), :math:`\|\delta\|` a hundredth of the chains' spread (see
+    :mod:`tilted_priors._adapt`). Chains whose probe is not finite are left out; 0 when none is finite.
+    """
+    z, grad = state.position, state.logdensity_grad
+    d = z.shape[-1]
+    flat = z.reshape(-1, d)
+    spread = jnp.sqrt(jnp.mean(jnp.var(flat, 0))) if flat.shape[0] > 1 else jnp.zeros((), z.dtype)
+    rms = jnp.sqrt(jnp.mean(z * z))
+    radius = _adapt.PROBE_RADIUS * jnp.maximum(jnp.where(spread > 0, spread, 1.0 + rms), 1e-3 * rms)
+    delta = radius * jax.random.normal(rng_key, z.shape, z.dtype)
+    best = jnp.zeros((), z.dtype)
+    for _ in range(2):
+        moved = z + delta
+        _, new_grad = langevin.value_and_grad(log_density, moved)
+        diff = new_grad - grad
+        norm_diff = jnp.linalg.norm(diff, axis=-1)
+        ratio = norm_diff / jnp.linalg.norm(moved - z, axis=-1)
+        best = jnp.maximum(best, jnp.max(jnp.where(jnp.isfinite(ratio), ratio, 0.0), initial=0.0))
+        scale = radius * jnp.sqrt(jnp.asarray(d, z.dtype)) / norm_diff
+        delta = jnp.where((jnp.isfinite(scale) & (norm_diff > 0))[..., None], diff * scale[..., None], delta)
+    return best
+
+
+def _initial_step(lipschitz, init, kind: str):
+    """``(log h0, log cap)`` of the adaptive chain: ``h0 = 1/sqrt(L)``, ``cap = c/sqrt(L)`` (see ``_adapt``)."""
+    flat = init.reshape(-1, init.shape[-1])
+    spread = jnp.sqrt(jnp.mean(jnp.var(flat, 0))) if flat.shape[0] > 1 else jnp.zeros((), init.dtype)
+    fallback = jnp.where(spread > 0, spread, 1.0)
+    known = jnp.isfinite(lipschitz) & (lipschitz > 0)
+    safe = jnp.where(known, lipschitz, 1.0)
+    log_h0 = jnp.where(known, -0.5 * jnp.log(safe), jnp.log(fallback))
+    log_cap = jnp.where(known, jnp.log(_adapt.STABILITY_CAP[kind]) - 0.5 * jnp.log(safe), jnp.inf)
+    log_h0 = jnp.minimum(log_h0, log_cap)
+    return log_h0.astype(init.dtype), log_cap.astype(init.dtype)
+
+
+def _adaptive_chain(kind: str, steps: int, target: float, noise: bool, unroll: int, track: bool, rng_key,
+                    log_density, init) -> _ChainResult:
+    """The chain of ``step_size="auto"`` (see :mod:`tilted_priors._adapt`): a probe of the curvature, a warm-up
+    scan adapting ``log h`` towards the acceptance ``target``, then :func:`_fixed_steps` with the last ``h``."""
+    log_density = jax.tree_util.tree_map(lax.stop_gradient, log_density)
+    state = langevin.init(init, log_density)
+    first = _first_bad(jnp.full(state.logdensity.shape, -1, jnp.int32), state.logdensity, 0)
+    keys = jax.random.split(rng_key, steps + 1)
+    log_h, log_cap = _initial_step(_lipschitz(keys[0], log_density, state), state.position, kind)
+    warm = _adapt.warmup_steps(steps)
+    adjusted = kind == "mala"
+
+    def body(carry, xs):
+        state, log_h, first = carry
+        key, i = xs
+        h = jnp.exp(log_h)
+        key_proposal, key_accept = jax.random.split(key)
+        new = langevin.proposal(key_proposal, state, log_density, h, noise)
+        log_ratio = langevin.log_acceptance_ratio(state, new, h)
+        if adjusted:
+            state, info = langevin.metropolis_accept(key_accept, state, new, log_ratio)
+            accept = info.acceptance_rate
+        else:  # measured only; the move is kept unless it is not finite
+            accept = jnp.exp(jnp.minimum(log_ratio, 0.0))
+            ok = jnp.isfinite(new.logdensity) & jnp.all(jnp.isfinite(new.logdensity_grad), -1)
+            state = jax.tree_util.tree_map(
+                lambda a, b: jnp.where(ok.reshape(ok.shape + (1,) * (a.ndim - ok.ndim)), a, b), new, state)
+        mean = jnp.mean(accept)
+        error = jnp.where(mean > target, (mean - target) / (1.0 - target), (mean - target) / target)
+        log_h = jnp.minimum(log_h + error / jnp.sqrt(i.astype(log_h.dtype)), log_cap)
+        if track:
+            first = _first_bad(first, state.logdensity, i)
+        return (state, log_h, first), None
+
+    if warm:
+        idx = jnp.arange(1, warm + 1, dtype=jnp.int32)
+        (state, log_h, first), _ = lax.scan(body, (state, log_h, first), (keys[1:warm + 1], idx),
+                                            unroll=min(unroll, warm))
+    h = jnp.exp(log_h)
+    idx = jnp.arange(warm + 1, steps + 1, dtype=jnp.int32)
+    state, acceptance, tracked = _fixed_steps(kind, h, noise, unroll, track, log_density, state, first,
+                                              keys[warm + 1:], idx)
+    return _finish(kind, steps, steps - warm, h, track, log_density, state, acceptance, tracked, first)
+
+
+def _lipschitz_at(rng_key, log_density, init) -> jax.Array:
+    """:func:`_lipschitz` at the starting points ``init`` (for the divergence message)."""
+    log_density = jax.tree_util.tree_map(lax.stop_gradient, log_density)
+    return _lipschitz(rng_key, log_density, langevin.init(init, log_density))
 
 
 #: The one compiled runner shared by all samplers; settings are static, the log density a pytree argument.
 _run_jit = jax.jit(_chain, static_argnums=(0, 1, 2, 3, 4, 5))
+_lipschitz_jit = jax.jit(_lipschitz_at)
 
 
 class _Langevin(_Frozen):
     """Shared run loop of the Langevin samplers; subclasses set ``_kind``."""
 
-    __slots__ = ("steps", "step_size", "unroll")
+    __slots__ = ("steps", "step_size", "target_accept", "unroll")
     _kind = "ula"
 
-    def __init__(self, steps: int, step_size: float, unroll: int | bool = 1):
+    def __init__(self, steps: int, step_size: float | str, unroll: int | bool = 1, target_accept: float | None = None):
         object.__setattr__(self, "steps", check_positive_int("steps", steps))
-        object.__setattr__(self, "step_size", check_step_size(step_size))
+        object.__setattr__(self, "step_size", _adapt.check_step_size_or_auto(step_size))
+        object.__setattr__(self, "target_accept", _adapt.check_target_accept(target_accept, self.step_size,
+                                                                             self._kind))
         if unroll is True:
             unroll = self.steps
         elif unroll is False:
@@ -203,11 +324,16 @@ class _Langevin(_Frozen):
         return True
 
     def _key(self) -> tuple:
-        return (self.steps, self.step_size, self._noise, self.unroll)
+        return (self.steps, self.step_size, self.target_accept, self._noise, self.unroll)
+
+    @property
+    def _step_setting(self):
+        """The static step-size argument of :func:`_chain`: the float, or ``("auto", target_accept)``."""
+        return (_adapt.AUTO, self.target_accept) if self.step_size == _adapt.AUTO else self.step_size
 
     def _chain(self, rng_key, log_density, init) -> _ChainResult:
         """Run the chain inline (for use inside another traced loop, e.g. annealed importance sampling)."""
-        return _chain(self._kind, self.steps, self.step_size, self._noise, self.unroll, True, rng_key,
+        return _chain(self._kind, self.steps, self._step_setting, self._noise, self.unroll, True, rng_key,
                       _as_partial(log_density), jnp.asarray(init))
 
     def run(self, rng_key, log_density: Callable[[jax.Array], jax.Array], init, *, return_info: bool = False):
@@ -224,13 +350,14 @@ class _Langevin(_Frozen):
         init : array_like
             Starting positions ``(..., d)``.
         return_info : bool
-            Also return a :class:`SamplerInfo`.
+            Also return a :class:`SamplerInfo` (with the adapted step size for ``step_size="auto"``).
 
         Raises
         ------
         ChainDivergenceError
             When some chain's log density became non-finite (eager calls only; under an outer trace the
-            non-finite values are returned).
+            non-finite values are returned). Its message gives a step size within the stability bound measured
+            at ``init``.
         """
         if rng_key is None:
             if self._noise:
@@ -243,7 +370,7 @@ class _Langevin(_Frozen):
         if init.ndim < 1:
             raise ValueError("init must have shape (..., d), got a scalar")
         log_density = _as_partial(log_density)
-        settings = (self._kind, self.steps, self.step_size, self._noise, self.unroll)
+        settings = (self._kind, self.steps, self._step_setting, self._noise, self.unroll)
         if jax_in_transformation(rng_key, log_density, init):
             res = _chain(*settings, False, rng_key, log_density, init)  # nothing can be raised under a trace
         else:
@@ -252,20 +379,36 @@ class _Langevin(_Frozen):
                 tracked = _run_jit(*settings, True, rng_key, log_density, init)
                 if int(tracked.bad_step) >= 0:
                     res = tracked
-                raise ChainDivergenceError(type(self).__name__, int(res.bad_step), self.step_size,
-                                           int(res.num_bad))
+                raise self._divergence(res, rng_key, log_density, init)
         if return_info:
-            return res.position, SamplerInfo(res.acceptance_rate, res.logdensity)
+            return res.position, SamplerInfo(res.acceptance_rate, res.logdensity, res.step_size)
         return res.position
 
-    def __reduce__(self):
-        return (functools.partial(type(self), unroll=self.unroll), (self.steps, self.step_size))
+    def _divergence(self, res: _ChainResult, rng_key, log_density, init) -> ChainDivergenceError:
+        """The error for a diverged chain, with the Lipschitz constant measured at ``init`` (see ``_adapt``)."""
+        step, adapted = int(res.bad_step), self.step_size == _adapt.AUTO
+        lipschitz = float(_lipschitz_jit(jax.random.fold_in(rng_key, 1), log_density, init)) if step > 0 else None
+        name = type(self).__name__ + (" (step_size='auto')" if adapted else "")
+        return ChainDivergenceError(name, step, float(res.step_size), int(res.num_bad), lipschitz=lipschitz,
+                                    adapted=adapted)
 
-    def _unroll_repr(self) -> str:
-        return "" if self.unroll == 1 else f", unroll={self.unroll}"
+    def __reduce__(self):
+        return (functools.partial(type(self), unroll=self.unroll, **self._target_kwargs()),
+                (self.steps, self.step_size))
+
+    def _target_kwargs(self) -> dict:
+        """``target_accept`` as a keyword when it is not the default of ``"auto"``."""
+        if self.step_size == _adapt.AUTO and self.target_accept != _adapt.TARGET_ACCEPT[self._kind]:
+            return {"target_accept": self.target_accept}
+        return {}
+
+    def _extra_repr(self) -> str:
+        extra = "".join(f", {k}={v:g}" for k, v in self._target_kwargs().items())
+        return extra + ("" if self.unroll == 1 else f", unroll={self.unroll}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.steps}, step_size={self.step_size:g}{self._unroll_repr()})"
+        return (f"{type(self).__name__}(steps={self.steps}, step_size={_adapt.format_step_size(self.step_size)}"
+                f"{self._extra_repr()})")
 
 
 class ShortRunLangevin(_Langevin):
@@ -279,14 +422,24 @@ class ShortRunLangevin(_Langevin):
     20 x 0.1 for the posterior. ``log_density`` need not be normalised. One compiled
     :func:`jax.lax.scan`; see the module notes on compilation and divergence.
 
+    ``step_size="auto"`` scales :math:`h` to the target in each run: :math:`h_0 \propto 1/\sqrt{\hat L}` from the
+    gradient's Lipschitz constant :math:`\hat L` probed at ``init``, then during the first half of the steps
+    :math:`\log h` moves (Robbins-Monro) towards a Metropolis-Hastings acceptance of ``target_accept`` (0.95),
+    which ULA only measures (its moves are all kept, but non-finite ones during the warm-up), never beyond
+    :math:`0.8/\sqrt{\hat L}`; the second half runs with the last :math:`h` (``SamplerInfo.step_size``). See
+    :mod:`tilted_priors._adapt`; the fixed-step chain is unchanged.
+
     Parameters
     ----------
     steps : int
         Number of Langevin steps.
-    step_size : float
-        :math:`h > 0`, the noise scale; the drift is :math:`h^2 / 2` times the gradient.
+    step_size : float or "auto"
+        :math:`h > 0`, the noise scale; the drift is :math:`h^2 / 2` times the gradient. ``"auto"``: adapted in
+        each run (see above).
     noise : bool
-        ``False`` drops the noise term (gradient ascent on :math:`\log\pi`).
+        ``False`` drops the noise term (gradient ascent on :math:`\log\pi`); needs a fixed ``step_size``.
+    target_accept : float, optional
+        The acceptance ``"auto"`` aims for (default 0.95); only with ``step_size="auto"``.
     unroll : int or bool
         JAX only: steps per iteration of the compiled loop (``True``: all). On CPU, XLA runs convolutions inside
         a rolled loop several times slower; fully unrolling a short chain through a convolutional generator is
@@ -299,13 +452,21 @@ class ShortRunLangevin(_Langevin):
     >>> z = ShortRunLangevin(60, 0.4).run(jax.random.PRNGKey(0), f, jnp.zeros((100, 2)))
     >>> z.shape
     (100, 2)
+    >>> z, info = ShortRunLangevin(60, "auto").run(jax.random.PRNGKey(0), lambda z: f(z / 0.01), z,
+    ...                                            return_info=True)
+    >>> bool(0.003 < info.step_size < 0.01)   # scaled to the target's sd 0.01
+    True
     """
 
     __slots__ = ("noise",)
     _kind = "ula"
 
-    def __init__(self, steps: int = 60, step_size: float = 0.4, noise: bool = True, *, unroll: int | bool = 1):
-        super().__init__(steps, step_size, unroll)
+    def __init__(self, steps: int = 60, step_size: float | str = 0.4, noise: bool = True, *,
+                 target_accept: float | None = None, unroll: int | bool = 1):
+        super().__init__(steps, step_size, unroll, target_accept)
+        if not noise and self.step_size == _adapt.AUTO:
+            raise ValueError("step_size='auto' adapts to the acceptance of noisy Langevin moves; with noise=False "
+                             "(gradient ascent) give a fixed step_size")
         object.__setattr__(self, "noise", bool(noise))
 
     @property
@@ -313,11 +474,12 @@ class ShortRunLangevin(_Langevin):
         return self.noise
 
     def __reduce__(self):
-        return (functools.partial(ShortRunLangevin, unroll=self.unroll), (self.steps, self.step_size, self.noise))
+        return (functools.partial(ShortRunLangevin, unroll=self.unroll, **self._target_kwargs()),
+                (self.steps, self.step_size, self.noise))
 
     def __repr__(self) -> str:
-        return (f"ShortRunLangevin(steps={self.steps}, step_size={self.step_size:g}, noise={self.noise}"
-                f"{self._unroll_repr()})")
+        return (f"ShortRunLangevin(steps={self.steps}, step_size={_adapt.format_step_size(self.step_size)}, "
+                f"noise={self.noise}{self._extra_repr()})")
 
 
 class MALA(_Langevin):
@@ -327,15 +489,25 @@ class MALA(_Langevin):
               \qquad q(z' \mid z) = \mathcal N\bigl(z';\, z + \tfrac{h^2}{2}\nabla\log\pi(z),\, h^2 I\bigr)
 
     Leaves :math:`\pi` exactly invariant, so long runs converge to it. ``run(..., return_info=True)`` returns
-    the mean acceptance probability per chain (aim for about 0.5–0.8 by tuning ``step_size``).
-    ``log_density`` need not be normalised. One compiled :func:`jax.lax.scan`; see the module notes.
+    the mean acceptance probability per chain (aim for about 0.5–0.8 by tuning ``step_size``, or let
+    ``step_size="auto"`` do it). ``log_density`` need not be normalised. One compiled :func:`jax.lax.scan`; see the
+    module notes.
+
+    ``step_size="auto"`` scales :math:`h` to the target in each run: :math:`h_0 \propto 1/\sqrt{\hat L}` from the
+    gradient's Lipschitz constant :math:`\hat L` probed at ``init``, then during the first half of the steps
+    :math:`\log h` moves (Robbins-Monro) towards an acceptance of ``target_accept`` (0.574, optimal for MALA in
+    high dimension), never beyond :math:`2.5/\sqrt{\hat L}`; the second half runs with the last :math:`h`, and
+    ``SamplerInfo`` reports it and the acceptance over that half. The warm-up half is adaptive, hence not a Markov
+    chain: start the draws you keep after it. See :mod:`tilted_priors._adapt`.
 
     Parameters
     ----------
     steps : int
         Number of MALA steps.
-    step_size : float
-        :math:`h > 0`, the proposal's noise scale.
+    step_size : float or "auto"
+        :math:`h > 0`, the proposal's noise scale; ``"auto"``: adapted in each run (see above).
+    target_accept : float, optional
+        The acceptance ``"auto"`` aims for (default 0.574); only with ``step_size="auto"``.
     unroll : int or bool
         JAX only: steps per iteration of the compiled loop (see :class:`ShortRunLangevin`).
 
@@ -346,13 +518,17 @@ class MALA(_Langevin):
     >>> z, info = MALA(200, 0.8).run(jax.random.PRNGKey(0), f, jnp.zeros((50, 2)), return_info=True)
     >>> bool(0.0 < info.acceptance_rate.mean() < 1.0)
     True
+    >>> z, info = MALA(200, "auto").run(jax.random.PRNGKey(0), lambda z: f(z / 5.0), z, return_info=True)
+    >>> bool(0.45 < info.acceptance_rate.mean() < 0.7)
+    True
     """
 
     __slots__ = ()
     _kind = "mala"
 
-    def __init__(self, steps: int = 1000, step_size: float = 0.1, *, unroll: int | bool = 1):
-        super().__init__(steps, step_size, unroll)
+    def __init__(self, steps: int = 1000, step_size: float | str = 0.1, *, target_accept: float | None = None,
+                 unroll: int | bool = 1):
+        super().__init__(steps, step_size, unroll, target_accept)
 
 
 class Persistent(PersistentBase):

@@ -16,11 +16,12 @@ from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro.distributions import EnergyTilted, EnergyTiltedNormal
 from tilted_priors.pyro.energies import EnergyMLP
 from tilted_priors.pyro.normalizers import (AnnealedImportance, Contrastive, Importance, LogZEstimate,
-                                            SelfNormalized, Unnormalized)
+                                            LearnedLogZ, SelfNormalized, Unnormalized)
 from tilted_priors.pyro.samplers import MALA, Persistent, SamplerInfo, ShortRunLangevin
+from tilted_priors.pyro.sir import SIR, SIRInfo
 
 __all__ = [
     "EnergyTilted", "EnergyTiltedNormal", "EnergyMLP",
-    "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized", "LogZEstimate",
-    "ShortRunLangevin", "MALA", "Persistent", "SamplerInfo", "ChainDivergenceError",
+    "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized", "LearnedLogZ", "LogZEstimate",
+    "ShortRunLangevin", "MALA", "Persistent", "SamplerInfo", "SIR", "SIRInfo", "ChainDivergenceError",
 ]

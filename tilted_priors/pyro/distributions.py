@@ -4,21 +4,55 @@ r"""Energy-tilted distributions for Pyro.
 
 with :math:`q` a base distribution over vectors (event shape ``(d,)``) and :math:`E` an energy mapping
 ``(..., d) -> (...)``. :class:`EnergyTiltedNormal` is the case :math:`q = \mathcal N(\text{loc}, \text{scale}^2)`.
+With ``context=x`` the density is conditional, :math:`p(z \mid x) \propto e^{-E(z, x)} q(z)`, one row per batch
+element.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import torch
 from pyro.distributions import Normal, TorchDistribution, constraints
 from torch.distributions.utils import broadcast_all
 
-from tilted_priors._validation import check_energy_shape
+from tilted_priors._loc_scale import missing_energy_message
+from tilted_priors._validation import check_energy_shape, context_batch_shape
+from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro.normalizers import Contrastive
 from tilted_priors.pyro.samplers import ShortRunLangevin
 
 __all__ = ["EnergyTilted", "EnergyTiltedNormal"]
+
+
+def _as_context(context) -> torch.Tensor:
+    """``context`` as a floating tensor with at least one dimension (the features), or a clear error."""
+    if not isinstance(context, torch.Tensor):
+        try:
+            context = torch.as_tensor(context)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"context must be a tensor of shape batch_shape + (c,), got {type(context).__name__}"
+                            ) from err
+    if not torch.is_floating_point(context):
+        context = context.to(torch.get_default_dtype())
+    if context.dim() < 1:
+        raise ValueError("context must have at least one dimension, the last holding the c covariates of a row "
+                         "(shape batch_shape + (c,)); for one covariate per row pass x[..., None]")
+    return context
+
+
+def _register_normalizer(normalizer, dist) -> None:
+    """Declare the normalizer's learned params now, while the model runs (``register_params``, given ``dist`` when
+    it takes an argument): Pyro's ELBOs differentiate only when the model's trace holds a param site."""
+    register = getattr(normalizer, "register_params", None)
+    if not callable(register):
+        return
+    try:
+        takes_dist = len(inspect.signature(register).parameters) > 0
+    except (TypeError, ValueError):
+        takes_dist = False
+    register(dist) if takes_dist else register()
 
 
 class EnergyTilted(TorchDistribution):
@@ -31,21 +65,35 @@ class EnergyTilted(TorchDistribution):
     :class:`~tilted_priors.pyro.Contrastive` (the default, whose gradient is still that of the normalised density)
     and :class:`~tilted_priors.pyro.Unnormalized`, a lower bound with :class:`~tilted_priors.pyro.SelfNormalized`,
     an estimate with :class:`~tilted_priors.pyro.Importance` and :class:`~tilted_priors.pyro.AnnealedImportance`.
-    ``sample`` draws base samples and moves them with ``sampler`` (default ``ShortRunLangevin(60, 0.4)``); the
-    draws are not reparameterised (``has_rsample = False``).
+    ``sample`` draws base samples and moves them with ``sampler`` (default ``ShortRunLangevin(60, "auto")``); the
+    draws are not reparameterised (``has_rsample = False``). A normalizer's learned parameters (the :math:`b` of
+    :class:`~tilted_priors.pyro.SelfNormalized`) are declared (``pyro.param``) when the distribution is built, so
+    that inside a model they are param sites of its trace, which Pyro's ELBOs need to differentiate.
+
+    **Conditional densities.** With ``context`` (covariates :math:`x`, shape ``batch_shape + (c,)``), the
+    distribution is :math:`p(z \mid x) = e^{-E(z, x)} q(z) / Z(x)`, one context row per batch element, and the
+    energy is called as ``energy(z, context)``: ``z`` of shape ``(..., d)`` (leading dimensions added by
+    ``sample_shape``, chains and the normalizers' draws) and the context broadcast for you to ``(..., c)``. The
+    batch shape is that of the base broadcast with ``context.shape[:-1]`` (the base is expanded to it), and the
+    normalizers estimate :math:`\log Z(x)` per row. Without ``context`` the energy is called as ``energy(z)``.
 
     Parameters
     ----------
     energy : callable
-        :math:`E`, mapping ``(..., d) -> (...)`` (e.g. :class:`~tilted_priors.pyro.EnergyMLP`). Modules inside a
+        :math:`E`, mapping ``(..., d) -> (...)`` (e.g. :class:`~tilted_priors.pyro.EnergyMLP`), or with
+        ``context`` ``(..., d), (..., c) -> (...)`` (e.g. ``EnergyMLP(d, context_dim=c)``). Modules inside a
         distribution are trained by SVI only when the model registers them with ``pyro.module``.
     base : torch.distributions.Distribution
         :math:`q`, with event shape ``(d,)`` (e.g. ``Normal(0, 1).expand([d]).to_event(1)``, a flow's
         ``TransformedDistribution``). Its batch shape is the distribution's batch shape.
+    context : torch.Tensor, optional
+        Covariates :math:`x` the energy is conditioned on, shape ``batch_shape + (c,)`` or broadcastable with it
+        (at least one dimension: the last holds the ``c`` features; use ``x[..., None]`` for one covariate).
     normalizer : normalizer, optional
         What ``log_prob`` subtracts for :math:`\log Z`; default :class:`~tilted_priors.pyro.Contrastive`.
     sampler : sampler, optional
-        Draws from the tilted density; default ``ShortRunLangevin(60, 0.4)``.
+        Draws from the tilted density; default ``ShortRunLangevin(60, "auto")`` (its step size scaled to
+        the tilted density in each draw; LEBM's prior chain is ``ShortRunLangevin(60, 0.4)``).
 
     Examples
     --------
@@ -54,13 +102,20 @@ class EnergyTilted(TorchDistribution):
     >>> d = EnergyTilted(EnergyMLP(2, 16), dist.Normal(torch.zeros(2), 1.0).to_event(1))
     >>> d.sample((5,)).shape
     torch.Size([5, 2])
+
+    A conditional density, one row per context:
+
+    >>> x = torch.linspace(-1, 1, 3)[:, None]                       # 3 rows, c = 1
+    >>> d = EnergyTilted(lambda z, x: (z * x).sum(-1), dist.Normal(torch.zeros(2), 1.0).to_event(1), context=x)
+    >>> d.batch_shape, d.sample((5,)).shape
+    (torch.Size([3]), torch.Size([5, 3, 2]))
     """
 
     arg_constraints: dict = {}
     support = constraints.real_vector
     has_rsample = False
 
-    def __init__(self, energy, base, *, normalizer=None, sampler=None, validate_args=None):
+    def __init__(self, energy, base, *, context=None, normalizer=None, sampler=None, validate_args=None):
         if not callable(energy):
             raise TypeError(f"energy must be callable (..., d) -> (...), got {type(energy).__name__}")
         if not isinstance(base, torch.distributions.Distribution):
@@ -68,19 +123,32 @@ class EnergyTilted(TorchDistribution):
         if len(base.event_shape) != 1:
             raise ValueError(f"base must have event shape (d,), got {tuple(base.event_shape)}; "
                              "declare the last dimension as the event with .to_event(1)")
+        if context is not None:
+            context = _as_context(context)
+            batch_shape = torch.Size(context_batch_shape(tuple(base.batch_shape), tuple(context.shape)))
+            if batch_shape != base.batch_shape:
+                base = base.expand(batch_shape)
+        self.context = context
         self.energy = energy
         self.base = base
         self.normalizer = Contrastive() if normalizer is None else normalizer
-        self.sampler = ShortRunLangevin(60, 0.4) if sampler is None else sampler
+        self.sampler = ShortRunLangevin(60, "auto") if sampler is None else sampler
         for what, obj, attr in (("normalizer", self.normalizer, "term"), ("sampler", self.sampler, "run")):
             if not callable(getattr(obj, attr, None)):
                 raise TypeError(f"{what} must have a .{attr}() method, got {obj!r}")
         self._log_normalizer: torch.Tensor | None = None
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
+        _register_normalizer(self.normalizer, self)
 
     # --- densities -------------------------------------------------------------------------------------
     def _energy(self, z: torch.Tensor) -> torch.Tensor:
-        e = self.energy(z)
+        """:math:`E(z)`, or :math:`E(z, x)` with the context broadcast to ``z``'s leading shape."""
+        if self.context is None:
+            e = self.energy(z)
+        else:
+            shape = torch.Size(context_batch_shape(tuple(z.shape[:-1]), tuple(self.context.shape), what="z"))
+            z = z.expand(shape + z.shape[-1:])
+            e = self.energy(z, self.context.expand(shape + self.context.shape[-1:]))
         if e.shape != z.shape[:-1]:
             check_energy_shape("energy", tuple(z.shape), tuple(e.shape))
         return e
@@ -109,6 +177,8 @@ class EnergyTilted(TorchDistribution):
         """A copy with another normalizer and/or sampler (what the effect handlers of
         :mod:`tilted_priors.inference` use).
 
+        A new normalizer's learned parameters are declared (``pyro.param``) as at construction.
+
         Examples
         --------
         >>> import torch
@@ -121,6 +191,8 @@ class EnergyTilted(TorchDistribution):
         new.normalizer = self.normalizer if normalizer is None else normalizer
         new.sampler = self.sampler if sampler is None else sampler
         new._log_normalizer = None
+        if normalizer is not None:
+            _register_normalizer(normalizer, new)
         return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -131,10 +203,20 @@ class EnergyTilted(TorchDistribution):
 
     # --- sampling --------------------------------------------------------------------------------------
     def sample_with(self, sampler, sample_shape=torch.Size()) -> torch.Tensor:
-        """Draw base samples of shape ``sample_shape + batch_shape + event_shape`` and run ``sampler`` on them."""
+        """Draw base samples of shape ``sample_shape + batch_shape + event_shape`` and run ``sampler`` on them.
+
+        A sampler with a ``sample_tilted(dist, sample_shape)`` method (one that needs the distribution itself, e.g.
+        :class:`~tilted_priors.pyro.SIR`, which draws from the base) is handed the distribution instead.
+        """
+        sample_tilted = getattr(sampler, "sample_tilted", None)
+        if callable(sample_tilted):
+            return sample_tilted(self, torch.Size(sample_shape))
         with torch.no_grad():
             init = self.base.sample(torch.Size(sample_shape))
-        return sampler.run(self.annealed_log_density(1.0), init)
+        try:
+            return sampler.run(self.annealed_log_density(1.0), init)
+        except ChainDivergenceError as err:  # say which chain it was
+            raise err.add_context(label=f"the sampler of the prior {type(self).__name__}")
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         return self.sample_with(self.sampler, sample_shape)
@@ -145,8 +227,8 @@ class EnergyTilted(TorchDistribution):
         return new
 
     def expand(self, batch_shape, _instance=None):
-        new = EnergyTilted(self.energy, self.base.expand(torch.Size(batch_shape)), normalizer=self.normalizer,
-                           sampler=self.sampler, validate_args=False)
+        new = EnergyTilted(self.energy, self.base.expand(torch.Size(batch_shape)), context=self.context,
+                           normalizer=self.normalizer, sampler=self.sampler, validate_args=False)
         return self._copy_settings(new)
 
     @property
@@ -176,9 +258,12 @@ class EnergyTiltedNormal(EnergyTilted):
     Parameters
     ----------
     energy : callable
-        :math:`E`, mapping ``(..., d) -> (...)``.
+        :math:`E`, mapping ``(..., d) -> (...)``, or ``(..., d), (..., c) -> (...)`` with ``context``.
     loc, scale : torch.Tensor
         Mean and standard deviation of the base, at least one dimension; ``scale > 0``.
+    context : torch.Tensor, optional
+        Covariates of shape ``batch_shape + (c,)``: a conditional density, as for :class:`EnergyTilted`
+        (``loc`` and ``scale`` broadcast with ``context.shape[:-1]``).
     normalizer, sampler
         As for :class:`EnergyTilted`.
 
@@ -194,18 +279,30 @@ class EnergyTiltedNormal(EnergyTilted):
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
 
-    def __init__(self, energy, loc, scale, *, normalizer=None, sampler=None, validate_args=None):
+    def __new__(cls, *args, **kwargs):
+        # LocScaleReparam rebuilds the site's distribution as type(fn)(loc=..., scale=...), with no energy: say
+        # what to use instead of failing on a missing argument (copy and pickle call __new__ with no arguments).
+        if not args and "energy" not in kwargs and ("loc" in kwargs or "scale" in kwargs):
+            raise TypeError(missing_energy_message(cls.__name__, "pyro"))
+        return super().__new__(cls)
+
+    def __init__(self, energy, loc, scale, *, context=None, normalizer=None, sampler=None, validate_args=None):
         loc, scale = broadcast_all(loc, scale)
         if loc.dim() < 1:
             raise ValueError("loc and scale must have at least one dimension: the last one is the event (d,); "
                              "for a d-dimensional prior pass tensors of shape (d,)")
+        if context is not None:
+            context = _as_context(context)
+            batch_shape = torch.Size(context_batch_shape(tuple(loc.shape[:-1]), tuple(context.shape)))
+            loc, scale = loc.expand(batch_shape + loc.shape[-1:]), scale.expand(batch_shape + loc.shape[-1:])
         self.loc, self.scale = loc, scale
         base = Normal(loc, scale, validate_args=False).to_event(1)
         # Chains need the Gaussian term only up to a constant and without parameter gradients.
         self._loc_c = loc.detach()
         self._inv_scale_c = scale.detach().reciprocal()
         self._standard = bool((self._loc_c == 0).all() and (self._inv_scale_c == 1).all())
-        super().__init__(energy, base, normalizer=normalizer, sampler=sampler, validate_args=validate_args)
+        super().__init__(energy, base, context=context, normalizer=normalizer, sampler=sampler,
+                         validate_args=validate_args)
 
     def _base_log_density(self, z: torch.Tensor) -> torch.Tensor:
         u = z if self._standard else (z - self._loc_c) * self._inv_scale_c
@@ -218,6 +315,6 @@ class EnergyTiltedNormal(EnergyTilted):
 
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape) + self.event_shape
-        new = EnergyTiltedNormal(self.energy, self.loc.expand(shape), self.scale.expand(shape),
+        new = EnergyTiltedNormal(self.energy, self.loc.expand(shape), self.scale.expand(shape), context=self.context,
                                  normalizer=self.normalizer, sampler=self.sampler, validate_args=False)
         return self._copy_settings(new)

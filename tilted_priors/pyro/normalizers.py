@@ -18,11 +18,11 @@ from typing import NamedTuple
 import pyro
 import torch
 
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_positive_int, check_snl_b
 from tilted_priors.pyro.samplers import MALA
 from tilted_priors.schedules import annealing_betas
 
-__all__ = ["LogZEstimate", "log_mean_exp_with_error", "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized"]
+__all__ = ["LogZEstimate", "log_mean_exp_with_error", "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized", "LearnedLogZ"]
 
 
 class LogZEstimate(NamedTuple):
@@ -59,9 +59,44 @@ def _importance_log_weights(dist, n: int, proposal) -> torch.Tensor:
     """Log weights :math:`e^{-E(z)} q(z) / r(z)` of ``n`` draws per batch element from ``r`` (the base if None)."""
     if proposal is None:
         z = dist.base.rsample((n,)) if dist.base.has_rsample else dist.base.sample((n,))
-        return -dist.energy(z)
+        return -dist._energy(z)
     z = proposal.rsample((n,)) if proposal.has_rsample else proposal.sample((n,))
     return dist.log_tilted(z) - proposal.log_prob(z)
+
+
+def _leaf_tensors(t: torch.Tensor) -> list:
+    """The leaf tensors (parameters) that ``t`` depends on, found by walking its autograd graph."""
+    seen, leaves, stack = set(), [], [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        else:
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+class _LazyTerm(torch.autograd.Function):
+    r"""Value 0; its backward runs the chains and returns :math:`\mathbb E_p[\nabla \ell]` for the leaves.
+
+    So a gradient that does not reach the parameters (NUTS's gradient in the latents) never runs a chain.
+    """
+
+    @staticmethod
+    def forward(ctx, compute, shape, *leaves):
+        ctx.compute, ctx.leaves = compute, leaves
+        return torch.zeros(shape, dtype=leaves[0].dtype, device=leaves[0].device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            lt = ctx.compute()
+            grads = torch.autograd.grad(lt, ctx.leaves, grad_outputs=grad.expand_as(lt), allow_unused=True)
+        return (None, None, *grads)
 
 
 class Contrastive:
@@ -73,7 +108,9 @@ class Contrastive:
     so that :math:`\nabla_\theta \log p(x) = -\nabla_\theta E(x) + \mathbb E_{p}[\nabla_\theta E(z)]`
     (for the energy's parameters; the base's parameters get the matching term). ``log_prob`` values are
     **unnormalised** (the term is 0); only their gradients are those of the normalised density, exactly so when
-    the sampler is exact. With gradients off (``torch.no_grad``) no chain is run.
+    the sampler is exact. The chains run lazily, in the backward pass, and only when the gradient reaches the
+    parameters: with gradients off (``torch.no_grad``), or when only gradients in the latents are taken (NUTS on
+    the model as written), no chain is run.
 
     Parameters
     ----------
@@ -99,40 +136,64 @@ class Contrastive:
     def term(self, dist) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return torch.zeros(())
+        with torch.no_grad():
+            probe_z = dist.base.sample()
+        probe = dist.log_tilted(probe_z)
+        leaves = _leaf_tensors(probe)
+        if not leaves:
+            return torch.zeros(())
         shape = () if self.num_samples is None else (self.num_samples,)
-        z = dist.sample_with(self.sampler or dist.sampler, shape)
-        lt = dist.log_tilted(z)
-        if self.num_samples is not None:
-            lt = lt.mean(0)
-        return lt - lt.detach()
+
+        def mean_log_tilted() -> torch.Tensor:
+            lt = dist.log_tilted(dist.sample_with(self.sampler or dist.sampler, shape))
+            return lt if self.num_samples is None else lt.mean(0)
+
+        return _LazyTerm.apply(mean_log_tilted, probe.shape, *leaves)
 
     def __repr__(self) -> str:
         return f"Contrastive(sampler={self.sampler!r}, num_samples={self.num_samples})"
 
 
+_PER_ROW_HELP = ("a per-row b belongs to fixed rows, the same contexts in the same order at every step (SVI on a "
+                 "fixed batch; fit shuffles the rows), so for minibatches or changing rows use an amortised "
+                 "b(context)")
+
+
 class SelfNormalized:
-    r"""Self-normalised bound (SNL / SNELBO, Senetaire et al.): a learned scalar :math:`b` with
+    r"""Self-normalised bound (SNL / SNELBO, Senetaire et al.): a learned :math:`b` with
 
     .. math:: \text{term} = b + e^{-b}\hat Z - 1 \;\ge\; \log Z, \qquad
               \hat Z = \frac1n \sum_{i=1}^n \frac{e^{-E(z_i)} q(z_i)}{r(z_i)},\ z_i \sim r,
 
     from :math:`\log u \le u - 1`, tight at :math:`b = \log Z`; :math:`\hat Z` is unbiased, so ``log_prob`` is an
     unbiased estimate of a **lower bound** of the normalised log density, and maximising it over :math:`b` drives
-    :math:`b \to \log Z`. :math:`b` is the Pyro param ``name`` (initialised at ``init``). No MCMC.
+    :math:`b \to \log Z`. No MCMC. The bound holds row by row (per batch element), so :math:`b` may be one
+    scalar (the Pyro param ``name``, initialised at ``init``), one value per row (``b="per_row"``), or amortised,
+    :math:`b(x)` of the distribution's context :math:`x` (``b=`` a module or function): for a conditional density
+    whose :math:`\log Z(x)` varies with :math:`x`, a scalar :math:`b` is tight for no row but on average.
 
     Parameters
     ----------
     num_samples : int
-        Draws from the proposal in all, shared out over the batch (at least one per batch element); when the
-        batch elements share one base (a prior expanded over a plate) the summed bound equals that of the pooled
-        estimate.
+        Draws from the proposal **per row** (batch element), when the distribution has a ``context`` or ``b`` is
+        not the shared scalar. With no context and the scalar ``b`` (the default) the rows are exchangeable and
+        the draws are pooled: ``num_samples`` in all, shared out over the batch (at least one per row); when the
+        rows share one base (a prior expanded over a plate) the summed bound equals that of the pooled estimate.
     proposal : Distribution, optional
         :math:`r`; the base :math:`q` when ``None`` (then the weights are :math:`e^{-E(z_i)}`). Reparameterised
         draws are used when available.
     name : str
-        Name of the param :math:`b`; give each tilted prior in a model its own.
+        Name of the param :math:`b` (of the module's params, ``name$$$...``, for an amortised ``b``); give each
+        tilted prior in a model its own.
     init : float
-        Starting value of :math:`b`.
+        Starting value of :math:`b` (of each row's with ``"per_row"``; unused with an amortised ``b``).
+    b : None, "per_row" or callable
+        ``None``: one scalar param. ``"per_row"``: a param of the distribution's batch shape, one :math:`b` per
+        row, for fixed rows (the same contexts in the same order at every step, as in SVI on a fixed batch;
+        ``fit`` shuffles the rows, so with it, or with minibatches, use an amortised :math:`b`). A callable: the
+        amortised :math:`b(x)`, mapping the context ``batch_shape + (c,)`` to ``batch_shape`` (a trailing
+        dimension of size 1 is dropped), e.g. ``torch.nn.Linear(c, 1)``; a torch module is registered as
+        ``pyro.module(name, b)``, so SVI trains it with the model. Needs the distribution's ``context``.
 
     Examples
     --------
@@ -142,23 +203,83 @@ class SelfNormalized:
     ...                        normalizer=SelfNormalized(100, name="doc_b"))
     >>> float(d.log_normalizer().detach())  # b = 0 and Z = 1: the bound is tight
     0.0
+
+    An amortised :math:`b(x)` for a conditional density (here :math:`\log Z(x) = x^2 / 2`):
+
+    >>> x = torch.linspace(-1, 1, 4)[:, None]
+    >>> snl = SelfNormalized(64, name="doc_bx", b=torch.nn.Linear(1, 1))
+    >>> d = EnergyTiltedNormal(lambda z, x: (z * x).sum(-1), torch.zeros(1), torch.ones(1), context=x,
+    ...                        normalizer=snl)
+    >>> snl.b_value(d).shape, d.log_normalizer().shape
+    (torch.Size([4]), torch.Size([4]))
     """
 
-    def __init__(self, num_samples: int, proposal=None, name: str = "snl_b", init: float = 0.0):
+    def __init__(self, num_samples: int, proposal=None, name: str = "snl_b", init: float = 0.0, b=None):
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.proposal, self.name, self.init = proposal, name, float(init)
+        self.b = check_snl_b(b)
+
+    def _pooled(self, dist) -> bool:
+        return self.b is None and getattr(dist, "context", None) is None
 
     def log_z_hat(self, dist) -> torch.Tensor:
         r""":math:`\log \hat Z` per batch element (a biased-low estimate of :math:`\log Z`)."""
-        log_w = _importance_log_weights(dist, _per_element(self.num_samples, dist.batch_shape), self.proposal)
+        n = _per_element(self.num_samples, dist.batch_shape) if self._pooled(dist) else self.num_samples
+        log_w = _importance_log_weights(dist, n, self.proposal)
         return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
+    def register_params(self, dist=None) -> dict:
+        """Declare :math:`b`'s params (``pyro.param``, or ``pyro.module`` for an amortised module); returns
+        ``{name: b}`` (the module for an amortised :math:`b`, nothing for a plain function).
+
+        The distribution calls this when it is built (``dist`` is the distribution), i.e. while the model runs, so
+        that the params are sites of the model's trace: Pyro's ELBOs differentiate only when the model or the guide
+        has a param site, and ``log_prob`` (where the term is computed) runs after the model.
+        """
+        if self.b is None:
+            return {self.name: pyro.param(self.name, lambda: torch.tensor(self.init))}
+        if isinstance(self.b, str):  # "per_row"
+            if dist is None:
+                raise ValueError("SelfNormalized(b='per_row').register_params needs the distribution (its batch "
+                                 "shape is the shape of b)")
+            batch_shape = dist.batch_shape
+            b = pyro.param(self.name, lambda: torch.full(batch_shape, self.init))
+            if b.shape != batch_shape:
+                raise ValueError(f"SelfNormalized(b='per_row'): the param {self.name!r} has shape {tuple(b.shape)}, "
+                                 f"the distribution's batch shape is {tuple(batch_shape)}: {_PER_ROW_HELP}, or a "
+                                 "new name / pyro.clear_param_store()")
+            return {self.name: b}
+        if isinstance(self.b, torch.nn.Module):
+            return {self.name: pyro.module(self.name, self.b, update_module_params=True)}
+        return {}
+
+    def b_value(self, dist) -> torch.Tensor:
+        r"""The learned :math:`b` for ``dist``: a scalar, or of the batch shape (``"per_row"``, amortised), where
+        it estimates :math:`\log Z` row by row once trained."""
+        b = self.register_params(dist).get(self.name, self.b)
+        if self.b is None or isinstance(self.b, str):
+            return b
+        context = getattr(dist, "context", None)
+        if context is None:
+            raise ValueError(f"SelfNormalized(b={self.b!r}) computes b from the distribution's context, but the "
+                             "distribution has none: build it with context=..., or use b=None or b='per_row'")
+        batch_shape = dist.batch_shape
+        value = b(context.expand(batch_shape + context.shape[-1:]))
+        if value.shape == batch_shape + (1,):
+            value = value.squeeze(-1)
+        if value.shape != batch_shape:
+            raise ValueError(f"SelfNormalized: the amortised b maps the context {tuple(batch_shape)} + (c,) to shape "
+                             f"{tuple(value.shape)}; it must give the batch shape {tuple(batch_shape)} (or "
+                             f"{tuple(batch_shape) + (1,)})")
+        return value
+
     def term(self, dist) -> torch.Tensor:
-        b = pyro.param(self.name, lambda: torch.tensor(self.init))
+        b = self.b_value(dist)
         return b + torch.exp(self.log_z_hat(dist) - b) - 1.0
 
     def __repr__(self) -> str:
-        return f"SelfNormalized(num_samples={self.num_samples}, name={self.name!r})"
+        b = "" if self.b is None else f", b={self.b if isinstance(self.b, str) else type(self.b).__name__!r}"
+        return f"SelfNormalized(num_samples={self.num_samples}, name={self.name!r}{b})"
 
 
 class Importance:
@@ -166,7 +287,8 @@ class Importance:
 
     .. math:: \text{term} = \log \frac1n \sum_{i=1}^n e^{-E(z_i)}, \qquad z_i \sim q,
 
-    with ``num_samples`` draws per batch element. ``log_prob`` is then an **estimate** of the normalised log
+    with ``num_samples`` draws per row (batch element), so a conditional density (``context``) gets its
+    :math:`\log Z(x)` row by row. ``log_prob`` is then an **estimate** of the normalised log
     density (consistent; :math:`\log\hat Z` is biased low by about :math:`\mathrm{se}^2/2`, so ``log_prob`` is
     biased high by that). Gradients flow through the estimate. :meth:`estimate` adds the standard error.
 
@@ -212,7 +334,8 @@ class AnnealedImportance:
     Parameters
     ----------
     num_chains : int
-        Independent annealing chains per batch element.
+        Independent annealing chains per row (batch element): a conditional density (``context``) gets its
+        :math:`\log Z(x)` row by row.
     num_steps : int
         Number of temperatures :math:`T`.
     kernel : sampler, optional
@@ -242,7 +365,7 @@ class AnnealedImportance:
             z = dist.base.sample((self.num_chains,))
             log_w = torch.zeros(z.shape[:-1], dtype=z.dtype)
             for t in range(1, len(self.betas)):
-                log_w = log_w - (self.betas[t] - self.betas[t - 1]) * dist.energy(z)
+                log_w = log_w - (self.betas[t] - self.betas[t - 1]) * dist._energy(z)
                 if t < len(self.betas) - 1:
                     z = self.kernel.run(dist.annealed_log_density(self.betas[t]), z)
         return log_mean_exp_with_error(log_w)
@@ -271,3 +394,48 @@ class Unnormalized:
 
     def __repr__(self) -> str:
         return "Unnormalized()"
+
+
+class LearnedLogZ:
+    r"""A learned constant for :math:`\log Z`: term :math:`c`, the Pyro param ``name``, what
+    :class:`~tilted_priors.inference.pyro.NoiseContrastive` trains.
+
+    .. math:: \log p(x) = -E(x) + \log q(x) - c
+
+    Noise-contrastive estimation (Gutmann & Hyvärinen 2010) treats :math:`c` as one more parameter of the model,
+    learned with the energy; at its optimum :math:`c = \log Z`, so ``log_prob`` is then an **estimate** of the
+    normalised log density that costs no sampling. Only NCE gives :math:`c` a learning signal: under a likelihood
+    objective (``Trace_ELBO``) the gradient of ``log_prob`` in :math:`c` is always :math:`-1` and :math:`c` runs off
+    (use :class:`Contrastive` or :class:`SelfNormalized` there). Check a trained :math:`c` against
+    :class:`Importance` or :class:`AnnealedImportance`.
+
+    Parameters
+    ----------
+    name : str
+        Name of the param :math:`c`; give each tilted distribution in a model its own.
+    init : float
+        Starting value of :math:`c`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tilted_priors.pyro import EnergyTiltedNormal
+    >>> d = EnergyTiltedNormal(lambda z: (z ** 2).sum(-1), torch.zeros(1), torch.ones(1),
+    ...                        normalizer=LearnedLogZ("doc_c", init=-0.549))
+    >>> round(float(d.log_normalizer().detach()), 3)   # c, here set at log Z = -log(3) / 2
+    -0.549
+    """
+
+    def __init__(self, name: str = "log_z", init: float = 0.0):
+        self.name, self.init = str(name), float(init)
+
+    def register_params(self) -> dict:
+        """Declare :math:`c` with ``pyro.param`` (initialised at ``init``); returns ``{name: c}``."""
+        return {self.name: pyro.param(self.name, lambda: torch.tensor(self.init))}
+
+    def term(self, dist) -> torch.Tensor:
+        """:math:`c` (a scalar, the same for every batch element)."""
+        return self.register_params()[self.name]
+
+    def __repr__(self) -> str:
+        return f"LearnedLogZ(name={self.name!r})"

@@ -8,8 +8,15 @@ Each sampler runs a fixed number of steps of the functional core in :mod:`tilted
 
 ``run(log_density, init)`` takes ``log_density`` mapping ``(..., d) -> (...)`` (it need not be normalised) and
 ``init`` of shape ``(..., d)`` (one chain per leading index) and returns samples of the same shape, detached.
-A chain whose log density becomes non-finite raises :class:`~tilted_priors.ChainDivergenceError`.
+A chain whose log density becomes non-finite raises :class:`~tilted_priors.ChainDivergenceError`, whose message
+gives a step size within the stability bound measured at ``init`` (see :mod:`tilted_priors._adapt`).
 Randomness comes from torch's global generator (``pyro.set_rng_seed``).
+
+**Step size.** ``step_size="auto"`` scales the step size to the target and adapts it within each ``run``: it
+starts from :math:`1/\sqrt{\hat L}`, :math:`\hat L` the gradient's Lipschitz constant probed at ``init``, moves
+:math:`\log h` towards a target Metropolis-Hastings acceptance during the first half of the steps (MALA accepts
+with it; ULA only measures it) and keeps the last value for the second half (:mod:`tilted_priors._adapt` has the
+rule). A fixed step size runs exactly the loop it always did.
 """
 from __future__ import annotations
 
@@ -18,8 +25,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from tilted_priors import _adapt
 from tilted_priors._persistent import PersistentBase
-from tilted_priors._validation import check_positive_int, check_step_size
+from tilted_priors._validation import check_positive_int
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import langevin
 
@@ -27,63 +35,167 @@ __all__ = ["SamplerInfo", "ShortRunLangevin", "MALA", "Persistent"]
 
 
 class SamplerInfo(NamedTuple):
-    """Summary of one ``run``: mean acceptance probability per chain (1 for ULA) and the final log density."""
+    """Summary of one ``run``: mean acceptance probability per chain (1 for ULA; with ``step_size="auto"`` over the
+    steps after the warm-up), the final log density and the step size used (the adapted one for ``"auto"``)."""
 
     acceptance_rate: torch.Tensor
     logdensity: torch.Tensor
+    step_size: torch.Tensor | None = None
 
 
-def _check_finite(name: str, state: langevin.LangevinState, step: int, step_size: float) -> None:
+def _check_finite(name: str, state: langevin.LangevinState, step: int, step_size) -> None:
     # One reduction and one sync per step: a sum is non-finite iff some term is (or it overflows, which
     # also means the chains have run away).
     if not math.isfinite(state.logdensity.sum().item()):
         num_bad = int((~torch.isfinite(state.logdensity)).sum())
-        raise ChainDivergenceError(name, step, step_size, num_bad or None)
+        raise ChainDivergenceError(name, step, step_size if isinstance(step_size, str) else float(step_size),
+                                   num_bad or None)
+
+
+def _spread(z: torch.Tensor) -> torch.Tensor:
+    """The chains' spread: root mean over dimensions of the variance over chains (0 for a single chain)."""
+    flat = z.reshape(-1, z.shape[-1])
+    return flat.var(0, unbiased=False).mean().sqrt() if flat.shape[0] > 1 else z.new_zeros(())
+
+
+def _lipschitz(log_density, state: langevin.LangevinState) -> torch.Tensor:
+    r"""The largest ratio :math:`\|\nabla\log\pi(z+\delta) - \nabla\log\pi(z)\| / \|\delta\|` over the chains.
+
+    Two power-iteration probes per chain (the second :math:`\delta` along the first gradient difference, so the
+    ratio approaches the largest curvature), :math:`\|\delta\|` a hundredth of the chains' spread (see
+    :mod:`tilted_priors._adapt`). Chains whose probe is not finite are left out; 0 when none is finite.
+    """
+    z, grad = state.position, state.logdensity_grad
+    spread, rms = _spread(z), z.square().mean().sqrt()
+    radius = _adapt.PROBE_RADIUS * torch.maximum(torch.where(spread > 0, spread, 1.0 + rms), 1e-3 * rms)
+    delta = radius * torch.randn_like(z)
+    best = z.new_zeros(())
+    for _ in range(2):
+        moved = z + delta
+        _, new_grad = langevin.value_and_grad(log_density, moved)
+        diff = new_grad - grad
+        norm_diff = diff.norm(dim=-1)
+        ratio = norm_diff / (moved - z).norm(dim=-1)
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+        best = torch.maximum(best, ratio.max() if ratio.numel() else best)
+        scale = radius * math.sqrt(z.shape[-1]) / norm_diff
+        ok = (torch.isfinite(scale) & (norm_diff > 0)).unsqueeze(-1)
+        delta = torch.where(ok, diff * scale.unsqueeze(-1), delta)
+    return best
+
+
+def _initial_step(lipschitz: torch.Tensor, init: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log h0, log cap)`` of the adaptive chain: ``h0 = 1/sqrt(L)``, ``cap = c/sqrt(L)`` (see ``_adapt``)."""
+    spread = _spread(init)
+    fallback = torch.where(spread > 0, spread, torch.ones_like(spread))
+    known = torch.isfinite(lipschitz) & (lipschitz > 0)
+    safe = torch.where(known, lipschitz, torch.ones_like(lipschitz))
+    log_h0 = torch.where(known, -0.5 * safe.log(), fallback.log())
+    log_cap = torch.where(known, math.log(_adapt.STABILITY_CAP[kind]) - 0.5 * safe.log(),
+                          torch.full_like(safe, math.inf))
+    log_h0 = torch.minimum(log_h0, log_cap)
+    return log_h0, log_cap
 
 
 class _Langevin:
     """Shared run loop of the Langevin samplers; subclasses define one ``_step``."""
 
     _adjusted = True  # Metropolis-adjusted: every step needs the log density of its proposal
+    _kind = "mala"
     noise = True
 
-    def __init__(self, steps: int, step_size: float):
+    def __init__(self, steps: int, step_size: float | str, target_accept: float | None = None):
         self.steps = check_positive_int("steps", steps)
-        self.step_size = check_step_size(step_size)
+        self.step_size = _adapt.check_step_size_or_auto(step_size)
+        self.target_accept = _adapt.check_target_accept(target_accept, self.step_size, self._kind)
 
-    def _step(self, state: langevin.LangevinState, log_density):  # pragma: no cover - abstract
+    def _step(self, state: langevin.LangevinState, log_density, step_size):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def run(self, log_density: Callable[[torch.Tensor], torch.Tensor], init: torch.Tensor, *,
             return_info: bool = False):
-        """Run ``steps`` steps from ``init``; return the final positions (and a :class:`SamplerInfo`)."""
+        """Run ``steps`` steps from ``init``; return the final positions (and a :class:`SamplerInfo`, with the
+        adapted step size for ``step_size="auto"``).
+
+        Raises :class:`~tilted_priors.ChainDivergenceError` when some chain's log density becomes non-finite; its
+        message gives a step size within the stability bound measured at ``init``.
+        """
         if not isinstance(init, torch.Tensor):
             raise TypeError(f"init must be a torch.Tensor of shape (..., d), got {type(init).__name__}")
-        name = type(self).__name__
+        adapted = self.step_size == _adapt.AUTO
+        name = type(self).__name__ + (" (step_size='auto')" if adapted else "")
         state = langevin.init(init, log_density)
         _check_finite(name, state, 0, self.step_size)
+        start = state
+        try:
+            if adapted:
+                state, step_size, first = self._warm_up(state, log_density)
+            else:
+                step_size, first = self.step_size, 0
+            return self._run_fixed(name, state, log_density, step_size, first, return_info)
+        except ChainDivergenceError as err:
+            if err.step > 0:
+                err.adapted = adapted
+                err.add_context(lipschitz=float(_lipschitz(log_density, start)))
+            raise
+
+    def _warm_up(self, state: langevin.LangevinState, log_density):
+        """The adaptive first half of an ``"auto"`` run: ``(state, step size, steps done)``."""
+        log_h, log_cap = _initial_step(_lipschitz(log_density, state), state.position, self._kind)
+        target = self.target_accept
+        warm = _adapt.warmup_steps(self.steps)
+        for t in range(1, warm + 1):
+            h = log_h.exp()
+            new = langevin.proposal(None, state, log_density, h, self.noise)
+            log_ratio = langevin.log_acceptance_ratio(state, new, h)
+            if self._adjusted:
+                state, info = langevin.metropolis_accept(None, state, new, log_ratio)
+                accept = info.acceptance_rate
+            else:  # measured only; the move is kept unless it is not finite
+                accept = log_ratio.clamp(max=0.0).exp()
+                ok = torch.isfinite(new.logdensity) & torch.isfinite(new.logdensity_grad).all(-1)
+                state = langevin.LangevinState(torch.where(ok.unsqueeze(-1), new.position, state.position),
+                                               torch.where(ok, new.logdensity, state.logdensity),
+                                               torch.where(ok.unsqueeze(-1), new.logdensity_grad,
+                                                           state.logdensity_grad))
+            mean = accept.mean()
+            error = torch.where(mean > target, (mean - target) / (1.0 - target), (mean - target) / target)
+            log_h = torch.minimum(log_h + error / math.sqrt(t), log_cap)
+        return state, log_h.exp(), warm
+
+    def _run_fixed(self, name: str, state: langevin.LangevinState, log_density, step_size, first: int,
+                   return_info: bool):
+        """Steps ``first + 1 .. steps`` with a fixed ``step_size``; the result of ``run``."""
         acceptance = 0.0
         last = self.steps if (return_info or self._adjusted) else self.steps - 1
-        for i in range(last):
-            state, info = self._step(state, log_density)
-            _check_finite(name, state, i + 1, self.step_size)
+        for i in range(first, last):
+            state, info = self._step(state, log_density, step_size)
+            _check_finite(name, state, i + 1, step_size)
             if return_info:
                 acceptance = acceptance + info.acceptance_rate
         if last < self.steps:
             # The last unadjusted step only moves: its log density and gradient would go unused (as in a
             # hand-written loop), so only the position is checked.
-            position = langevin.move(None, state, self.step_size, self.noise)
+            position = langevin.move(None, state, step_size, self.noise)
             if not math.isfinite(position.sum().item()):
-                raise ChainDivergenceError(name, self.steps, self.step_size,
+                raise ChainDivergenceError(name, self.steps, float(step_size),
                                            int((~torch.isfinite(position)).any(-1).sum()) or None)
             return position
         if return_info:
-            rate = torch.as_tensor(acceptance / self.steps, dtype=state.logdensity.dtype).expand_as(state.logdensity)
-            return state.position, SamplerInfo(rate, state.logdensity)
+            dtype = state.logdensity.dtype
+            rate = torch.as_tensor(acceptance / (self.steps - first), dtype=dtype).expand_as(state.logdensity)
+            return state.position, SamplerInfo(rate, state.logdensity, torch.as_tensor(step_size, dtype=dtype))
         return state.position
 
+    def _extra_repr(self) -> str:
+        """``target_accept`` when it is not the default of ``"auto"``."""
+        if self.step_size == _adapt.AUTO and self.target_accept != _adapt.TARGET_ACCEPT[self._kind]:
+            return f", target_accept={self.target_accept:g}"
+        return ""
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.steps}, step_size={self.step_size:g})"
+        return (f"{type(self).__name__}(steps={self.steps}, step_size={_adapt.format_step_size(self.step_size)}"
+                f"{self._extra_repr()})")
 
 
 class ShortRunLangevin(_Langevin):
@@ -96,34 +208,54 @@ class ShortRunLangevin(_Langevin):
     it is a learned generator (see :mod:`tilted_priors.inference.diagnostics`). LEBM uses 60 x 0.4 for the prior and
     20 x 0.1 for the posterior. ``log_density`` need not be normalised.
 
+    ``step_size="auto"`` scales :math:`h` to the target in each run: :math:`h_0 \propto 1/\sqrt{\hat L}` from the
+    gradient's Lipschitz constant :math:`\hat L` probed at ``init``, then during the first half of the steps
+    :math:`\log h` moves (Robbins-Monro) towards a Metropolis-Hastings acceptance of ``target_accept`` (0.95),
+    which ULA only measures (its moves are all kept, but non-finite ones during the warm-up), never beyond
+    :math:`0.8/\sqrt{\hat L}`; the second half runs with the last :math:`h` (``SamplerInfo.step_size``). See
+    :mod:`tilted_priors._adapt`; the fixed-step chain is unchanged.
+
     Parameters
     ----------
     steps : int
         Number of Langevin steps.
-    step_size : float
-        :math:`h > 0`, the noise scale; the drift is :math:`h^2 / 2` times the gradient.
+    step_size : float or "auto"
+        :math:`h > 0`, the noise scale; the drift is :math:`h^2 / 2` times the gradient. ``"auto"``: adapted in
+        each run (see above).
     noise : bool
-        ``False`` drops the noise term (gradient ascent on :math:`\log\pi`).
+        ``False`` drops the noise term (gradient ascent on :math:`\log\pi`); needs a fixed ``step_size``.
+    target_accept : float, optional
+        The acceptance ``"auto"`` aims for (default 0.95); only with ``step_size="auto"``.
 
     Examples
     --------
     >>> import torch
-    >>> z = ShortRunLangevin(60, 0.4).run(lambda z: -0.5 * (z ** 2).sum(-1), torch.zeros(100, 2))
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> z = ShortRunLangevin(60, 0.4).run(f, torch.zeros(100, 2))
     >>> z.shape
     torch.Size([100, 2])
+    >>> z, info = ShortRunLangevin(60, "auto").run(lambda z: f(z / 0.01), z, return_info=True)
+    >>> bool(0.003 < info.step_size < 0.01)   # scaled to the target's sd 0.01
+    True
     """
 
     _adjusted = False
+    _kind = "ula"
 
-    def __init__(self, steps: int = 60, step_size: float = 0.4, noise: bool = True):
-        super().__init__(steps, step_size)
+    def __init__(self, steps: int = 60, step_size: float | str = 0.4, noise: bool = True, *,
+                 target_accept: float | None = None):
+        super().__init__(steps, step_size, target_accept)
+        if not noise and self.step_size == _adapt.AUTO:
+            raise ValueError("step_size='auto' adapts to the acceptance of noisy Langevin moves; with noise=False "
+                             "(gradient ascent) give a fixed step_size")
         self.noise = bool(noise)
 
-    def _step(self, state, log_density):
-        return langevin.ula_step(None, state, log_density, self.step_size, self.noise)
+    def _step(self, state, log_density, step_size):
+        return langevin.ula_step(None, state, log_density, step_size, self.noise)
 
     def __repr__(self) -> str:
-        return f"ShortRunLangevin(steps={self.steps}, step_size={self.step_size:g}, noise={self.noise})"
+        return (f"ShortRunLangevin(steps={self.steps}, step_size={_adapt.format_step_size(self.step_size)}, "
+                f"noise={self.noise}{self._extra_repr()})")
 
 
 class MALA(_Langevin):
@@ -133,22 +265,42 @@ class MALA(_Langevin):
               \qquad q(z' \mid z) = \mathcal N\bigl(z';\, z + \tfrac{h^2}{2}\nabla\log\pi(z),\, h^2 I\bigr)
 
     Leaves :math:`\pi` exactly invariant, so long runs converge to it. ``run(..., return_info=True)`` returns
-    the mean acceptance probability per chain (aim for about 0.5–0.8 by tuning ``step_size``).
-    ``log_density`` need not be normalised.
+    the mean acceptance probability per chain (aim for about 0.5–0.8 by tuning ``step_size``, or let
+    ``step_size="auto"`` do it). ``log_density`` need not be normalised.
+
+    ``step_size="auto"`` scales :math:`h` to the target in each run: :math:`h_0 \propto 1/\sqrt{\hat L}` from the
+    gradient's Lipschitz constant :math:`\hat L` probed at ``init``, then during the first half of the steps
+    :math:`\log h` moves (Robbins-Monro) towards an acceptance of ``target_accept`` (0.574, optimal for MALA in
+    high dimension), never beyond :math:`2.5/\sqrt{\hat L}`; the second half runs with the last :math:`h`, and
+    ``SamplerInfo`` reports it and the acceptance over that half. The warm-up half is adaptive, hence not a Markov
+    chain: start the draws you keep after it. See :mod:`tilted_priors._adapt`.
+
+    Parameters
+    ----------
+    steps : int
+        Number of MALA steps.
+    step_size : float or "auto"
+        :math:`h > 0`, the proposal's noise scale; ``"auto"``: adapted in each run (see above).
+    target_accept : float, optional
+        The acceptance ``"auto"`` aims for (default 0.574); only with ``step_size="auto"``.
 
     Examples
     --------
     >>> import torch
-    >>> z, info = MALA(200, 0.8).run(lambda z: -0.5 * (z ** 2).sum(-1), torch.zeros(50, 2), return_info=True)
+    >>> f = lambda z: -0.5 * (z ** 2).sum(-1)
+    >>> z, info = MALA(200, 0.8).run(f, torch.zeros(50, 2), return_info=True)
     >>> bool(0.0 < info.acceptance_rate.mean() < 1.0)
+    True
+    >>> z, info = MALA(200, "auto").run(lambda z: f(z / 5.0), z, return_info=True)
+    >>> bool(0.45 < info.acceptance_rate.mean() < 0.7)
     True
     """
 
-    def __init__(self, steps: int = 1000, step_size: float = 0.1):
-        super().__init__(steps, step_size)
+    def __init__(self, steps: int = 1000, step_size: float | str = 0.1, *, target_accept: float | None = None):
+        super().__init__(steps, step_size, target_accept)
 
-    def _step(self, state, log_density):
-        return langevin.mala_step(None, state, log_density, self.step_size)
+    def _step(self, state, log_density, step_size):
+        return langevin.mala_step(None, state, log_density, step_size)
 
 
 class Persistent(PersistentBase):
