@@ -187,3 +187,43 @@ def test_bad_arguments_are_named(backend):
         backend.trace(tilt(model, lambda v: 0.0, "k"))
     with pytest.raises(ValueError, match="same plate"):
         backend.trace(tilt(model, lambda v: v["w"] + v["v"], ["w", "v"], normalizer=backend.tp.Unnormalized()))
+
+
+def test_joint_tilt_contrastive_gradient_is_the_maximum_likelihood_gradient(backend):
+    """d/dtheta log p(z*) = -z1*^2 / 2 + E_p[z1^2] / 2 for E = theta z1^2 / 2 over the hierarchical base."""
+    dist = _dist(backend)
+    theta0, z_star = 0.5, (0.8, -0.3)
+    cov = np.linalg.inv(np.linalg.inv(S0) + np.diag([theta0, 0.0]))
+    expected = -0.5 * z_star[0] ** 2 + 0.5 * cov[0, 0]
+    normalizer = backend.tp.Contrastive(num_samples=4000)
+
+    def model():
+        z1 = backend.site("z1", dist.Normal(0.0, 1.0))
+        backend.site("z2", dist.Normal(z1, 1.0))
+
+    if backend.name == "pyro":
+        theta = backend.torch.tensor(theta0, requires_grad=True)
+        tilted = backend.handlers.tilt(model, lambda v: 0.5 * theta * v["z1"] ** 2 + 0 * v["z2"], ["z1", "z2"],
+                                       normalizer=normalizer, sampler=backend.tp.MALA(60, 0.6))
+        cond = backend.pyro.poutine.condition(tilted, {"z1": backend.array(z_star[0]), "z2": backend.array(z_star[1])})
+        backend.pyro.poutine.trace(cond).get_trace().log_prob_sum().backward()
+        grad = float(theta.grad)
+    else:
+        from jax.tree_util import Partial
+        from numpyro import handlers
+        from numpyro.infer.util import log_density
+
+        def energy(theta, v):
+            return 0.5 * theta * v["z1"] ** 2 + 0 * v["z2"]
+
+        key = backend.key()
+
+        def log_joint(theta):
+            tilted = backend.handlers.tilt(model, Partial(energy, theta), ["z1", "z2"], normalizer=normalizer,
+                                           sampler=backend.tp.MALA(60, 0.6))
+            values = {"z1": backend.array(z_star[0]), "z2": backend.array(z_star[1])}
+            return log_density(handlers.seed(tilted, key), (), {}, values)[0]
+
+        grad = float(backend.jax.grad(log_joint)(backend.array(theta0)))
+    se = cov[0, 0] * math.sqrt(2.0) / 2 / math.sqrt(4000)
+    assert abs(grad - expected) < 5 * se + 0.01, (grad, expected, se)
