@@ -9,7 +9,16 @@ EXAMPLES = readme_examples()
 
 
 def test_readme_has_one_example_per_backend():
-    assert set(EXAMPLES) == {"pyro", "numpyro"}
+    assert set(EXAMPLES) == {"pyro", "numpyro", "tilt-numpyro"}
+
+
+def test_readme_tilt_example_runs(capsys):
+    namespace: dict = {}
+    exec(compile(EXAMPLES["tilt-numpyro"], "README.md:tilt-numpyro", "exec"), namespace)
+    w = np.asarray(namespace["w"])
+    assert w.shape == (500, 3) and np.isfinite(w).all()
+    assert abs(w[:, 0].mean() - 1.0) < 0.2 and abs(w[:, 1].mean() + 1.0) < 0.2
+    assert "posterior means" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["pyro", "numpyro"])
