@@ -54,8 +54,9 @@ def handler_arguments(handler: str, fn, setting, *, setting_name: str, is_settin
     return fn, setting
 
 
-def tilt_arguments(fn, energy, sites, normalizer, sampler) -> tuple[str, ...]:
-    """The site names of ``tilt(fn, energy, sites, normalizer=..., sampler=...)``, after checking every argument."""
+def tilt_arguments(fn, energy, sites, normalizer, sampler, name=None) -> tuple[str, ...]:
+    """The site names of ``tilt(fn, energy, sites, normalizer=..., sampler=..., name=...)``, after checking every
+    argument."""
     if fn is not None and not callable(fn):
         raise TypeError(f"tilt(): fn must be the model (a callable) or None, got {fn!r}")
     if not callable(energy):
@@ -72,4 +73,6 @@ def tilt_arguments(fn, energy, sites, normalizer, sampler) -> tuple[str, ...]:
     for what, obj, attr in (("normalizer", normalizer, "term"), ("sampler", sampler, "run")):
         if obj is not None and not callable(getattr(obj, attr, None)):
             raise TypeError(f"tilt(): {what} must have a .{attr}() method, got {obj!r}")
+    if name is not None and not (isinstance(name, str) and name):
+        raise TypeError(f"tilt(): name must be a non-empty string (the energy network's module name), got {name!r}")
     return names

@@ -13,9 +13,11 @@ from tilted_priors.inference.numpyro.likelihood import LogLikelihoodEstimate, lo
 from tilted_priors.inference.numpyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
 from tilted_priors.inference.numpyro.modules import register_module
 from tilted_priors.inference.numpyro.nce import NoiseContrastive
+from tilted_priors.inference.numpyro.posthoc import PosthocResult, posthoc_tilt
 from tilted_priors.inference.numpyro.reparam import FlowBackbone
 from tilted_priors.inference.numpyro.train import FitResult, TrainingDiverged, fit
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
            "fit_recursive", "NoiseContrastive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged",
-           "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate"]
+           "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate",
+           "posthoc_tilt", "PosthocResult"]

@@ -40,7 +40,10 @@ from numpyro.distributions import Distribution, TransformedDistribution, constra
 from numpyro.distributions.transforms import ComposeTransform, ReshapeTransform, biject_to
 from numpyro.primitives import Messenger
 
+from flax import nnx
+
 from tilted_priors.inference._wrappers import tilt_arguments
+from tilted_priors.inference.numpyro.modules import register_module
 from tilted_priors.numpyro import EnergyTilted
 
 __all__ = ["tilt"]
@@ -123,6 +126,21 @@ class _Energy:
                 raise ValueError(f"tilt(): the energy returned shape {jnp.shape(e)} for values of batch shape "
                                  f"{expected}: it must return one energy per draw and plate element") from None
         return e
+
+
+class _ModuleEnergy:
+    """A network's energy of the concatenated, flattened site values, in the order of ``sites``."""
+
+    def __init__(self, module, sites, event_ndims: dict):
+        self.module, self.sites, self.event_ndims = module, tuple(sites), event_ndims
+
+    def __call__(self, values: dict):
+        parts = []
+        for name in self.sites:
+            v = values[name]
+            parts.append(jnp.reshape(v, jnp.shape(v)[:jnp.ndim(v) - self.event_ndims[name]] + (-1,)))
+        lead = jnp.broadcast_shapes(*[jnp.shape(p)[:-1] for p in parts])
+        return self.module(jnp.concatenate([jnp.broadcast_to(p, lead + jnp.shape(p)[-1:]) for p in parts], -1))
 
 
 class _Stop(Exception):
@@ -305,16 +323,20 @@ class tilt(Messenger):
     ----------
     fn : callable, optional
         The model. ``None`` for a context manager (one site only: a joint tilt re-runs the model).
-    energy : callable
-        :math:`E`: takes ``{site: value}`` (values with the sites' own shapes, plus leading dims for chains) and
-        returns one energy per draw and plate element (the sites' batch shape); e.g. a Flax module applied to the
-        concatenated values.
+    energy : callable or network
+        :math:`E`: a function of ``{site: value}`` (values with the sites' own shapes, plus leading dims for
+        chains) returning one energy per draw and plate element (the sites' batch shape); or a Flax NNX module (e.g. :class:`~tilted_priors.numpyro.EnergyMLP`) taking the
+        sites' values flattened and concatenated in the order of ``sites`` (``(..., d_total) -> (...)``), which
+        ``tilt`` registers with the model at every run (``register_module(name, energy)``), so ``SVI`` / ``fit`` train it.
     sites : str or sequence of str
         The sample sites to tilt. Continuous support (constrained ones through ``biject_to``); several sites need
         the same plate (batch) shape.
     normalizer : normalizer, optional
         What the tilted density subtracts for :math:`\log Z` (default
         :class:`~tilted_priors.numpyro.Contrastive`; see :class:`~tilted_priors.numpyro.EnergyTilted`).
+    name : str, optional
+        When ``energy`` is a network, the name it is registered under at every run of the model (default
+        ``"energy_" + "_".join(sites)``).
     sampler : sampler, optional
         Draws from the tilted prior (default: :class:`~tilted_priors.numpyro.EnergyTilted`'s).
 
@@ -340,8 +362,9 @@ class tilt(Messenger):
     """
 
     def __init__(self, fn: Callable | None = None, energy: Callable | None = None, sites=None, *, normalizer=None,
-                 sampler=None):
-        names = tilt_arguments(fn, energy, sites, normalizer, sampler)
+                 sampler=None, name: str | None = None):
+        names = tilt_arguments(fn, energy, sites, normalizer, sampler, name)
+        self.name = "energy_" + "_".join(names) if name is None else name
         self.energy, self.sites = energy, names
         self.normalizer, self.sampler = normalizer, sampler
         self._args: tuple = ((), {})
@@ -353,6 +376,8 @@ class tilt(Messenger):
         self._params: dict = {}
         self._layouts: list = []
         self._drawn: dict = {}
+        self._event_ndims: dict = {}
+        self._run_energy = None
 
     def __call__(self, *args, **kwargs):
         self._args = (args, kwargs)
@@ -367,8 +392,10 @@ class tilt(Messenger):
         if msg["type"] != "sample" or msg["name"] not in self.sites:
             return
         name, fn = msg["name"], msg["fn"]
+        self._event_ndims[name] = len(fn.event_shape)
+        energy = self._energy_fn()
         if len(self.sites) == 1:
-            msg["fn"] = _one_site(fn, name, self.energy, self.normalizer, self.sampler)
+            msg["fn"] = _one_site(fn, name, energy, self.normalizer, self.sampler)
             return
         layout = _Layout(name, fn)
         if self._layouts and layout.batch != self._layouts[0].batch:
@@ -389,11 +416,21 @@ class tilt(Messenger):
         elif msg["type"] == "sample":
             self._seen[msg["name"]] = msg["value"]
 
+    def _energy_fn(self):
+        """This run's energy: the user's function, or the network registered (once per run) with the model."""
+        if self._run_energy is None:
+            if isinstance(self.energy, nnx.Module):
+                self._run_energy = _ModuleEnergy(register_module(self.name, self.energy), self.sites,
+                                                 self._event_ndims)
+            else:
+                self._run_energy = self.energy
+        return self._run_energy
+
     # --- joint tilts ------------------------------------------------------------------------------------
     def _joint(self, layouts) -> EnergyTilted:
         args, kwargs = self._args
         spec = _Spec(self.fn, args, kwargs, layouts, self._seen, self._params)
-        return EnergyTilted(_Energy(self.energy, layouts), _JointBase(spec, layouts[0].batch),
+        return EnergyTilted(_Energy(self._energy_fn(), layouts), _JointBase(spec, layouts[0].batch),
                             normalizer=self.normalizer, sampler=self.sampler)
 
     def _joint_draw(self, key):
@@ -414,6 +451,8 @@ class tilt(Messenger):
         spec.names = self.sites
         sites = spec.run(key)
         layouts = [first] + [_Layout(n, sites[n]["fn"]) for n in sites if n != first.name]
+        for n in sites:
+            self._event_ndims.setdefault(n, len(sites[n]["fn"].event_shape))
         for layout in layouts[1:]:
             if layout.batch != first.batch:
                 raise ValueError(f"tilt(): the sites of a joint tilt must have the same plate (batch) shape: "
@@ -427,6 +466,6 @@ class tilt(Messenger):
         given = self._drawn.get(name)
         if given is not None and any(self._drawn.get(k, v) is not v for k, v in earlier.items()):
             given = None  # an earlier site's value was given (a guide, MCMC): draw this one conditionally
-        conditional = None if given is not None else _one_site(fn, name, self.energy, self.normalizer,
+        conditional = None if given is not None else _one_site(fn, name, self._energy_fn(), self.normalizer,
                                                                self.sampler, fixed=earlier)
         return _JointLast(fn, self._joint(layouts), given, earlier, conditional)

@@ -13,9 +13,11 @@ from tilted_priors.inference.pyro.likelihood import LogLikelihoodEstimate, log_l
 from tilted_priors.inference.pyro.mixture import RecursiveMixtureELBO, RecursiveMixtureGuide, fit_recursive
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors.inference.pyro.nce import NoiseContrastive
+from tilted_priors.inference.pyro.posthoc import PosthocResult, posthoc_tilt
 from tilted_priors.inference.pyro.reparam import FlowBackbone
 from tilted_priors.inference.pyro.train import FitResult, TrainingDiverged, fit
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
            "fit_recursive", "NoiseContrastive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged",
-           "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate"]
+           "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate",
+           "posthoc_tilt", "PosthocResult"]

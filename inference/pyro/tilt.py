@@ -42,6 +42,7 @@ from torch.distributions.transforms import ComposeTransform, ReshapeTransform
 
 from tilted_priors._compat import pyro_isolated
 from tilted_priors.inference._wrappers import tilt_arguments
+from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors.pyro import EnergyTilted
 
 __all__ = ["tilt"]
@@ -125,6 +126,21 @@ class _Energy:
                 raise ValueError(f"tilt(): the energy returned shape {tuple(e.shape)} for values of batch shape "
                                  f"{tuple(expected)}: it must return one energy per draw and plate element") from None
         return e
+
+
+class _ModuleEnergy:
+    """A network's energy of the concatenated, flattened site values, in the order of ``sites``."""
+
+    def __init__(self, module, sites, event_ndims: dict):
+        self.module, self.sites, self.event_ndims = module, tuple(sites), event_ndims
+
+    def __call__(self, values: dict):
+        parts = []
+        for name in self.sites:
+            v = values[name]
+            parts.append(v.reshape(v.shape[:v.dim() - self.event_ndims[name]] + (-1,)))
+        lead = torch.broadcast_shapes(*[p.shape[:-1] for p in parts])
+        return self.module(torch.cat([p.expand(lead + p.shape[-1:]) for p in parts], -1))
 
 
 class _Stop(Exception):
@@ -316,16 +332,20 @@ class tilt(Messenger):
     ----------
     fn : callable, optional
         The model. ``None`` for a context manager (one site only: a joint tilt re-runs the model).
-    energy : callable
-        :math:`E`: takes ``{site: value}`` (values with the sites' own shapes, plus leading dims for chains) and
-        returns one energy per draw and plate element (the sites' batch shape); e.g. a torch module applied to the
-        concatenated values (register it with ``pyro.module`` in the model to train it).
+    energy : callable or network
+        :math:`E`: a function of ``{site: value}`` (values with the sites' own shapes, plus leading dims for
+        chains) returning one energy per draw and plate element (the sites' batch shape); or a torch module (e.g. :class:`~tilted_priors.pyro.EnergyMLP`) taking the
+        sites' values flattened and concatenated in the order of ``sites`` (``(..., d_total) -> (...)``), which
+        ``tilt`` registers with the model at every run (``register_module(name, energy)``), so ``SVI`` / ``fit`` train it.
     sites : str or sequence of str
         The sample sites to tilt. Continuous support (constrained ones through ``biject_to``); several sites need
         the same plate (batch) shape.
     normalizer : normalizer, optional
         What the tilted density subtracts for :math:`\log Z` (default :class:`~tilted_priors.pyro.Contrastive`;
         see :class:`~tilted_priors.pyro.EnergyTilted`).
+    name : str, optional
+        When ``energy`` is a network, the name it is registered under at every run of the model (default
+        ``"energy_" + "_".join(sites)``).
     sampler : sampler, optional
         Draws from the tilted prior (default: :class:`~tilted_priors.pyro.EnergyTilted`'s).
 
@@ -351,8 +371,9 @@ class tilt(Messenger):
     """
 
     def __init__(self, fn: Callable | None = None, energy: Callable | None = None, sites=None, *, normalizer=None,
-                 sampler=None):
-        names = tilt_arguments(fn, energy, sites, normalizer, sampler)
+                 sampler=None, name: str | None = None):
+        names = tilt_arguments(fn, energy, sites, normalizer, sampler, name)
+        self.name = "energy_" + "_".join(names) if name is None else name
         self.energy, self.sites = energy, names
         self.normalizer, self.sampler = normalizer, sampler
         self.fn = fn
@@ -364,6 +385,8 @@ class tilt(Messenger):
         self._seen: dict = {}
         self._layouts: list = []
         self._drawn: dict = {}
+        self._event_ndims: dict = {}
+        self._run_energy = None
         self._nesting = 0
 
     def __call__(self, *args, **kwargs):
@@ -382,8 +405,10 @@ class tilt(Messenger):
         if msg["type"] != "sample" or msg["name"] not in self.sites:
             return
         name, fn = msg["name"], msg["fn"]
+        self._event_ndims[name] = len(fn.event_shape)
+        energy = self._energy_fn()
         if len(self.sites) == 1:
-            msg["fn"] = _one_site(fn, name, self.energy, self.normalizer, self.sampler)
+            msg["fn"] = _one_site(fn, name, energy, self.normalizer, self.sampler)
             return
         layout = _Layout(name, fn)
         if self._layouts and layout.batch != self._layouts[0].batch:
@@ -409,6 +434,16 @@ class tilt(Messenger):
             dims = [-f.dim for f in msg.get("cond_indep_stack", ()) if f.dim is not None]
             self._nesting = max([self._nesting] + dims)
 
+    def _energy_fn(self):
+        """This run's energy: the user's function, or the network registered (once per run) with the model."""
+        if self._run_energy is None:
+            if isinstance(self.energy, torch.nn.Module):
+                self._run_energy = _ModuleEnergy(register_module(self.name, self.energy), self.sites,
+                                                 self._event_ndims)
+            else:
+                self._run_energy = self.energy
+        return self._run_energy
+
     # --- joint tilts ------------------------------------------------------------------------------------
     def _spec(self, layouts, names) -> _Spec:
         args, kwargs = self._args
@@ -416,7 +451,7 @@ class tilt(Messenger):
 
     def _joint(self, layouts) -> EnergyTilted:
         spec = self._spec(layouts, [layout.name for layout in layouts])
-        return EnergyTilted(_Energy(self.energy, layouts), _JointBase(spec, layouts[0].batch),
+        return EnergyTilted(_Energy(self._energy_fn(), layouts), _JointBase(spec, layouts[0].batch),
                             normalizer=self.normalizer, sampler=self.sampler)
 
     def _joint_draw(self):
@@ -425,6 +460,7 @@ class tilt(Messenger):
         sites = self._spec([], self.sites).run(1)
         layouts = [first]
         for name in sites:
+            self._event_ndims.setdefault(name, len(sites[name]["fn"].event_shape))
             if name != first.name:
                 layout = _Layout(name, sites[name]["fn"])
                 if _strip(layout.batch[-self._nesting:] if self._nesting else ()) != _strip(first.batch):
@@ -444,6 +480,6 @@ class tilt(Messenger):
         given = self._drawn.get(name)
         if given is not None and any(self._drawn.get(k, v) is not v for k, v in earlier.items()):
             given = None  # an earlier site's value was given (a guide, MCMC): draw this one conditionally
-        conditional = None if given is not None else _one_site(fn, name, self.energy, self.normalizer,
+        conditional = None if given is not None else _one_site(fn, name, self._energy_fn(), self.normalizer,
                                                                self.sampler, fixed=earlier)
         return _JointLast(fn, self._joint(layouts), given, earlier, conditional)

@@ -227,3 +227,44 @@ def test_joint_tilt_contrastive_gradient_is_the_maximum_likelihood_gradient(back
         grad = float(backend.jax.grad(log_joint)(backend.array(theta0)))
     se = cov[0, 0] * math.sqrt(2.0) / 2 / math.sqrt(4000)
     assert abs(grad - expected) < 5 * se + 0.01, (grad, expected, se)
+
+
+def test_network_energy_is_registered_and_trained_by_svi(backend):
+    sites = ["z2", "z1"]
+    dist = _dist(backend)
+    plate = backend.pyro.plate if backend.name == "pyro" else backend.numpyro.plate
+
+    def model(x):
+        with plate("data", x.shape[0]):
+            z2 = backend.site("z2", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            z1 = backend.site("z1", dist.Normal(z2, 1.0).to_event(1))
+            sample = backend.pyro.sample if backend.name == "pyro" else backend.numpyro.sample
+            sample("x", dist.Normal(z1, 0.5).to_event(1), obs=x)
+
+    tilted = backend.handlers.tilt(model, backend.tp.EnergyMLP(4, 8), sites, sampler=backend.tp.MALA(5, 0.3))
+    x = backend.array(np.random.default_rng(0).normal(size=(16, 2)))
+    name = "energy_" + "_".join(sites)
+    if backend.name == "pyro":
+        from pyro.infer import SVI, Trace_ELBO
+
+        from tilted_priors.inference.pyro import ShortRunPosterior
+
+        svi = SVI(tilted, ShortRunPosterior(tilted, steps=5, step_size=0.1), backend.pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        svi.step(x)
+        store = backend.pyro.get_param_store()
+        before = {k: v.detach().clone() for k, v in store.items() if k.startswith(name + "$$$")}
+        for _ in range(3):
+            svi.step(x)
+        assert before and any(not np.allclose(backend.numpy(store[k]), backend.numpy(v)) for k, v in before.items())
+    else:
+        import optax
+        from numpyro.infer import SVI, Trace_ELBO
+
+        from tilted_priors.inference.numpyro import ShortRunPosterior
+
+        svi = SVI(tilted, ShortRunPosterior(tilted, steps=5, step_size=0.1), optax.adam(1e-2), Trace_ELBO())
+        key = backend.key()
+        before = svi.get_params(svi.init(key, x))[name + "$params"]
+        after = svi.run(key, 3, x, progress_bar=False).params[name + "$params"]
+        changed = backend.jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), before, after)
+        assert any(backend.jax.tree_util.tree_leaves(changed))
