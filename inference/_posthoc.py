@@ -32,11 +32,12 @@ class PosthocResult:
     Attributes
     ----------
     model : callable
-        The tilted model, ``handlers.tilt(model, E, site, normalizer=LearnedLogZ(name + "_log_z"))`` with the
-        trained energy: the VAE's prior at ``site`` times :math:`e^{-E(z)}`, its ``log_prob`` normalised by the
-        learned constant (:math:`c` for NCE, :math:`b` for SNL). Called with the model's arguments; ready for
-        ``log_likelihood(result.model, x, proposal=guide, log_z={site: result.log_z})`` and ``Predictive``.
-        Pyro: the energy's parameters are the param store's (``name + "_energy"``); NumPyro: they are substituted.
+        The tilted model, ``handlers.tilt(model, E, site, normalizer=LearnedLogZ(name + "_log_z"),
+        name=name + "_energy")`` with the trained energy: the VAE's prior at ``site`` times :math:`e^{-E(z)}`, its
+        ``log_prob`` normalised by the learned constant (:math:`c` for NCE, :math:`b` for SNL). Called with the
+        model's arguments; ready for ``log_likelihood(result.model, x, proposal=guide, log_z={site: result.log_z})``
+        and ``Predictive``. Pyro: the energy's parameters are the param store's (``name + "_energy$$$..."``);
+        NumPyro: they are substituted (``handlers.substitute``).
     energy : callable
         The trained energy, ``(..., d) -> (...)``. Pyro: the module passed in, trained in place. NumPyro: a copy of
         the module holding the trained parameters (the module passed in keeps its own).
@@ -44,8 +45,8 @@ class PosthocResult:
         The learned parameters by name (the energy's, and the constant ``name + "_log_z"``), as ``FitResult.params``
         names them.
     log_z : LogZEstimate
-        :math:`\log \hat Z` of the trained tilt by importance sampling from the prior (``log_z_samples`` draws),
-        with its standard error: the value to evaluate the tilted model with.
+        :math:`\log \hat Z` of the trained tilt (by ``posthoc_tilt``'s ``log_z`` estimator; default importance
+        sampling from the prior), with its standard error: the value to evaluate the tilted model with.
     learned_log_z : float
         The learned constant: NCE's :math:`c` or SNL's :math:`b`, each an estimate of :math:`\log Z` at its optimum
         (compare with ``log_z``).
@@ -82,15 +83,15 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def check_options(*, site, objective, num_noise, snl_samples, draws_per_datum, guide_batch_size, log_z_samples,
-                  name, epochs, num_steps) -> dict:
+def check_options(*, site, objective, num_noise, snl_samples, draws_per_datum, guide_batch_size, log_z, name,
+                  epochs, num_steps) -> dict:
     """Check the options of ``posthoc_tilt``; returns them normalised, with the training length
     (``num_steps=1000`` when neither ``epochs`` nor ``num_steps`` is given).
 
     Examples
     --------
     >>> opts = check_options(site="z", objective="NCE", num_noise=10, snl_samples=256, draws_per_datum=1,
-    ...                      guide_batch_size=500, log_z_samples=10_000, name="posthoc", epochs=None, num_steps=None)
+    ...                      guide_batch_size=500, log_z=None, name="posthoc", epochs=None, num_steps=None)
     >>> opts["objective"], opts["num_steps"], opts["epochs"]
     ('nce', 1000, None)
     """
@@ -103,14 +104,16 @@ def check_options(*, site, objective, num_noise, snl_samples, draws_per_datum, g
     if not isinstance(name, str) or not name or "$" in name or "/" in name:
         raise ValueError(f"name must be a non-empty string without '$' or '/' (the prefix of the learned "
                          f"parameters' names), got {name!r}")
+    if log_z is not None and not callable(getattr(log_z, "estimate", None)):
+        raise TypeError(f"log_z must be an estimator of log Z with .estimate(dist), e.g. Importance(10_000) or "
+                        f"AnnealedImportance(2000, 100), got {log_z!r}")
     if epochs is None and num_steps is None:
         num_steps = 1000
     return {"site": site, "objective": objective.lower(), "num_noise": _positive_int("num_noise", num_noise),
             "snl_samples": _positive_int("snl_samples", snl_samples),
             "draws_per_datum": _positive_int("draws_per_datum", draws_per_datum),
             "guide_batch_size": _positive_int("guide_batch_size", guide_batch_size),
-            "log_z_samples": _positive_int("log_z_samples", log_z_samples), "name": name, "epochs": epochs,
-            "num_steps": num_steps}
+            "name": name, "epochs": epochs, "num_steps": num_steps}
 
 
 def guide_batches(arrays: Sequence[np.ndarray], names: Sequence[str] | None, batch_size: int,

@@ -11,9 +11,11 @@ each ``run``:
    Gaussian of that curvature, at most the cap below; where :math:`\hat L` is 0 or not finite, the chains'
    spread, or 1).
 2. **Warm-up.** During the first :func:`warmup_steps` steps (half of them) each step computes the
-   Metropolis-Hastings acceptance probability :math:`\alpha` of every chain's Langevin proposal (MALA accepts or
-   rejects with it; ULA only measures it, as a diagnostic of its discretisation error, and keeps the move unless
-   its log density is not finite) and moves :math:`\log h` by Robbins-Monro towards the target acceptance
+   Metropolis-Hastings acceptance probability :math:`\alpha` of every chain's Langevin proposal and accepts or
+   rejects the move with it, for ULA too (for ULA :math:`\alpha` measures its discretisation error; rejecting
+   during the warm-up keeps a chain that starts far out in a flat region, where the probe sees little curvature
+   and the first steps are huge, from jumping to where the density overflows), and moves :math:`\log h` by
+   Robbins-Monro towards the target acceptance
    :math:`\alpha^*` (:data:`TARGET_ACCEPT`):
 
    .. math:: \log h_{t+1} = \min\Bigl(\log h_t + \frac{e_t}{\sqrt t},\ \log\frac{c}{\sqrt{\hat L}}\Bigr),
@@ -23,7 +25,9 @@ each ``run``:
    with :math:`\bar\alpha_t` the mean over the chains and :math:`c` the cap of :data:`STABILITY_CAP`: ULA never
    steps beyond :math:`0.8/\sqrt{\hat L}`, where its stationary variance on a Gaussian is at most
    :math:`1/(1 - 0.8^2/4) = 1.19` times the truth along the stiffest direction.
-3. **Fixed.** The remaining steps run with the last :math:`h`, which ``SamplerInfo.step_size`` reports (and the
+3. **Fixed.** The curvature is probed again where the warm-up has brought the chains and caps :math:`h` once more
+   (:math:`h \le c/\sqrt{\hat L}`; far starting points can see much less curvature than the typical set). The
+   remaining steps run with that :math:`h`, which ``SamplerInfo.step_size`` reports (and the
    acceptance rate is averaged over these steps only).
 
 The stability rule behind the cap and behind the step size a :class:`~tilted_priors.ChainDivergenceError`

@@ -61,7 +61,7 @@ def posthoc_tilt(model: Callable, guide: Callable, data, energy: Callable, *, si
                  objective: str = "nce", num_noise: int = 10, snl_samples: int = 256, draws_per_datum: int = 1,
                  epochs: int | None = None, num_steps: int | None = None, batch_size: int = 256, lr: float = 1e-3,
                  betas: Sequence[float] = (0.9, 0.999), lr_decay: float = 1.0, name: str = "posthoc",
-                 log_z_samples: int = 10_000, guide_batch_size: int = 500, seed: int = 0,
+                 log_z=None, guide_batch_size: int = 500, seed: int = 0,
                  progress: bool = False) -> PosthocResult:
     r"""Fit an energy to a frozen VAE's aggregate posterior and return the VAE with its prior tilted by it.
 
@@ -122,8 +122,10 @@ def posthoc_tilt(model: Callable, guide: Callable, data, energy: Callable, *, si
         Adam's settings, as for ``fit``.
     name : str
         Prefix of the learned parameters' names.
-    log_z_samples : int
-        Prior draws for the importance-sampling estimate of :math:`\log Z` returned as ``log_z``.
+    log_z : estimator, optional
+        How the returned ``log_z`` of the trained tilt is estimated: an object with ``.estimate(dist, rng_key)``,
+        default ``Importance(10_000)`` (draws from the prior; enough in a few dimensions). In more dimensions, or
+        when the tilt is strong (a small ESS in the result), use ``AnnealedImportance(2000, 100)``.
     guide_batch_size : int
         Data per call of the guide when drawing.
     seed : int
@@ -165,7 +167,7 @@ def posthoc_tilt(model: Callable, guide: Callable, data, energy: Callable, *, si
     """
     opts = check_options(site=site, objective=objective, num_noise=num_noise, snl_samples=snl_samples,
                          draws_per_datum=draws_per_datum, guide_batch_size=guide_batch_size,
-                         log_z_samples=log_z_samples, name=name, epochs=epochs, num_steps=num_steps)
+                         log_z=log_z, name=name, epochs=epochs, num_steps=num_steps)
     if not callable(model) or not callable(guide):
         raise TypeError("model and guide must be callable: the trained VAE's model and its encoder guide")
     if not callable(energy):
@@ -211,16 +213,17 @@ def posthoc_tilt(model: Callable, guide: Callable, data, energy: Callable, *, si
     else:  # a function that declares its own numpyro.param sites
         trained_energy = handlers.substitute(energy, data=learned)
 
-    est = Importance(opts["log_z_samples"]).estimate(EnergyTilted(trained_energy, prior), key_log_z)
-    log_z = LogZEstimate(*(jnp.reshape(t, ()) for t in est))
+    estimator = Importance(10_000) if log_z is None else log_z
+    est = jax.jit(lambda key: estimator.estimate(EnergyTilted(trained_energy, prior), key))(key_log_z)
+    log_z_estimate = LogZEstimate(*(jnp.reshape(t, ()) for t in est))
 
     learned_c = float(np.asarray(learned[c_name]))
 
-    def tilted(*args, **kwargs):
-        e = register_module(energy_name, energy) if is_module else energy
-        return tilt(model, lambda v: e(v[site]), site,
-                    normalizer=LearnedLogZ(c_name, init=learned_c))(*args, **kwargs)
-
+    normalizer = LearnedLogZ(c_name, init=learned_c)
+    if is_module:  # tilt registers it as energy_name at every run, the trained values substituted
+        tilted = tilt(model, energy, site, normalizer=normalizer, name=energy_name)
+    else:
+        tilted = tilt(model, lambda v: energy(v[site]), site, normalizer=normalizer)
     tilted_model = handlers.substitute(tilted, data=learned)
-    return PosthocResult(tilted_model, trained_energy, dict(trained.params), log_z,
+    return PosthocResult(tilted_model, trained_energy, dict(trained.params), log_z_estimate,
                          learned_c, draws, trained, site, opts["objective"])

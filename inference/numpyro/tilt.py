@@ -44,7 +44,7 @@ from flax import nnx
 
 from tilted_priors.inference._wrappers import tilt_arguments
 from tilted_priors.inference.numpyro.modules import register_module
-from tilted_priors.numpyro import EnergyTilted
+from tilted_priors.numpyro import MALA, EnergyTilted
 
 __all__ = ["tilt"]
 
@@ -308,6 +308,10 @@ class _JointLast(Distribution):
 
 def _one_site(fn: Distribution, name: str, energy: Callable, normalizer, sampler, fixed=None) -> Distribution:
     layout = _Layout(name, fn)
+    if sampler is None and layout.transform is not None:
+        # In the unconstrained space of a bijection the curvature varies by orders of magnitude (exp, softplus):
+        # the Metropolis test keeps the chains exact where a fixed unadjusted step would overshoot.
+        sampler = MALA(100, "auto")
     tilted = EnergyTilted(_Energy(energy, [layout], fixed), layout.flat_base(), normalizer=normalizer,
                           sampler=sampler)
     to_site = layout.to_site()

@@ -13,7 +13,7 @@ NumPyro twin is :func:`tilted_priors.inference.numpyro.posthoc.posthoc_tilt`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyro
@@ -70,7 +70,7 @@ def posthoc_tilt(model: Callable, guide: Callable, data, energy: Callable, *, si
                  objective: str = "nce", num_noise: int = 10, snl_samples: int = 256, draws_per_datum: int = 1,
                  epochs: int | None = None, num_steps: int | None = None, batch_size: int = 256, lr: float = 1e-3,
                  betas: Sequence[float] = (0.9, 0.999), lr_decay: float = 1.0, name: str = "posthoc",
-                 log_z_samples: int = 10_000, guide_batch_size: int = 500, seed: int = 0,
+                 log_z=None, guide_batch_size: int = 500, seed: int = 0,
                  progress: bool = False) -> PosthocResult:
     r"""Fit an energy to a frozen VAE's aggregate posterior and return the VAE with its prior tilted by it.
 
@@ -129,8 +129,10 @@ def posthoc_tilt(model: Callable, guide: Callable, data, energy: Callable, *, si
         Adam's settings, as for ``fit``.
     name : str
         Prefix of the learned parameters' names; parameters already stored under it are replaced.
-    log_z_samples : int
-        Prior draws for the importance-sampling estimate of :math:`\log Z` returned as ``log_z``.
+    log_z : estimator, optional
+        How the returned ``log_z`` of the trained tilt is estimated: an object with ``.estimate(dist)``,
+        default ``Importance(10_000)`` (draws from the prior; enough in a few dimensions). In more dimensions, or
+        when the tilt is strong (a small ESS in the result), use ``AnnealedImportance(2000, 100)``.
     guide_batch_size : int
         Data per call of the guide when drawing.
     seed : int
@@ -172,7 +174,7 @@ def posthoc_tilt(model: Callable, guide: Callable, data, energy: Callable, *, si
     """
     opts = check_options(site=site, objective=objective, num_noise=num_noise, snl_samples=snl_samples,
                          draws_per_datum=draws_per_datum, guide_batch_size=guide_batch_size,
-                         log_z_samples=log_z_samples, name=name, epochs=epochs, num_steps=num_steps)
+                         log_z=log_z, name=name, epochs=epochs, num_steps=num_steps)
     if not callable(model) or not callable(guide):
         raise TypeError("model and guide must be callable: the trained VAE's model and its encoder guide")
     if not callable(energy):
@@ -214,17 +216,15 @@ def posthoc_tilt(model: Callable, guide: Callable, data, energy: Callable, *, si
                   loss=NoiseContrastive(opts["num_noise"]) if nce else None, seed=seed, progress=progress)
 
     with torch.no_grad():
-        est = Importance(opts["log_z_samples"]).estimate(EnergyTilted(energy, prior))
-    log_z = LogZEstimate(*(t.reshape(()) for t in est))
+        est = (Importance(10_000) if log_z is None else log_z).estimate(EnergyTilted(energy, prior))
+    log_z_estimate = LogZEstimate(*(t.reshape(()) for t in est))
 
     learned_c = float(trained.params[c_name])
 
-    def tilted_model(*args, **kwargs):
-        e = register_module(energy_name, energy) if isinstance(energy, torch.nn.Module) else energy
-        return tilt(model, lambda v: e(v[site]), site,
-                    normalizer=LearnedLogZ(c_name, init=learned_c))(*args, **kwargs)
-
-    tilted_model.__doc__ = (f"The VAE with the prior of {site!r} tilted by the post-hoc energy (normalised by the "
-                            f"learned {c_name!r}).")
-    return PosthocResult(tilted_model, energy, dict(trained.params), log_z, learned_c, draws,
+    normalizer = LearnedLogZ(c_name, init=learned_c)
+    if isinstance(energy, torch.nn.Module):  # tilt registers it as energy_name at every run: the trained weights
+        tilted_model = tilt(model, energy, site, normalizer=normalizer, name=energy_name)
+    else:
+        tilted_model = tilt(model, lambda v: energy(v[site]), site, normalizer=normalizer)
+    return PosthocResult(tilted_model, energy, dict(trained.params), log_z_estimate, learned_c, draws,
                          trained, site, opts["objective"])

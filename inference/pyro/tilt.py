@@ -43,7 +43,7 @@ from torch.distributions.transforms import ComposeTransform, ReshapeTransform
 from tilted_priors._compat import pyro_isolated
 from tilted_priors.inference._wrappers import tilt_arguments
 from tilted_priors.inference.pyro.modules import register_module
-from tilted_priors.pyro import EnergyTilted
+from tilted_priors.pyro import MALA, EnergyTilted
 
 __all__ = ["tilt"]
 
@@ -317,6 +317,10 @@ def _strip(shape: tuple) -> tuple:
 
 def _one_site(fn, name: str, energy: Callable, normalizer, sampler, fixed=None):
     layout = _Layout(name, fn)
+    if sampler is None and layout.transform is not None:
+        # In the unconstrained space of a bijection the curvature varies by orders of magnitude (exp, softplus):
+        # the Metropolis test keeps the chains exact where a fixed unadjusted step would overshoot.
+        sampler = MALA(100, "auto")
     tilted = EnergyTilted(_Energy(energy, [layout], fixed), layout.flat_base(), normalizer=normalizer,
                           sampler=sampler)
     to_site = layout.to_site()

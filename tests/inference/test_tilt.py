@@ -268,3 +268,17 @@ def test_network_energy_is_registered_and_trained_by_svi(backend):
         after = svi.run(key, 3, x, progress_bar=False).params[name + "$params"]
         changed = backend.jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), before, after)
         assert any(backend.jax.tree_util.tree_leaves(changed))
+
+
+def test_default_prior_sampler_draws_a_constrained_site_one_chain_per_run(backend):
+    """Predictive draws one chain per run from the tilted HalfNormal (E = 0: the HalfNormal itself) with the default
+    ``"auto"`` sampler; chains starting far out (u = log s << 0, a flat region) must not overflow."""
+    dist = _dist(backend)
+
+    def model():
+        backend.site("s", dist.HalfNormal(1.0))
+
+    draws = backend.predictive(backend.handlers.tilt(model, lambda v: 0.0 * v["s"], "s"), 400)["s"]
+    assert np.isfinite(draws).all() and (draws > 0).all()
+    mean, sd = math.sqrt(2 / math.pi), math.sqrt(1 - 2 / math.pi)
+    assert abs(draws.mean() - mean) < 4 * sd / math.sqrt(400) + 0.05

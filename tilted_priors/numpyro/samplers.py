@@ -256,7 +256,6 @@ def _adaptive_chain(kind: str, steps: int, target: float, noise: bool, unroll: i
     keys = jax.random.split(rng_key, steps + 1)
     log_h, log_cap = _initial_step(_lipschitz(keys[0], log_density, state), state.position, kind)
     warm = _adapt.warmup_steps(steps)
-    adjusted = kind == "mala"
 
     def body(carry, xs):
         state, log_h, first = carry
@@ -265,14 +264,10 @@ def _adaptive_chain(kind: str, steps: int, target: float, noise: bool, unroll: i
         key_proposal, key_accept = jax.random.split(key)
         new = langevin.proposal(key_proposal, state, log_density, h, noise)
         log_ratio = langevin.log_acceptance_ratio(state, new, h)
-        if adjusted:
-            state, info = langevin.metropolis_accept(key_accept, state, new, log_ratio)
-            accept = info.acceptance_rate
-        else:  # measured only; the move is kept unless it is not finite
-            accept = jnp.exp(jnp.minimum(log_ratio, 0.0))
-            ok = jnp.isfinite(new.logdensity) & jnp.all(jnp.isfinite(new.logdensity_grad), -1)
-            state = jax.tree_util.tree_map(
-                lambda a, b: jnp.where(ok.reshape(ok.shape + (1,) * (a.ndim - ok.ndim)), a, b), new, state)
+        # Metropolis-adjusted for both kinds: while h is still being found, a move that the MH test rejects (a far
+        # start in a flat region probes a small curvature and takes a huge step) is not kept.
+        state, info = langevin.metropolis_accept(key_accept, state, new, log_ratio)
+        accept = info.acceptance_rate
         mean = jnp.mean(accept)
         error = jnp.where(mean > target, (mean - target) / (1.0 - target), (mean - target) / target)
         log_h = jnp.minimum(log_h + error / jnp.sqrt(i.astype(log_h.dtype)), log_cap)
@@ -284,7 +279,11 @@ def _adaptive_chain(kind: str, steps: int, target: float, noise: bool, unroll: i
         idx = jnp.arange(1, warm + 1, dtype=jnp.int32)
         (state, log_h, first), _ = lax.scan(body, (state, log_h, first), (keys[1:warm + 1], idx),
                                             unroll=min(unroll, warm))
-    h = jnp.exp(log_h)
+    # The curvature where the warm-up has brought the chains (near the typical set) caps h again: a probe at
+    # far starting points can see much less curvature than the chains meet later.
+    _, log_cap_end = _initial_step(_lipschitz(jax.random.fold_in(keys[0], 1), log_density, state), state.position,
+                                   kind)
+    h = jnp.exp(jnp.minimum(log_h, log_cap_end))
     idx = jnp.arange(warm + 1, steps + 1, dtype=jnp.int32)
     state, acceptance, tracked = _fixed_steps(kind, h, noise, unroll, track, log_density, state, first,
                                               keys[warm + 1:], idx)

@@ -148,20 +148,17 @@ class _Langevin:
             h = log_h.exp()
             new = langevin.proposal(None, state, log_density, h, self.noise)
             log_ratio = langevin.log_acceptance_ratio(state, new, h)
-            if self._adjusted:
-                state, info = langevin.metropolis_accept(None, state, new, log_ratio)
-                accept = info.acceptance_rate
-            else:  # measured only; the move is kept unless it is not finite
-                accept = log_ratio.clamp(max=0.0).exp()
-                ok = torch.isfinite(new.logdensity) & torch.isfinite(new.logdensity_grad).all(-1)
-                state = langevin.LangevinState(torch.where(ok.unsqueeze(-1), new.position, state.position),
-                                               torch.where(ok, new.logdensity, state.logdensity),
-                                               torch.where(ok.unsqueeze(-1), new.logdensity_grad,
-                                                           state.logdensity_grad))
+            # Metropolis-adjusted for both kinds: while h is still being found, a move that the MH test rejects (a
+            # far start in a flat region probes a small curvature and takes a huge step) is not kept.
+            state, info = langevin.metropolis_accept(None, state, new, log_ratio)
+            accept = info.acceptance_rate
             mean = accept.mean()
             error = torch.where(mean > target, (mean - target) / (1.0 - target), (mean - target) / target)
             log_h = torch.minimum(log_h + error / math.sqrt(t), log_cap)
-        return state, log_h.exp(), warm
+        # The curvature where the warm-up has brought the chains (near the typical set) caps h again: a probe at
+        # far starting points can see much less curvature than the chains meet later.
+        _, log_cap_end = _initial_step(_lipschitz(log_density, state), state.position, self._kind)
+        return state, torch.minimum(log_h, log_cap_end).exp(), warm
 
     def _run_fixed(self, name: str, state: langevin.LangevinState, log_density, step_size, first: int,
                    return_info: bool):
