@@ -76,9 +76,10 @@ def test_potential_fn_needs_initial_params():
 # --- step size adaptation --------------------------------------------------------------------------------
 @pytest.mark.parametrize("step_size", [0.3, 0.01, 3.0])
 def test_step_size_adapts_to_target(step_size):
-    """From a good, a tiny and a huge first step size, the acceptance after warm-up is near 0.57."""
+    """From a good, a tiny and a huge first step size, the acceptance after warm-up is near 0.57 (the step size's
+    adaptation alone: with the mass matrix's windows it is re-tuned over the last 50 warm-up steps only)."""
     backend = PyroBackend(seed=0)
-    kernel = backend.langevin(quadratic_model(backend), step_size=step_size)
+    kernel = backend.langevin(quadratic_model(backend), step_size=step_size, adapt_mass_matrix=False)
     mcmc, _ = backend.mcmc(kernel, X, num_warmup=500, num_samples=500)
     diag = mcmc.diagnostics()
     assert abs(diag["mean accept prob"]["chain 0"] - 0.57) < 0.1, diag
