@@ -65,7 +65,6 @@ class _Layout:
         self.name = name
         self.transform = None if _is_real(fn.support) else biject_to(fn.support)
         u = fn if self.transform is None else TransformedDistribution(fn, self.transform.inv)
-        self.site_event = tuple(fn.event_shape)
         self.u_event = tuple(u.event_shape)
         self.batch = tuple(fn.batch_shape)
         self.dim = int(math.prod(self.u_event))
@@ -164,10 +163,10 @@ class _StopAfter(Messenger):
 class _Spec:
     """What the nested runs of a joint tilt need: the model, its arguments, the values seen so far."""
 
-    def __init__(self, model, args, kwargs, layouts, seen, params):
+    def __init__(self, model, args, kwargs, layouts, seen, params, names=None):
         self.model, self.args, self.kwargs = model, args, kwargs
         self.layouts, self.seen, self.params = tuple(layouts), dict(seen), dict(params)
-        self.names = tuple(layout.name for layout in layouts)
+        self.names = tuple(layout.name for layout in layouts) if names is None else tuple(names)
 
     def run(self, rng_key, values=None) -> dict:
         model = handlers.substitute(self.model, data=self.params)
@@ -451,8 +450,7 @@ class tilt(Messenger):
         """The layouts of all tilted sites, from a nested run (the later sites have not been reached yet)."""
         first = self._layouts[0]
         args, kwargs = self._args
-        spec = _Spec(self.fn, args, kwargs, [], self._seen, self._params)
-        spec.names = self.sites
+        spec = _Spec(self.fn, args, kwargs, [], self._seen, self._params, names=self.sites)
         sites = spec.run(key)
         layouts = [first] + [_Layout(n, sites[n]["fn"]) for n in sites if n != first.name]
         for n in sites:
