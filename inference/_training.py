@@ -1,6 +1,7 @@
 """Backend-free parts of ``fit`` (the training loop of :mod:`tilted_priors.inference.pyro.train` and
-:mod:`tilted_priors.inference.numpyro.train`): argument checks, the minibatch order, per-prefix learning rates and their
-schedule, atomic writes, the metrics history, the divergence error and the loop itself.
+:mod:`tilted_priors.inference.numpyro.train`): the loop itself, its health checks, the divergence error, the
+checkpoints (kept, verified, locked) and the metrics history. The arguments are checked in
+:mod:`tilted_priors.inference._plan`.
 
 A backend plugs into :func:`run_training` through a small object (see :class:`TrainerBackend`) that builds the
 backend's own ``SVI``, takes one step, and reads and writes its checkpoint format. Everything else — when to
@@ -13,28 +14,31 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from tilted_priors.inference.files import atomic_write
-from tilted_priors._validation import check_nonnegative_int
+from tilted_priors.inference._health import HealthMonitor
+from tilted_priors.inference._plan import TrainingPlan
+from tilted_priors.inference.checkpoints import CheckpointError, iter_candidates, keep_backup
+from tilted_priors.inference.files import atomic_write, run_lock
 
-__all__ = [
-    "TrainingDiverged", "FitResult", "LearningRates", "TrainingPlan", "TrainerBackend", "make_plan",
-    "batch_order", "write_history", "run_training", "stage_settings", "check_data", "no_latents_error",
-]
+__all__ = ["TrainingDiverged", "FitResult", "StepReport", "TrainerBackend", "write_history", "run_training",
+           "CHECKPOINT_FIX"]
 
-CHECKPOINT_FORMAT = "tilted-priors.fit/1"
 HISTORY_FILE = "history.json"
 # Settings a resumed run must share with the run that wrote the checkpoint (they fix the minibatch order).
 _RESUME_KEYS = ("seed", "batch_size", "num_data", "data_shape")
+#: What to do about a checkpoint that cannot be used.
+CHECKPOINT_FIX = ("Resume from an earlier checkpoint of the run (fit keeps the last few as checkpoint-<step> beside "
+                  "it, and resume=True falls back to them), or start afresh with resume=False")
 
 
 class TrainingDiverged(FloatingPointError):
-    """Training stopped because a step gave a non-finite loss or parameters, or a sampler diverged.
+    """Training stopped because it went wrong: a non-finite loss, parameters or optimizer state, a sampler that
+    diverged, or a failed health check (a loss or gradient norm that jumped by orders of magnitude against its
+    running scale, parameters that stopped changing; see :class:`~tilted_priors.inference.pyro.TrainingHealth`).
 
     Raised by ``fit`` on both backends. The state that diverged is not written anywhere: the last good
     checkpoint on disk (if any) is untouched, so ``fit(..., resume=True)`` continues from it once the cause
@@ -47,7 +51,8 @@ class TrainingDiverged(FloatingPointError):
     epoch : int
         1-based epoch of that update.
     reason : str
-        What was seen (a non-finite loss, non-finite parameters, or a sampler's message).
+        What was seen, naming the quantity (the loss, the gradient norm, the parameters, the optimizer state, or
+        a sampler's message) and what to change.
     checkpoint : str or None
         Path of the last good checkpoint.
     checkpoint_step : int or None
@@ -73,7 +78,8 @@ class TrainingDiverged(FloatingPointError):
         super().__init__(
             f"training diverged at step {step} (epoch {epoch}): {reason}. The diverged state was not saved; "
             f"{where}. Lower the learning rate (or the rate of the group that diverged), set clip_norm, or "
-            "lower the step size of the Langevin/MALA sampler in the prior or the guide.")
+            "lower the step size of the Langevin/MALA sampler in the prior or the guide; health=TrainingHealth(...) "
+            "tunes the checks.")
 
     def __reduce__(self):
         return (type(self), (self.step, self.epoch, self.reason, self.checkpoint, self.checkpoint_step))
@@ -136,368 +142,105 @@ class FitResult:
         """
 
 
-class LearningRates:
-    """Learning rates by parameter-name prefix: the longest matching prefix wins, ``""`` is the default.
-
-    Parameters
-    ----------
-    lr : float or dict of str to float
-        One rate for all parameters (positive), or rates per name prefix (non-negative, not all zero; a rate
-        of 0 freezes the group).
-
-    Examples
-    --------
-    >>> rates = LearningRates({"energy": 2e-5, "": 1e-4})
-    >>> rates.label("energy$$$net.0.weight"), rates.rate("generator$params")
-    ('energy', 0.0001)
-    """
-
-    def __init__(self, lr):
-        if isinstance(lr, Mapping):
-            if not lr:
-                raise ValueError("lr: the dict of learning rates is empty; give at least a default entry ''")
-            rates = {}
-            for prefix, value in lr.items():
-                if not isinstance(prefix, str):
-                    raise TypeError(f"lr: keys must be parameter-name prefixes (str), got {prefix!r}")
-                rates[prefix] = _check_rate(value, f"lr[{prefix!r}]", allow_zero=True)
-            if not any(v > 0 for v in rates.values()):
-                raise ValueError(f"lr: every learning rate is 0, nothing would be trained: {dict(lr)!r}")
-            self.rates = rates
-            self.grouped = True
-        else:
-            self.rates = {"": _check_rate(lr, "lr", allow_zero=False)}
-            self.grouped = False
-        # longest prefix first, so the first match is the longest one
-        self._order = sorted(self.rates, key=len, reverse=True)
-
-    def label(self, name: str) -> str:
-        """The prefix (group label) that governs parameter ``name``; ``ValueError`` if none matches."""
-        for prefix in self._order:
-            if name.startswith(prefix):
-                return prefix
-        raise ValueError(f"lr: parameter {name!r} matches none of the prefixes {sorted(self.rates)!r}; add a "
-                         "default entry '' (e.g. lr={..., '': 1e-4})")
-
-    def rate(self, name: str) -> float:
-        """Base learning rate (before decay) of parameter ``name``."""
-        return self.rates[self.label(name)]
-
-    def check_names(self, names) -> None:
-        """Raise ``ValueError`` if a prefix matches no parameter or a parameter matches no prefix."""
-        names = sorted(set(names))
-        used = {self.label(name) for name in names}
-        unused = [p for p in self.rates if p and p not in used and not any(n.startswith(p) for n in names)]
-        if unused:
-            raise ValueError(f"lr: the prefix(es) {unused!r} match no parameter of the model or guide; its "
-                             f"parameters are {names!r}")
-
-    def to_json(self):
-        return dict(self.rates) if self.grouped else self.rates[""]
-
-    def __repr__(self) -> str:
-        return f"LearningRates({self.to_json()!r})"
-
-
-def _check_rate(value, name: str, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0 \
-            or (value == 0 and not allow_zero):
-        kind = "a finite non-negative number" if allow_zero else "a finite positive number"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def stage_settings(steps_per_component, num_components: int, fit_kwargs: dict) -> list[tuple[int, dict]]:
-    """``(num_steps, fit keywords)`` of each stage of ``fit_recursive``: ``steps_per_component`` is one number or
-    one per component, and so may ``fit_kwargs["lr"]`` be (a list or tuple: one rate or prefix dict per stage).
-
-    Examples
-    --------
-    >>> stage_settings([20, 5], 2, {"lr": [1e-3, {"decoder": 0.0, "": 1e-3}], "seed": 1})[1]
-    (5, {'seed': 1, 'lr': {'decoder': 0.0, '': 0.001}})
-    """
-    def per_stage(name, value):
-        values = list(value) if isinstance(value, (list, tuple)) else [value] * num_components
-        if len(values) != num_components:
-            raise ValueError(f"{name} must be a single value or a list of {num_components}, one per component; "
-                             f"got {len(values)}")
-        return values
-
-    steps = [_check_int("steps_per_component", s) for s in per_stage("steps_per_component", steps_per_component)]
-    kwargs = {k: v for k, v in fit_kwargs.items() if k != "lr"}
-    rates = per_stage("lr", fit_kwargs["lr"]) if "lr" in fit_kwargs else [None] * num_components
-    return [(n, kwargs if lr is None else {**kwargs, "lr": lr}) for n, lr in zip(steps, rates)]
-
-
-def batch_order(seed: int, epoch: int, num_data: int, batch_size: int) -> np.ndarray:
-    """Data indices of the minibatches of one epoch, shape ``(num_data // batch_size, batch_size)``.
-
-    A permutation drawn from ``(seed, epoch)`` alone, so a resumed run sees the same batches; the last
-    incomplete batch is dropped.
-
-    Examples
-    --------
-    >>> order = batch_order(0, 0, 10, 3)
-    >>> order.shape, len(set(order.ravel()))
-    ((3, 3), 9)
-    >>> bool((order == batch_order(0, 0, 10, 3)).all()), bool((order == batch_order(0, 1, 10, 3)).all())
-    (True, False)
-    """
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
-    steps = num_data // batch_size
-    return rng.permutation(num_data)[: steps * batch_size].reshape(steps, batch_size)
-
-
 def write_history(path, history: list, config: dict) -> None:
     """Write ``{"config": ..., "history": [...]}`` as JSON, atomically."""
     text = json.dumps({"config": config, "history": history}, indent=1, allow_nan=True)
     atomic_write(path, lambda f: f.write(text.encode()))
 
+class StepReport(NamedTuple):
+    """What a backend reports after one update: the loss, the global gradient norm before clipping (``None`` if
+    unknown), and whether the parameters and the optimizer state are finite."""
 
-def _check_array(data, what: str) -> np.ndarray:
-    """One data array, checked (real, finite, with a leading data dimension) and cast to float."""
-    try:
-        array = np.asarray(data)
-    except Exception as err:  # e.g. a tensor that requires grad
-        raise TypeError(f"{what} must be a numpy array of shape (N, ...), got {type(data).__name__}: {err}") from err
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) \
-            or np.issubdtype(array.dtype, np.complexfloating):
-        raise TypeError(f"{what} must be a real numeric array of shape (N, ...), got dtype {array.dtype}")
-    if array.ndim == 0:
-        raise ValueError(f"{what} must have a leading data dimension (N, ...), got a scalar")
-    if array.shape[0] == 0:
-        raise ValueError(f"{what} is empty (shape {array.shape})")
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise ValueError(f"{what} holds {bad} non-finite value(s) (nan or inf); clean or impute them first")
-    return array
-
-
-def check_data(data) -> tuple[tuple[np.ndarray, ...], tuple[str, ...] | None]:
-    """The arrays of ``fit``'s ``data`` and their names: ``((array,), None)`` for one array, ``(arrays, None)``
-    for a tuple (passed positionally), ``(arrays, names)`` for a dict (passed by name). Each array is checked
-    (real, finite, cast to float) and all must share their first (data) dimension.
-
-    Examples
-    --------
-    >>> arrays, names = check_data({"x": np.zeros((4, 2)), "y": np.ones(4)})
-    >>> [a.shape for a in arrays], names
-    ([(4, 2), (4,)], ('x', 'y'))
-    """
-    if isinstance(data, Mapping):
-        if not data:
-            raise ValueError("data is an empty dict; give the arrays by name, e.g. data={'x': x, 'y': y}")
-        names = tuple(data)
-        for name in names:
-            if not isinstance(name, str) or not name.isidentifier():
-                raise TypeError(f"data: the keys of a dict of arrays are the keyword names the model and guide "
-                                f"are called with, so they must be identifiers (str); got {name!r}")
-        arrays = tuple(_check_array(data[name], f"data[{name!r}]") for name in names)
-        labels = [f"data[{name!r}]" for name in names]
-    elif isinstance(data, tuple):
-        if not data:
-            raise ValueError("data is an empty tuple; give one array, a tuple (x, y) or a dict {'x': x, 'y': y}")
-        names = None
-        arrays = tuple(_check_array(a, f"data[{i}]") for i, a in enumerate(data))
-        labels = [f"data[{i}]" for i in range(len(data))]
-    else:
-        if isinstance(data, list) and data and all(hasattr(a, "shape") for a in data):
-            raise TypeError("data is a list of arrays: pass a tuple (x, y) to give the model several arrays "
-                            "(model(x_batch, y_batch)), or np.stack them into one array")
-        return (_check_array(data, "data"),), None
-    lengths = [a.shape[0] for a in arrays]
-    if len(set(lengths)) > 1:
-        listed = ", ".join(f"{label} has {n}" for label, n in zip(labels, lengths))
-        raise ValueError(f"the data arrays must share their first dimension (one entry per datum, batched "
-                         f"together): {listed}")
-    return arrays, names
-
-
-def no_latents_error(latents: Sequence[str]) -> ValueError:
-    """The error for ``guide=None`` on a model with latent sample sites."""
-    return ValueError(f"guide=None fits models whose sample sites are all observed (or absent), but the model has "
-                      f"latent site(s) {sorted(latents)!r}: give a guide for them (e.g. an AutoNormal, or "
-                      "ShortRunPosterior for tilted latents)")
-
-
-@dataclass
-class TrainingPlan:
-    """Checked arguments of ``fit`` and what follows from them (built by :func:`make_plan`).
-
-    ``arrays`` are the data arrays (one, or those of a tuple or dict), ``names`` the dict's keys (``None`` for
-    one array or a tuple): :meth:`call` turns a batch of each into the model's arguments.
-    """
-
-    arrays: tuple
-    names: tuple | None
-    structured: bool
-    batch_size: int
-    steps_per_epoch: int
-    total_steps: int
-    lr: LearningRates
-    betas: tuple
-    lr_decay: float
-    clip_norm: float | None
-    seed: int
-    out: Path | None
-    checkpoint_every: int | None
-    resume: bool
-    progress: bool
-    pass_index: bool
-    callback: Callable | None
-    loss_name: str
-    backend: str
-    checkpoint_name: str
-    _order: tuple = field(default=(None, None), repr=False)
-
-    @property
-    def num_data(self) -> int:
-        return self.arrays[0].shape[0]
-
-    def call(self, batch: Sequence) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` for the model and guide from a batch of each array (in the order of ``arrays``)."""
-        if self.names is not None:
-            return (), dict(zip(self.names, batch))
-        return tuple(batch), {}
-
-    def data_shape(self):
-        """The data's shape as the checkpoints record it: a list; a list of lists (tuple); a dict of lists."""
-        if self.names is not None:
-            return {name: list(a.shape) for name, a in zip(self.names, self.arrays)}
-        if self.structured:
-            return [list(a.shape) for a in self.arrays]
-        return list(self.arrays[0].shape)
-
-    @property
-    def checkpoint_path(self) -> Path | None:
-        return None if self.out is None else self.out / self.checkpoint_name
-
-    def indices(self, step: int) -> np.ndarray:
-        """Data indices of update ``step`` (0-based)."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if self._order[0] != epoch:
-            self._order = (epoch, batch_order(self.seed, epoch, self.num_data, self.batch_size))
-        return self._order[1][pos]
-
-    def decay_factor(self, step: int) -> float:
-        """``lr_decay ** epoch`` for update ``step`` (0-based): the staircase exponential schedule."""
-        return self.lr_decay ** (step // self.steps_per_epoch)
-
-    def lr_record(self, step: int):
-        f = self.decay_factor(step)
-        if self.lr.grouped:
-            return {prefix: rate * f for prefix, rate in self.lr.rates.items()}
-        return self.lr.rates[""] * f
-
-    def config(self) -> dict:
-        return {"backend": self.backend, "seed": self.seed, "batch_size": self.batch_size,
-                "num_data": self.num_data, "data_shape": self.data_shape(),
-                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "lr": self.lr.to_json(), "betas": list(self.betas), "lr_decay": self.lr_decay,
-                "clip_norm": self.clip_norm, "loss": self.loss_name, "pass_index": self.pass_index,
-                "checkpoint_every": self.checkpoint_every}
-
-
-def make_plan(data, *, epochs, num_steps, batch_size, lr, betas, lr_decay, clip_norm, seed, out,
-              checkpoint_every, resume, progress, pass_index, callback, loss_name: str, backend: str,
-              checkpoint_name: str) -> TrainingPlan:
-    """Check the arguments of ``fit`` (clear ``ValueError``/``TypeError`` messages) and build the plan."""
-    arrays, names = check_data(data)
-    if pass_index and names is not None and "index" in names:
-        raise ValueError("data has an array named 'index', which pass_index=True also passes (the batch's data "
-                         "indices): rename the array")
-    num_data = arrays[0].shape[0]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size > num_data:
-        raise ValueError(f"batch_size={batch_size} is larger than the data set (N={num_data}); batches are "
-                         "full (the last incomplete one is dropped), so use batch_size <= N")
-    batch_size = int(batch_size)
-    steps_per_epoch = num_data // batch_size
-    if (epochs is None) == (num_steps is None):
-        raise ValueError("give exactly one of epochs= and num_steps= (got "
-                         f"epochs={epochs!r}, num_steps={num_steps!r})")
-    if epochs is not None:
-        total = _check_int("epochs", epochs) * steps_per_epoch
-    else:
-        total = _check_int("num_steps", num_steps)
-    rates = LearningRates(lr)
-    try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}") from None
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
-    lr_decay = _check_rate(lr_decay, "lr_decay", allow_zero=False)
-    if clip_norm is not None:
-        clip_norm = _check_rate(clip_norm, "clip_norm", allow_zero=False)
-    check_nonnegative_int("seed", seed)
-    if checkpoint_every is not None:
-        checkpoint_every = _check_int("checkpoint_every", checkpoint_every)
-        if out is None:
-            raise ValueError("checkpoint_every needs out= (the directory the checkpoints go to)")
-    if resume and out is None:
-        raise ValueError("resume=True needs out= (the directory that holds the checkpoint)")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {callback!r}")
-    if out is not None:
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"out={str(out)!r} exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
-    return TrainingPlan(arrays, names, isinstance(data, (tuple, Mapping)), batch_size, steps_per_epoch, total,
-                        rates, (b1, b2), lr_decay, clip_norm, int(seed), out, checkpoint_every, bool(resume),
-                        bool(progress), bool(pass_index), callback, loss_name, backend, checkpoint_name)
+    loss: float
+    grad_norm: float | None
+    params_finite: bool
+    state_finite: bool
 
 
 class TrainerBackend(Protocol):
     """What a backend supplies to :func:`run_training`."""
 
     def read(self, path: Path) -> tuple[Any, dict]:
-        """Load a checkpoint: ``(payload, meta)`` with meta keys ``step``, ``history``, ``elapsed``, ``config``."""
+        """Load and verify a checkpoint (:class:`CheckpointError` if it cannot be used): ``(payload, meta)`` with
+        meta keys ``step``, ``history``, ``elapsed``, ``config``."""
 
     def setup(self, indices: np.ndarray, payload: Any) -> list[str]:
         """Build SVI and the parameters (fresh from the seed, or from ``payload``); return parameter names."""
 
-    def step(self, step: int, indices: np.ndarray) -> tuple[float, bool]:
-        """One update (``step`` 0-based); return ``(loss, parameters_finite)``; may raise FloatingPointError."""
+    def step(self, step: int, indices: np.ndarray) -> StepReport:
+        """One update (``step`` 0-based); may raise FloatingPointError. A backend may keep the state from before
+        the update when the report is not finite."""
+
+    def fingerprint(self) -> str:
+        """A hash of the values of the parameters whose learning rate is positive."""
 
     def save(self, f, meta: dict) -> None:
-        """Write the current state and ``meta`` to the binary file object ``f``."""
+        """Write the current state, ``meta`` and their manifest to the binary file object ``f``."""
 
     def result(self) -> tuple[dict, Any]:
         """``(params as numpy, backend state or None)``."""
 
 
+def _latest_checkpoint(path: Path, backend: TrainerBackend):
+    """``(path, payload, meta)`` of the newest checkpoint of the run that can be used, or ``None`` when there is
+    none; a damaged newest one is passed over with a warning, and when none can be used the error lists why."""
+    errors = []
+    for _, candidate in iter_candidates(path):
+        if not candidate.exists():
+            continue
+        try:
+            payload, meta = backend.read(candidate)
+        except CheckpointError as err:
+            errors.append(err)
+            continue
+        if errors:
+            warnings.warn(f"{'; '.join(str(e) for e in errors)} -- resuming from {candidate} (step {meta['step']}) "
+                          "instead", stacklevel=4)
+        return candidate, payload, meta
+    if errors:
+        raise CheckpointError(path, "no checkpoint of this run can be used: " + "; ".join(
+            f"{Path(e.path).name}: {e.problem}" for e in errors),
+            "Start afresh with resume=False (the damaged files are then replaced)")
+    return None
+
+
 def run_training(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
-    """The loop shared by both backends: resume, steps, divergence guard, checkpoints, history, progress."""
+    """The loop shared by both backends: resume, steps, health checks, checkpoints, history, progress.
+
+    With ``out``, the run folder is locked for the whole training (a second writer gets
+    :class:`~tilted_priors.inference.files.RunFolderLocked`) and the temporary files of interrupted writes are
+    removed.
+    """
+    if plan.out is None:
+        return _run(plan, backend)
+    with run_lock(plan.out):
+        return _run(plan, backend)
+
+
+def _run(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
     from tqdm import tqdm
 
     ckpt = plan.checkpoint_path
     config = plan.config()
     start, history, elapsed, payload = 0, [], 0.0, None
-    if ckpt is not None and ckpt.exists():
-        if plan.resume:
-            payload, meta = backend.read(ckpt)
-            _check_resume(meta.get("config", {}), config, ckpt)
+    good_ckpt = good_step = None
+    own = False  # whether the folder's checkpoints are this run's (else the first write removes them)
+    ckpt_step = None  # the step that ckpt holds, when it is this run's and can be used
+    if ckpt is not None and plan.resume:
+        found = _latest_checkpoint(ckpt, backend)
+        if found is not None:
+            path, payload, meta = found
+            _check_resume(meta.get("config", {}), config, path)
             start, history, elapsed = int(meta["step"]), list(meta["history"])[: int(meta["step"])], \
                 float(meta["elapsed"])
             if start > plan.total_steps:
-                raise ValueError(f"the checkpoint {ckpt} is at step {start}, beyond the {plan.total_steps} steps "
+                raise ValueError(f"the checkpoint {path} is at step {start}, beyond the {plan.total_steps} steps "
                                  "asked for; ask for at least as many (epochs/num_steps count from the start)")
-        else:
-            warnings.warn(f"{ckpt} exists and will be overwritten by this run; pass resume=True to continue it",
-                          stacklevel=3)
-    good_ckpt = str(ckpt) if payload is not None else None
-    good_step = start if payload is not None else None
+            good_ckpt, good_step, own = str(path), start, True
+            ckpt_step = start if path == ckpt else None
+    elif ckpt is not None and ckpt.exists():
+        warnings.warn(f"{ckpt} exists and will be overwritten by this run; pass resume=True to continue it",
+                      stacklevel=3)
     try:
         names = backend.setup(plan.indices(start), payload)
     except TrainingDiverged:
@@ -510,36 +253,51 @@ def run_training(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
         raise ValueError("the model and guide declare no parameters (no param or module sites, e.g. a "
                          "SelfNormalized b or a registered energy network): fit has nothing to train")
     plan.lr.check_names(names)
+    monitor = HealthMonitor(plan.health, clipped=plan.clip_norm is not None)
 
     def checkpoint(step: int) -> None:
-        nonlocal good_ckpt, good_step
-        meta = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": step // plan.steps_per_epoch,
+        nonlocal good_ckpt, good_step, own, ckpt_step
+        meta = {"step": step, "epoch": step // plan.steps_per_epoch,
                 "elapsed": elapsed + (time.perf_counter() - t0), "history": history, "config": config}
+        if ckpt_step is not None and ckpt_step != step:
+            keep_backup(ckpt, ckpt_step, plan.keep_checkpoints)  # the previous checkpoint stays, as ckpt-<step>
         atomic_write(ckpt, lambda f: backend.save(f, meta))
+        if not own:  # a new run: the folder's old checkpoints were another run's
+            keep_backup(ckpt, 0, 0)
         write_history(plan.out / HISTORY_FILE, history, config)
-        good_ckpt, good_step = str(ckpt), step
+        good_ckpt, good_step, own, ckpt_step = str(ckpt), step, True, step
 
     t0 = time.perf_counter()
     step = start
     bar = tqdm(total=plan.total_steps, initial=start, disable=not plan.progress, unit="step",
                dynamic_ncols=True, desc=f"fit ({plan.backend})")
+
+    def diverged(reason: str) -> TrainingDiverged:
+        return TrainingDiverged(step + 1, step // plan.steps_per_epoch + 1, reason, good_ckpt, good_step)
+
     try:
         while step < plan.total_steps:
             epoch = step // plan.steps_per_epoch + 1
             try:
-                loss, finite = backend.step(step, plan.indices(step))
+                report = backend.step(step, plan.indices(step))
             except TrainingDiverged:
                 raise
             except FloatingPointError as err:
-                raise TrainingDiverged(step + 1, epoch, f"{type(err).__name__}: {err}", good_ckpt,
-                                       good_step) from err
+                raise diverged(f"{type(err).__name__}: {err}") from err
+            loss = float(report.loss)
             if not math.isfinite(loss):
-                raise TrainingDiverged(step + 1, epoch, f"the loss was {loss}", good_ckpt, good_step)
-            if not finite:
-                raise TrainingDiverged(step + 1, epoch, "some parameters became non-finite after the update",
-                                       good_ckpt, good_step)
+                raise diverged(f"the loss was {loss}")
+            if not report.params_finite:
+                raise diverged("some parameters became non-finite after the update")
+            if not report.state_finite:
+                raise diverged("the optimizer's state (Adam's moments) became non-finite after the update")
+            reason = monitor.check_step(loss, report.grad_norm)
+            if reason is None and monitor.wants_fingerprint(step + 1):
+                reason = monitor.check_fingerprint(step + 1, backend.fingerprint())
+            if reason is not None:
+                raise diverged(reason)
             step += 1
-            record = {"step": step, "epoch": epoch, "loss": float(loss), "lr": plan.lr_record(step - 1),
+            record = {"step": step, "epoch": epoch, "loss": loss, "lr": plan.lr_record(step - 1),
                       "seconds": elapsed + (time.perf_counter() - t0)}
             history.append(record)
             bar.update(1)
@@ -552,7 +310,7 @@ def run_training(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
                 break
     finally:
         bar.close()
-    if ckpt is not None and (step > start or payload is None):
+    if ckpt is not None and (step > start or payload is None or good_ckpt != str(ckpt)):
         checkpoint(step)
     params, state = backend.result()
     return FitResult(history=history, losses=np.array([r["loss"] for r in history], dtype=np.float64),
@@ -561,7 +319,8 @@ def run_training(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
 
 def _check_resume(saved: dict, now: dict, path: Path) -> None:
     if saved.get("backend", now["backend"]) != now["backend"]:
-        raise ValueError(f"{path} was written by the {saved['backend']} backend, not {now['backend']}")
+        raise CheckpointError(path, f"it was written by the {saved['backend']} backend, not {now['backend']}",
+                              f"Resume with the {saved['backend']} backend, or give another out= folder")
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"cannot resume from {path}: the minibatch order would differ ({'; '.join(diff)}); "

@@ -17,8 +17,27 @@ import sys
 
 __all__ = ["main"]
 
+
+def _user_errors() -> tuple:
+    from tilted_priors.errors import ChainDivergenceError
+    from tilted_priors.inference._training import TrainingDiverged
+    from tilted_priors.inference.files import RunFolderLocked
+
+    # CheckpointError is a ValueError; these are the errors whose message says what to do: one line, no traceback
+    return (ValueError, FileNotFoundError, RunFolderLocked, TrainingDiverged, ChainDivergenceError)
+
+
+_USER_ERRORS = _user_errors()
+
 DEMO = {"method": "lebm", "backend": "numpyro", "data": "mnist", "epochs": 6, "latent_dim": 16, "ngf": 16,
         "lr_energy": 1e-4, "lr_generator": 1e-3}
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _positive(kind):
@@ -36,19 +55,24 @@ def main(argv: list[str] | None = None) -> int:
 
     tr = sub.add_parser("train", help="train a model (then evaluate it)")
     tr.add_argument("method", choices=["lebm", "abp"])
-    tr.add_argument("--backend", choices=["pyro", "numpyro"], default="numpyro")
-    tr.add_argument("--data", default="mnist", help="'mnist' (embedded MNIST-5k) or a .npz / .npy / IDX file")
+    tr.add_argument("--backend", choices=["pyro", "numpyro"],
+                    help="default: numpyro (with --resume: the run's)")
+    tr.add_argument("--data", help="'mnist' (embedded MNIST-5k, the default) or a .npz / .npy / IDX file")
     length = tr.add_mutually_exclusive_group(required=True)
     length.add_argument("--epochs", type=_positive(int))
     length.add_argument("--steps", type=_positive(int))
     tr.add_argument("--out", required=True)
-    tr.add_argument("--batch-size", type=_positive(int), default=100)
-    tr.add_argument("--latent-dim", type=_positive(int), default=16)
-    tr.add_argument("--ngf", type=_positive(int), default=32, help="generator width")
-    tr.add_argument("--lr-energy", type=_positive(float))
-    tr.add_argument("--lr-generator", type=_positive(float))
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--batch-size", type=_positive(int), help="default: 100 (with --resume: the run's)")
+    tr.add_argument("--latent-dim", type=_positive(int), help="default: 16 (with --resume: the run's)")
+    tr.add_argument("--ngf", type=_positive(int), help="generator width; default: 32 (with --resume: the run's)")
+    tr.add_argument("--lr-energy", type=_positive(float), help="default: the paper's 2e-5 (with --resume: the run's)")
+    tr.add_argument("--lr-generator", type=_positive(float),
+                    help="default: the paper's 1e-4 (with --resume: the run's)")
+    tr.add_argument("--seed", type=_nonnegative_int, help="default: 0 (with --resume: the run's)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last checkpoint, with its settings")
+    tr.add_argument("--checkpoint-every", type=_positive(int), default=200,
+                    help="write a checkpoint every N updates (default: 200; the last 3 are kept)")
     tr.add_argument("--no-eval", action="store_true")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -84,7 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     pd.add_argument("--num", type=_positive(int), default=2000)
     pd.add_argument("--seed", type=int, default=0)
 
+    for p in (tr, sa, ev, dg, de, pd):
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except _USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"tilted-priors {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "prior-demo":
         from tilted_priors.models.demo import run_demo
 
@@ -97,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         result = runs.train(args.method, backend=args.backend, data=args.data, out=args.out, epochs=args.epochs,
                             num_steps=args.steps, batch_size=args.batch_size, latent_dim=args.latent_dim,
                             ngf=args.ngf, lr_energy=args.lr_energy, lr_generator=args.lr_generator, seed=args.seed,
-                            resume=args.resume, progress=not args.quiet, evaluate_after=not args.no_eval)
+                            resume=args.resume, progress=not args.quiet, evaluate_after=not args.no_eval,
+                            checkpoint_every=args.checkpoint_every)
     elif args.command == "sample":
         result = {"wrote": str(runs.sample(args.run_dir, args.n, out=args.out, seed=args.seed))}
     elif args.command == "evaluate":

@@ -16,11 +16,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from tilted_priors.inference.files import atomic_write
+from tilted_priors.inference.checkpoints import CheckpointError
+from tilted_priors.inference.files import atomic_write, run_lock
 from tilted_priors.models import data as datasets
-from tilted_priors.models import metrics
+from tilted_priors.models import metrics, runfolder
 
-__all__ = ["METHODS", "BACKENDS", "train", "evaluate", "sample", "save_grid"]
+__all__ = ["METHODS", "BACKENDS", "DEFAULTS", "train", "evaluate", "sample", "save_grid", "load"]
 
 METHODS = ("lebm", "abp")  # LEBM, and its generator with a Normal prior (alternating back-propagation)
 BACKENDS = ("pyro", "numpyro")
@@ -70,40 +71,92 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int = 8) -> Pat
     return path
 
 
-def train(method: str = "lebm", *, backend: str = "numpyro", data: str = "mnist", out: str | os.PathLike,
-          epochs: int | None = None, num_steps: int | None = None, batch_size: int = 100, latent_dim: int = 16,
-          ngf: int = 32, lr_energy: float | None = None, lr_generator: float | None = None, seed: int = 0,
-          resume: bool = False, progress: bool = True, checkpoint_every: int = 200, evaluate_after: bool = True,
-          eval_size: int = 500, ll_size: int = 200) -> dict:
+#: Defaults of :func:`train` for a new run (a resumed run takes the settings it was trained with).
+DEFAULTS = {"backend": "numpyro", "data": "mnist", "batch_size": 100, "latent_dim": 16, "ngf": 32, "seed": 0}
+# Settings a resumed run cannot change (the data, the networks, the minibatch order).
+_FIXED_ON_RESUME = ("method", "backend", "data", "batch_size", "latent_dim", "ngf", "seed")
+
+
+def _settings(out: Path, resume: bool, given: dict) -> dict:
+    """The run's settings: on resume those of its ``config.json`` (validated; explicitly given settings must agree,
+    learning rates and the length may change), else ``given`` over :data:`DEFAULTS`."""
+    given = {k: v for k, v in given.items() if v is not None}
+    path = out / "config.json"
+    if not (resume and path.exists()):
+        return {**DEFAULTS, **given}
+    saved = runfolder.read_config(path)
+    diff = [f"{k}={given[k]!r} (the run has {saved[k]!r})" for k in _FIXED_ON_RESUME if k in given
+            and given[k] != saved[k]]
+    if diff:
+        raise ValueError(f"cannot resume {out}: {', '.join(diff)}. A resumed run keeps its method, backend, data, "
+                         "batch size, networks and seed: leave these options out (they are read from config.json), "
+                         "or train into another --out")
+    return {**saved, **{k: v for k, v in given.items() if k not in _FIXED_ON_RESUME}}
+
+
+def train(method: str = "lebm", *, backend: str | None = None, data: str | None = None, out: str | os.PathLike,
+          epochs: int | None = None, num_steps: int | None = None, batch_size: int | None = None,
+          latent_dim: int | None = None, ngf: int | None = None, lr_energy: float | None = None,
+          lr_generator: float | None = None, seed: int | None = None, resume: bool = False, progress: bool = True,
+          checkpoint_every: int = 200, evaluate_after: bool = True, eval_size: int = 500,
+          ll_size: int = 200) -> dict:
     """Train ``method`` on ``data`` with ``backend``'s own SVI, save the run, and (by default) evaluate it.
 
     ``lebm``: :class:`~tilted_priors.inference.pyro.ShortRunPosterior` guide (20 x 0.1) with the tilted prior's contrastive
     normalizer and LEBM's optimiser (Adam(0.5, 0.999), per-group rates, decay 0.998 per epoch). ``abp``: the same
-    generator and guide with a Normal prior. Returns the metrics (or ``{}`` without evaluation).
+    generator and guide with a Normal prior. Settings left ``None`` take :data:`DEFAULTS` for a new run; with
+    ``resume`` they are read from the run's ``config.json``, and settings that would change the data, the networks or
+    the minibatch order are refused before anything in the folder changes. The folder is locked while training
+    (:class:`~tilted_priors.inference.files.RunFolderLocked` for a second writer). Returns the metrics (or ``{}``
+    without evaluation).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    b = _backend(backend)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    x_train = _load_data(data, seed)[0].x
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} exists and is not a folder")
+    created = not out.exists()
+    try:
+        with run_lock(out):
+            return _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval_size, ll_size,
+                          dict(backend=backend, data=data, batch_size=batch_size, latent_dim=latent_dim, ngf=ngf,
+                               seed=seed, lr_energy=lr_energy, lr_generator=lr_generator, epochs=epochs,
+                               num_steps=num_steps, method=method))
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed new run leaves no empty folder
+        raise
+
+
+def _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval_size, ll_size, given) -> dict:
+    settings = _settings(out, resume, given)
+    backend = settings["backend"]
+    b = _backend(backend)
+    x_train = _load_data(settings["data"], settings["seed"])[0].x
     ref = b.lebm.REFERENCE
-    config = {"method": method, "backend": backend, "data": data, "image_shape": list(x_train.shape[1:]),
-              "latent_dim": latent_dim, "ngf": ngf, "seed": seed, "batch_size": batch_size, "epochs": epochs,
-              "num_steps": num_steps, "lr_energy": lr_energy or ref["lr_energy"],
-              "lr_generator": lr_generator or ref["lr_generator"], "posterior_steps": ref["posterior_steps"],
-              "posterior_step_size": ref["posterior_step_size"]}
-    _write_json(out / "config.json", config)
+    config = {"method": method, "backend": backend, "data": settings["data"],
+              "image_shape": list(x_train.shape[1:]), "latent_dim": settings["latent_dim"], "ngf": settings["ngf"],
+              "seed": settings["seed"], "batch_size": settings["batch_size"], "epochs": settings.get("epochs"),
+              "num_steps": settings.get("num_steps"), "lr_energy": settings.get("lr_energy") or ref["lr_energy"],
+              "lr_generator": settings.get("lr_generator") or ref["lr_generator"],
+              "posterior_steps": settings.get("posterior_steps", ref["posterior_steps"]),
+              "posterior_step_size": settings.get("posterior_step_size", ref["posterior_step_size"])}
+    config = runfolder.check_config(config, out / "config.json")
+    if resume and "image_shape" in settings and settings["image_shape"] != config["image_shape"]:
+        raise ValueError(f"cannot resume {out}: its images have shape {settings['image_shape']}, the data now has "
+                         f"{config['image_shape']}")
     lvm = _build(b, config)
     guide = b.inference.ShortRunPosterior(lvm.model, steps=config["posterior_steps"],
                                           step_size=config["posterior_step_size"])
     lr = {"energy": config["lr_energy"], "": config["lr_generator"]} if method == "lebm" else config["lr_generator"]
     start = time.perf_counter()
-    result = b.inference.fit(lvm.model, guide, x_train, epochs=epochs, num_steps=num_steps, batch_size=batch_size,
-                             lr=lr, betas=tuple(ref["adam_betas"]), lr_decay=ref["lr_decay_per_epoch"], seed=seed,
-                             out=out, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+    _write_json(out / "config.json", config)
+    result = b.inference.fit(lvm.model, guide, x_train, epochs=config["epochs"], num_steps=config["num_steps"],
+                             batch_size=config["batch_size"], lr=lr, betas=tuple(ref["adam_betas"]),
+                             lr_decay=ref["lr_decay_per_epoch"], seed=config["seed"], out=out,
+                             checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     lvm = b.evaluate.trained(lvm, result)
-    b.evaluate.save_params(lvm, out / WEIGHTS[backend])
+    b.evaluate.save_params(lvm, out / WEIGHTS[backend], config=runfolder.network_config(config))
     config["train_seconds"] = time.perf_counter() - start
     config["steps"] = result.steps
     _write_json(out / "config.json", config)
@@ -123,18 +176,20 @@ def _build(b: SimpleNamespace, config: dict):
 
 
 def load(run_dir: str | os.PathLike):
-    """The trained model of a run directory and its config."""
+    """The trained model of a run directory and its config; a ``config.json`` or weights file that is missing,
+    invalid or does not match the other is refused with a
+    :class:`~tilted_priors.inference.checkpoints.CheckpointError`."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.json (train one with "
-                                "`python -m tilted_priors train`)")
-    config = json.loads(config_path.read_text())
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no such folder); train one with "
+                                "`tilted-priors train --out DIR`")
+    config = runfolder.read_config(run_dir / "config.json")
     b = _backend(config["backend"])
     weights = run_dir / WEIGHTS[config["backend"]]
     if not weights.exists():
-        raise FileNotFoundError(f"{weights} is missing: the run did not finish training")
-    return b.evaluate.load_params(_build(b, config), weights), config, b
+        raise CheckpointError(weights, "the weights file is missing: the run did not finish training",
+                              f"Finish it with `tilted-priors train {config['method']} --resume --out {run_dir}`")
+    return b.evaluate.load_params(_build(b, config), weights, config=runfolder.network_config(config)), config, b
 
 
 def evaluate(run_dir: str | os.PathLike, *, eval_size: int = 500, ll_size: int = 200, num_samples: int = 1000,
@@ -147,6 +202,12 @@ def evaluate(run_dir: str | os.PathLike, *, eval_size: int = 500, ll_size: int =
     test log-likelihood (nats per image; :func:`tilted_priors.models.pyro.evaluate.log_likelihood`) of ``ll_size`` test images.
     """
     run_dir = Path(run_dir)
+    runfolder.read_config(run_dir / "config.json")  # a run folder (checked before the lock would create one)
+    with run_lock(run_dir):
+        return _evaluate(run_dir, eval_size, ll_size, num_samples, cache_dir)
+
+
+def _evaluate(run_dir: Path, eval_size: int, ll_size: int, num_samples: int, cache_dir) -> dict:
     lvm, config, b = load(run_dir)
     seed = config["seed"]
     train, test = _load_data(config["data"], seed)

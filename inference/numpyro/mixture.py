@@ -31,7 +31,7 @@ from numpyro.infer.elbo import ELBO
 from numpyro.infer.util import compute_log_probs
 
 from tilted_priors._compat import numpyro_handler_stack
-from tilted_priors.inference._training import stage_settings
+from tilted_priors.inference._plan import stage_settings
 from tilted_priors.inference.numpyro.guides import AmortizedGuide, _in_plate, _loc_scale, _per_member, _Site
 from tilted_priors.inference.numpyro.train import FitResult, fit
 

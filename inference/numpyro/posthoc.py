@@ -24,7 +24,7 @@ from numpyro import handlers
 
 from tilted_priors.inference._posthoc import (PosthocResult, check_draws, check_options, guide_batches,
                                              site_error)
-from tilted_priors.inference._training import check_data
+from tilted_priors.inference._plan import check_data
 from tilted_priors.inference.numpyro.handlers import find_tilted, tilt
 from tilted_priors.inference.numpyro.modules import register_module
 from tilted_priors.inference.numpyro.nce import NoiseContrastive

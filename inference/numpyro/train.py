@@ -4,9 +4,10 @@ resume, a metrics history and a progress bar. The Pyro twin is :func:`tilted_pri
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +17,38 @@ from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 
-from tilted_priors.inference._training import (FitResult, TrainingDiverged, TrainingPlan, make_plan, no_latents_error,
-                                                run_training)
+from tilted_priors.inference._health import TrainingHealth
+from tilted_priors.inference._plan import TrainingPlan, make_plan, no_latents_error
+from tilted_priors.inference._training import CHECKPOINT_FIX, FitResult, StepReport, TrainingDiverged, run_training
+from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import flatten_state, unflatten_state
 
-__all__ = ["fit", "FitResult", "TrainingDiverged"]
+__all__ = ["fit", "FitResult", "TrainingDiverged", "TrainingHealth"]
 
 _STATE = "svi_state/"
 _GUIDE = "guide_state/"
 _MODEL = "model_state/"
 
 
+class _GradNorm(NamedTuple):
+    norm: jnp.ndarray
+
+
+def _record_grad_norm() -> optax.GradientTransformation:
+    """Keeps the global norm of the incoming gradients in its state (read by the health checks); changes nothing."""
+    return optax.GradientTransformation(lambda params: _GradNorm(jnp.zeros(())),
+                                        lambda updates, state, params=None: (updates, _GradNorm(
+                                            optax.tree.norm(updates))))
+
+
+def _grad_norm(optim_state) -> jnp.ndarray:
+    found = jax.tree_util.tree_leaves(optim_state, is_leaf=lambda x: isinstance(x, _GradNorm))
+    return next(x.norm for x in found if isinstance(x, _GradNorm))
+
+
 def _optimizer(plan: TrainingPlan) -> optax.GradientTransformation:
-    """Adam per prefix group with the staircase exponential schedule, after optional global-norm clipping."""
+    """Adam per prefix group with the staircase exponential schedule, after optional global-norm clipping (the
+    norm before clipping is recorded in the state)."""
     b1, b2 = plan.betas
 
     def adam(rate: float) -> optax.GradientTransformation:
@@ -45,7 +65,7 @@ def _optimizer(plan: TrainingPlan) -> optax.GradientTransformation:
         tx = adam(plan.lr.rates[""])
     if plan.clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(plan.clip_norm), tx)
-    return tx
+    return optax.chain(_record_grad_norm(), tx)
 
 
 def _flat_params(params: Mapping) -> dict:
@@ -125,9 +145,13 @@ class _NumPyroTrainer:
             if pass_index:
                 kwargs["index"] = idx
             new_state, loss_value = svi.update(state, *args, **kwargs)
-            leaves = jax.tree_util.tree_leaves(svi.optim.get_params(new_state.optim_state))
-            finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
-            return new_state, loss_value, finite
+
+            def finite(tree):
+                leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+                return jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
+
+            return (new_state, loss_value, finite(svi.optim.get_params(new_state.optim_state)),
+                    finite(new_state.optim_state), _grad_norm(new_state.optim_state))
 
         self._update = jax.jit(update)
 
@@ -137,15 +161,20 @@ class _NumPyroTrainer:
         return args, ({**kwargs, "index": index} if self.plan.pass_index else kwargs)
 
     def read(self, path: Path):
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        if "format" not in arrays or "config_json" not in arrays:
-            raise ValueError(f"{path} is not a NumPyro checkpoint written by fit")
-        config = json.loads(str(arrays["config_json"]))
-        if config.get("backend") != "numpyro":
-            raise ValueError(f"{path} was written by the {config.get('backend')} backend, not numpyro")
-        meta = {"step": int(arrays["step"]), "elapsed": float(arrays["elapsed"]), "config": config,
-                "history": json.loads(str(arrays["history_json"]))}
+        def load(p):
+            with np.load(p, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+
+        arrays = read_file(path, load, what="checkpoint", fix=CHECKPOINT_FIX)
+        if "manifest" not in arrays:
+            raise CheckpointError(path, "it is not a checkpoint written by fit (no manifest)", CHECKPOINT_FIX)
+        try:
+            manifest = json.loads(str(arrays.pop("manifest")))
+        except ValueError:
+            raise CheckpointError(path, "its manifest is damaged", CHECKPOINT_FIX) from None
+        verify_manifest(path, arrays, manifest, kind="checkpoint", backend="numpyro", require_finite=True)
+        meta = {"step": int(arrays["step"]), "elapsed": float(arrays["elapsed"]),
+                "config": json.loads(str(arrays["config_json"])), "history": json.loads(str(arrays["history_json"]))}
         return arrays, meta
 
     def setup(self, idx: np.ndarray, payload) -> list[str]:
@@ -165,15 +194,17 @@ class _NumPyroTrainer:
             leaves, treedef = jax.tree_util.tree_flatten(state)
             saved = sorted((k for k in payload if k.startswith(_STATE)), key=lambda k: int(k[len(_STATE):]))
             if len(saved) != len(leaves):
-                raise ValueError(f"cannot resume: the checkpoint's SVI state has {len(saved)} arrays, the model, "
-                                 f"guide and optimizer here make {len(leaves)} (changed prefixes in lr, or a "
-                                 "different model or guide?)")
+                raise CheckpointError(self.plan.checkpoint_path, f"its SVI state has {len(saved)} arrays, the model, "
+                                      f"guide and optimizer here make {len(leaves)}", "Resume with the model, guide "
+                                      "and lr prefixes that wrote it, or start afresh with resume=False")
             restored = []
             for key, leaf in zip(saved, leaves):
                 value = payload[key]
                 if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
-                    raise ValueError(f"cannot resume: SVI state array {key} has {value.dtype}{list(value.shape)} "
-                                     f"in the checkpoint, {np.asarray(leaf).dtype}{list(np.shape(leaf))} here")
+                    raise CheckpointError(self.plan.checkpoint_path, f"its SVI state array {key} is "
+                                          f"{value.dtype}{list(value.shape)}, the model, guide and optimizer here make "
+                                          f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}", "Resume with the model "
+                                          "and guide that wrote it, or start afresh with resume=False")
                 restored.append(jnp.asarray(value))
             state = jax.tree_util.tree_unflatten(treedef, restored)
             for prefix, obj in ((_GUIDE, self.guide), (_MODEL, self.model)):
@@ -183,15 +214,23 @@ class _NumPyroTrainer:
         self.state = state
         return names
 
-    def step(self, step: int, idx: np.ndarray) -> tuple[float, bool]:
-        new_state, loss, finite = self._update(self.state, self.data, jnp.asarray(idx, dtype=jnp.int32))
-        loss, finite = float(loss), bool(finite)
-        if np.isfinite(loss) and finite:
+    def step(self, step: int, idx: np.ndarray) -> StepReport:
+        new_state, loss, params_finite, state_finite, norm = self._update(self.state, self.data,
+                                                                         jnp.asarray(idx, dtype=jnp.int32))
+        report = StepReport(float(loss), float(norm), bool(params_finite), bool(state_finite))
+        if np.isfinite(report.loss) and report.params_finite and report.state_finite:
             self.state = new_state
-        return loss, finite
+        return report
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, value in sorted(_flat_params(self.svi.get_params(self.state)).items()):
+            if self.plan.lr.rate(name) > 0:
+                h.update(np.ascontiguousarray(value).tobytes())
+        return h.hexdigest()
 
     def save(self, f, meta: dict) -> None:
-        arrays = {"format": np.array(meta["format"]), "step": np.array(meta["step"]),
+        arrays = {"step": np.array(meta["step"]),
                   "epoch": np.array(meta["epoch"]), "elapsed": np.array(meta["elapsed"]),
                   "history_json": np.array(json.dumps(meta["history"])),
                   "config_json": np.array(json.dumps(meta["config"]))}
@@ -200,7 +239,8 @@ class _NumPyroTrainer:
         for prefix, obj in ((_GUIDE, self.guide), (_MODEL, None if self.model is self.guide else self.model)):
             for key, value in (_extra_state(obj) or {}).items():
                 arrays[prefix + key] = value
-        np.savez(f, **arrays)
+        manifest = make_manifest(arrays, kind="checkpoint", backend="numpyro", config=meta["config"])
+        np.savez(f, manifest=np.array(json.dumps(manifest)), **arrays)
 
     def result(self):
         return _flat_params(self.svi.get_params(self.state)), self.state
@@ -219,8 +259,9 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
         batch_size: int = 100, lr: float | Mapping[str, float] = 1e-4, betas: Sequence[float] = (0.5, 0.999),
         lr_decay: float = 1.0, clip_norm: float | None = None, loss: Any = None, seed: int = 0,
         out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
-        progress: bool = True, pass_index: bool = False,
-        callback: Callable[[dict], Any] | None = None, init_params: Mapping | None = None) -> FitResult:
+        progress: bool = True, pass_index: bool = False, callback: Callable[[dict], Any] | None = None,
+        init_params: Mapping | None = None, health: bool | TrainingHealth = True,
+        keep_checkpoints: int = 3) -> FitResult:
     """Train a NumPyro model and guide with NumPyro's ``SVI`` (jitted updates) on minibatches of ``data``.
 
     Parameters
@@ -259,9 +300,12 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     out : str or Path, optional
         Directory for ``checkpoint.npz`` and ``history.json``; nothing is written when ``None``.
     checkpoint_every : int, optional
-        Write a checkpoint every this many updates (needs ``out``); one is always written at the end.
+        Write a checkpoint every this many updates (needs ``out``); one is always written at the end. Each
+        checkpoint carries a manifest (format version, backend, package version, config hash, every array's
+        dtype and shape, a checksum) that is verified when it is read.
     resume : bool
-        Continue from ``out/checkpoint.npz`` if it exists (else start afresh). The result is bit-identical to a
+        Continue from ``out/checkpoint.npz`` if it exists (else start afresh); a damaged or non-finite
+        ``checkpoint.npz`` is passed over, with a warning, for the newest kept one. The result is bit-identical to a
         run that was never interrupted: the whole ``SVIState`` (parameters, optimizer state with its step count,
         mutable state, RNG key) and ``guide.state_dict()`` (if the guide has one) are restored. ``seed``,
         ``batch_size`` and the data's shapes (and their tuple or dict structure) must match; learning-rate values,
@@ -281,6 +325,12 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
         the optimizer state starts afresh). Only param sites that exist at init are set (a pytree site only when
         all its leaves are given); other names are ignored, and sites not named keep their own initial values.
         Ignored on resume (the checkpoint holds the parameters).
+    health : bool or TrainingHealth
+        The checks that stop a training gone wrong beyond non-finite values (a loss or gradient norm that jumps
+        by orders of magnitude, parameters that stop changing): ``True`` (default) with the default settings of
+        :class:`~tilted_priors.inference.numpyro.TrainingHealth`, ``False`` for none, or your own settings.
+    keep_checkpoints : int
+        How many checkpoints to keep: ``checkpoint.npz`` and the previous ones as ``checkpoint-<step>.npz``.
 
     Returns
     -------
@@ -294,8 +344,13 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     Raises
     ------
     TrainingDiverged
-        When a loss or a parameter becomes non-finite (checked on the values the jitted update returns): the
-        diverged state is dropped, not checkpointed, and the last good checkpoint stays on disk.
+        When a loss, a parameter or the optimizer's state becomes non-finite (checked on the values the jitted
+        update returns) or a health check fails: the diverged state is dropped, not checkpointed, and the last
+        good checkpoint stays on disk.
+    CheckpointError
+        On resume, when no checkpoint of ``out`` can be used (damaged, of the other backend, of another model).
+    RunFolderLocked
+        When another process is training into ``out``.
     ValueError, TypeError
         For bad arguments (non-finite or empty data, data arrays of different lengths, a batch size outside
         ``[1, N]``, both or neither of ``epochs``/``num_steps``, learning rates <= 0, a prefix that names no
@@ -327,7 +382,8 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     plan = make_plan(data, epochs=epochs, num_steps=num_steps, batch_size=batch_size, lr=lr, betas=betas,
                      lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
                      resume=resume, progress=progress, pass_index=pass_index, callback=callback,
-                     loss_name=type(loss).__name__, backend="numpyro", checkpoint_name="checkpoint.npz")
+                     loss_name=type(loss).__name__, backend="numpyro", checkpoint_name="checkpoint.npz",
+                     health=health, keep_checkpoints=keep_checkpoints)
     if init_params is not None and not isinstance(init_params, Mapping):
         raise TypeError(f"init_params must be a mapping of param site names to values, got "
                         f"{type(init_params).__name__}")

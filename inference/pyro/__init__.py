@@ -15,9 +15,12 @@ from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors.inference.pyro.nce import NoiseContrastive
 from tilted_priors.inference.pyro.posthoc import PosthocResult, posthoc_tilt
 from tilted_priors.inference.pyro.reparam import FlowBackbone
-from tilted_priors.inference.pyro.train import FitResult, TrainingDiverged, fit
+from tilted_priors.inference.pyro.train import FitResult, TrainingDiverged, TrainingHealth, fit
+from tilted_priors.inference.checkpoints import CheckpointError
+from tilted_priors.inference.files import RunFolderLocked
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixtureGuide", "RecursiveMixtureELBO",
            "fit_recursive", "NoiseContrastive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged",
+           "TrainingHealth", "CheckpointError", "RunFolderLocked",
            "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate",
            "posthoc_tilt", "PosthocResult"]

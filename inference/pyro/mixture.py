@@ -23,7 +23,7 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
-from tilted_priors.inference._training import stage_settings
+from tilted_priors.inference._plan import stage_settings
 from tilted_priors.inference.pyro.guides import AmortizedGuide, _is_subsample, _make_plates, _per_member, _select, _Site
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors.inference.pyro.train import FitResult, fit

@@ -22,7 +22,7 @@ from pyro import poutine
 
 from tilted_priors.inference._posthoc import (PosthocResult, check_draws, check_options, guide_batches,
                                              site_error)
-from tilted_priors.inference._training import check_data
+from tilted_priors.inference._plan import check_data
 from tilted_priors.inference.pyro.handlers import find_tilted, tilt
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors.inference.pyro.nce import NoiseContrastive

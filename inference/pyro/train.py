@@ -4,6 +4,8 @@ metrics history and a progress bar. The NumPyro twin is :func:`tilted_priors.inf
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,11 +20,13 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import PyroOptim
 from pyro.poutine.util import site_is_subsample
 
-from tilted_priors.inference._training import (FitResult, TrainingDiverged, TrainingPlan, make_plan, no_latents_error,
-                                                run_training)
+from tilted_priors.inference._health import TrainingHealth
+from tilted_priors.inference._plan import TrainingPlan, make_plan, no_latents_error
+from tilted_priors.inference._training import CHECKPOINT_FIX, FitResult, StepReport, TrainingDiverged, run_training
+from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import flatten_state, unflatten_state
 
-__all__ = ["fit", "FitResult", "TrainingDiverged"]
+__all__ = ["fit", "FitResult", "TrainingDiverged", "TrainingHealth"]
 
 
 class _FitAdam(PyroOptim):
@@ -33,6 +37,7 @@ class _FitAdam(PyroOptim):
     def __init__(self, plan: TrainingPlan):
         self.plan = plan
         self.step_index = 0
+        self.grad_norm: torch.Tensor | None = None  # global norm of the last update's gradients, before clipping
         super().__init__(torch.optim.Adam, self._args)
 
     def _args(self, module_name, param_name):  # replaced by _get_optim_args; kept for PyroOptim's checks
@@ -49,7 +54,10 @@ class _FitAdam(PyroOptim):
         store = pyro.get_param_store()
         params = sorted(params, key=store.param_name)  # a fixed order: the global norm sums in it
         if self.plan.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.plan.clip_norm)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.plan.clip_norm)
+        else:
+            grads = [p.grad.detach().reshape(-1) for p in params if p.grad is not None]
+            self.grad_norm = torch.linalg.vector_norm(torch.cat(grads)) if grads else None
         for p in params:
             optimizer = self.optim_objs.get(p)
             if optimizer is None:
@@ -128,6 +136,10 @@ def _nonfinite_as_floating_point_error():
         raise
 
 
+def _as_numpy(value) -> np.ndarray | None:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else None
+
+
 def _derived_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
 
@@ -160,10 +172,17 @@ class _PyroTrainer:
         return args, ({**kwargs, "index": index} if self.plan.pass_index else kwargs)
 
     def read(self, path: Path):
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
-        if ckpt.get("format") is None or ckpt.get("config", {}).get("backend") != "pyro":
-            raise ValueError(f"{path} is not a Pyro checkpoint written by fit")
-        return ckpt, ckpt
+        ckpt = read_file(path, lambda p: torch.load(p, weights_only=True, map_location="cpu"), what="checkpoint",
+                         fix=CHECKPOINT_FIX)
+        if not isinstance(ckpt, dict) or "manifest" not in ckpt or "payload" not in ckpt:
+            raise CheckpointError(path, "it is not a checkpoint written by fit (no manifest)", CHECKPOINT_FIX)
+        try:
+            manifest = json.loads(ckpt["manifest"])
+        except (TypeError, ValueError):
+            raise CheckpointError(path, "its manifest is damaged", CHECKPOINT_FIX) from None
+        verify_manifest(path, ckpt["payload"], manifest, kind="checkpoint", backend="pyro", as_array=_as_numpy,
+                        require_finite=True)
+        return ckpt["payload"], ckpt["payload"]
 
     def setup(self, idx: np.ndarray, payload) -> list[str]:
         # Run the loss once so that every parameter exists (AutoGuides and pyro.module create them lazily);
@@ -190,14 +209,16 @@ class _PyroTrainer:
         unconstrained = dict(store.named_parameters())
         missing = sorted(set(payload["params"]) - set(unconstrained))
         if missing:
-            raise ValueError(f"cannot resume: the checkpoint holds parameters {missing!r} that the model and guide "
-                             "did not create")
+            raise CheckpointError(self.plan.checkpoint_path, f"it holds parameters {missing!r} that the model and "
+                                  "guide did not create", "Resume with the model and guide that wrote it, or start "
+                                  "afresh with resume=False")
         with torch.no_grad():
             for name, value in payload["params"].items():
                 target = unconstrained[name]
                 if target.shape != value.shape:
-                    raise ValueError(f"cannot resume: parameter {name!r} has shape {tuple(target.shape)}, the "
-                                     f"checkpoint's has {tuple(value.shape)}")
+                    raise CheckpointError(self.plan.checkpoint_path, f"its parameter {name!r} has shape "
+                                          f"{tuple(value.shape)}, the model's has {tuple(target.shape)}", "Resume "
+                                          "with the model and guide that wrote it, or start afresh with resume=False")
                 target.copy_(value)
         self.optim.set_state(payload["optim"])
         for key, obj in (("guide_state", self.guide), ("model_state", self.model)):
@@ -206,13 +227,25 @@ class _PyroTrainer:
         _set_rng_state(payload["rng"])
         return self.names
 
-    def step(self, step: int, idx: np.ndarray) -> tuple[float, bool]:
+    def step(self, step: int, idx: np.ndarray) -> StepReport:
         self.optim.step_index = step
         args, kwargs = self._kwargs(idx)
         with _nonfinite_as_floating_point_error():
             loss = float(self.svi.step(*args, **kwargs))
-        finite = all(bool(torch.isfinite(p).all()) for p in self.optim.optim_objs)
-        return loss, finite
+        params = list(self.optim.optim_objs)
+        moments = [v for opt in self.optim.optim_objs.values() for state in opt.state.values()
+                   for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim()]
+        checks = torch.stack([torch.isfinite(t).all() for t in params + moments]).tolist() if params else []
+        norm = None if self.optim.grad_norm is None else float(self.optim.grad_norm)
+        return StepReport(loss, norm, all(checks[:len(params)]), all(checks[len(params):]))
+
+    def fingerprint(self) -> str:
+        store = pyro.get_param_store()
+        h = hashlib.sha256()
+        for name in self._param_names():
+            if self.plan.lr.rate(name) > 0:
+                h.update(store[name].detach().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     def _param_names(self) -> list[str]:
         store = pyro.get_param_store()
@@ -227,7 +260,9 @@ class _PyroTrainer:
         ckpt["rng"] = _rng_state()
         ckpt["guide_state"] = _module_extra_state(self.guide)
         ckpt["model_state"] = None if self.model is self.guide else _module_extra_state(self.model)
-        torch.save(ckpt, f)
+        manifest = make_manifest(ckpt, kind="checkpoint", backend="pyro", config=meta["config"],
+                                 as_array=_as_numpy)
+        torch.save({"manifest": json.dumps(manifest), "payload": ckpt}, f)
 
     def result(self):
         store = pyro.get_param_store()
@@ -269,8 +304,8 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
         batch_size: int = 100, lr: float | Mapping[str, float] = 1e-4, betas: Sequence[float] = (0.5, 0.999),
         lr_decay: float = 1.0, clip_norm: float | None = None, loss: Any = None, seed: int = 0,
         out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
-        progress: bool = True, pass_index: bool = False,
-        callback: Callable[[dict], Any] | None = None) -> FitResult:
+        progress: bool = True, pass_index: bool = False, callback: Callable[[dict], Any] | None = None,
+        health: bool | TrainingHealth = True, keep_checkpoints: int = 3) -> FitResult:
     """Train a Pyro model and guide with Pyro's ``SVI`` on minibatches of ``data``.
 
     Parameters
@@ -310,9 +345,12 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     out : str or Path, optional
         Directory for ``checkpoint.pt`` and ``history.json``; nothing is written when ``None``.
     checkpoint_every : int, optional
-        Write a checkpoint every this many updates (needs ``out``); one is always written at the end.
+        Write a checkpoint every this many updates (needs ``out``); one is always written at the end. Each
+        checkpoint carries a manifest (format version, backend, package version, config hash, every array's
+        dtype and shape, a checksum) that is verified when it is read.
     resume : bool
-        Continue from ``out/checkpoint.pt`` if it exists (else start afresh). The result is bit-identical to a run
+        Continue from ``out/checkpoint.pt`` if it exists (else start afresh); a damaged or non-finite
+        ``checkpoint.pt`` is passed over, with a warning, for the newest kept one. The result is bit-identical to a run
         that was never interrupted: parameters, Adam moments and step counts, the schedule's position, the RNG
         states and ``guide.state_dict()`` (if the guide has one) are restored. ``seed``, ``batch_size`` and the
         data's shapes (and their tuple or dict structure) must match; learning rates, ``clip_norm`` and the length
@@ -325,6 +363,12 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     callback : callable, optional
         Called after every update with the history record (a dict); returning ``True`` stops training (a final
         checkpoint is still written).
+    health : bool or TrainingHealth
+        The checks that stop a training gone wrong beyond non-finite values (a loss or gradient norm that jumps
+        by orders of magnitude, parameters that stop changing): ``True`` (default) with the default settings of
+        :class:`~tilted_priors.inference.pyro.TrainingHealth`, ``False`` for none, or your own settings.
+    keep_checkpoints : int
+        How many checkpoints to keep: ``checkpoint.pt`` and the previous ones as ``checkpoint-<step>.pt``.
 
     Returns
     -------
@@ -338,8 +382,13 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     Raises
     ------
     TrainingDiverged
-        When a loss or a parameter becomes non-finite, or a sampler raises ``ChainDivergenceError``: the state
-        is not checkpointed and the last good checkpoint stays on disk (the message names it).
+        When a loss, a parameter or Adam's state becomes non-finite, a health check fails, or a sampler raises
+        ``ChainDivergenceError``: the state is not checkpointed and the last good checkpoint stays on disk (the
+        message names it).
+    CheckpointError
+        On resume, when no checkpoint of ``out`` can be used (damaged, of the other backend, of another model).
+    RunFolderLocked
+        When another process is training into ``out``.
     ValueError, TypeError
         For bad arguments (non-finite or empty data, data arrays of different lengths, a batch size outside
         ``[1, N]``, both or neither of ``epochs``/``num_steps``, learning rates <= 0, a prefix that names no
@@ -374,5 +423,6 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     plan = make_plan(data, epochs=epochs, num_steps=num_steps, batch_size=batch_size, lr=lr, betas=betas,
                      lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
                      resume=resume, progress=progress, pass_index=pass_index, callback=callback,
-                     loss_name=type(loss).__name__, backend="pyro", checkpoint_name="checkpoint.pt")
+                     loss_name=type(loss).__name__, backend="pyro", checkpoint_name="checkpoint.pt", health=health,
+                     keep_checkpoints=keep_checkpoints)
     return _trained(run_training(plan, _PyroTrainer(model, guide, loss, plan)), model, guide)

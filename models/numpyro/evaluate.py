@@ -7,6 +7,7 @@ with those weights (:meth:`~tilted_priors.models.numpyro.lebm.LatentVariableMode
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import numpyro.distributions as dist
 from flax import nnx
 from numpyro import handlers
 
+from tilted_priors.inference.checkpoints import expect_arrays, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import atomic_write, flatten_state, unflatten_state
 from tilted_priors.inference.numpyro import ShortRunPosterior
 from tilted_priors.models.metrics import log_mean_exp
+from tilted_priors.models.runfolder import MANIFEST, WEIGHTS_FIX, check_weights_config, manifest_of
 from tilted_priors.numpyro import MALA, AnnealedImportance, Unnormalized
 
 __all__ = ["trained", "save_params", "load_params", "sample_images", "reconstruct", "log_likelihood"]
@@ -36,8 +39,14 @@ def trained(lvm, result):
                             if f"{name}$params" in nested})
 
 
-def save_params(lvm, path: str | os.PathLike) -> Path:
-    """Write the networks' weights as a flat ``.npz`` (atomic; arrays only).
+def _flat(lvm) -> dict:
+    return {k: np.asarray(v) for k, v in flatten_state(
+        {name: nnx.to_pure_dict(nnx.state(module, nnx.Param)) for name, module in _modules(lvm).items()}).items()}
+
+
+def save_params(lvm, path: str | os.PathLike, *, config: dict | None = None) -> Path:
+    """Write the networks' weights as a flat ``.npz`` (atomic; arrays only) with a manifest (see
+    :mod:`tilted_priors.inference.checkpoints`); ``config``, the settings that built the networks, is recorded.
 
     Examples
     --------
@@ -51,16 +60,32 @@ def save_params(lvm, path: str | os.PathLike) -> Path:
     True
     """
     path = Path(path)
-    flat = flatten_state({name: nnx.to_pure_dict(nnx.state(module, nnx.Param)) for name, module in _modules(lvm).items()})
-    flat = {k: np.asarray(v) for k, v in flat.items()}
-    atomic_write(path, lambda f: np.savez(f, **flat))
+    flat = _flat(lvm)
+    manifest = make_manifest(flat, kind="weights", backend="numpyro", config=config)
+    atomic_write(path, lambda f: np.savez(f, **{MANIFEST: np.array(json.dumps(manifest))}, **flat))
     return path
 
 
-def load_params(lvm, path: str | os.PathLike):
-    """The model with the weights of a :func:`save_params` file (``allow_pickle=False``)."""
-    with np.load(Path(path), allow_pickle=False) as f:
-        nested = unflatten_state({k: jnp.asarray(f[k]) for k in f.files}, int_keys=True)
+def load_params(lvm, path: str | os.PathLike, *, config: dict | None = None):
+    """The model with the weights of a :func:`save_params` file (``allow_pickle=False``).
+
+    The file's manifest is verified and every array must be one of ``lvm``'s networks with the same shape and
+    dtype, and with ``config`` given, the file must have been written for the same settings; otherwise
+    :class:`~tilted_priors.inference.checkpoints.CheckpointError`.
+    """
+    path = Path(path)
+
+    def load(p):
+        with np.load(p, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    arrays = read_file(path, load, what="weights file", fix=WEIGHTS_FIX)
+    manifest = manifest_of(path, arrays.pop(MANIFEST, None))
+    verify_manifest(path, arrays, manifest, kind="weights", backend="numpyro")
+    check_weights_config(path, manifest, config)
+    expect_arrays(path, {k: (v.dtype.name, v.shape) for k, v in arrays.items()},
+                  {k: (v.dtype.name, v.shape) for k, v in _flat(lvm).items()}, fix=WEIGHTS_FIX)
+    nested = unflatten_state({k: jnp.asarray(v) for k, v in arrays.items()}, int_keys=True)
     return lvm.with_params({f"{name}$params": nested[name] for name in _modules(lvm) if name in nested})
 
 

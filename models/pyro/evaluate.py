@@ -13,6 +13,7 @@ Its expectation is a lower bound of :math:`\log p(x)` when :math:`\log\hat Z` is
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,9 +22,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from tilted_priors.inference.checkpoints import expect_arrays, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import atomic_write
 from tilted_priors.inference.pyro import ShortRunPosterior
 from tilted_priors.models.metrics import log_mean_exp
+from tilted_priors.models.runfolder import MANIFEST, WEIGHTS_FIX, check_weights_config, manifest_of
 from tilted_priors.pyro import MALA, AnnealedImportance, Unnormalized
 
 __all__ = ["trained", "save_params", "load_params", "sample_images", "reconstruct", "log_likelihood"]
@@ -48,8 +51,19 @@ def trained(lvm, result):
     return lvm
 
 
-def save_params(lvm, path: str | os.PathLike) -> Path:
-    """Write the networks' weights as a flat ``{"<module>.<param>": tensor}`` file (atomic; tensors only).
+def _state(lvm) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.detach().cpu().clone() for name, m in _modules(lvm).items()
+            for k, v in m.state_dict().items()}
+
+
+def _as_numpy(value):
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else None
+
+
+def save_params(lvm, path: str | os.PathLike, *, config: dict | None = None) -> Path:
+    """Write the networks' weights as a flat ``{"<module>.<param>": tensor}`` file (atomic; tensors only) with a
+    manifest (see :mod:`tilted_priors.inference.checkpoints`); ``config``, the settings that built the networks, is
+    recorded.
 
     Examples
     --------
@@ -61,14 +75,30 @@ def save_params(lvm, path: str | os.PathLike) -> Path:
     True
     """
     path = Path(path)
-    state = {f"{name}.{k}": v.detach().clone() for name, m in _modules(lvm).items() for k, v in m.state_dict().items()}
-    atomic_write(path, lambda f: torch.save(state, f))
+    state = _state(lvm)
+    manifest = make_manifest(state, kind="weights", backend="pyro", config=config, as_array=_as_numpy)
+    atomic_write(path, lambda f: torch.save({MANIFEST: json.dumps(manifest), **state}, f))
     return path
 
 
-def load_params(lvm, path: str | os.PathLike):
-    """Load weights written by :func:`save_params` into ``lvm``'s networks (``weights_only``: no pickled code)."""
-    state = torch.load(Path(path), weights_only=True)
+def load_params(lvm, path: str | os.PathLike, *, config: dict | None = None):
+    """Load weights written by :func:`save_params` into ``lvm``'s networks (``weights_only``: no pickled code).
+
+    The file's manifest is verified and every tensor must be one of ``lvm``'s with the same shape and dtype, and
+    with ``config`` given, the file must have been written for the same settings; otherwise
+    :class:`~tilted_priors.inference.checkpoints.CheckpointError`.
+    """
+    path = Path(path)
+    state = read_file(path, lambda p: torch.load(p, weights_only=True, map_location="cpu"), what="weights file",
+                      fix=WEIGHTS_FIX)
+    if not isinstance(state, dict):
+        state = {}
+    manifest = manifest_of(path, state.pop(MANIFEST, None))
+    verify_manifest(path, state, manifest, kind="weights", backend="pyro", as_array=_as_numpy)
+    check_weights_config(path, manifest, config)
+    expect_arrays(path, {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()},
+                  {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in _state(lvm).items()},
+                  fix=WEIGHTS_FIX)
     for name, module in _modules(lvm).items():
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from tilted_priors.inference._training import TrainingDiverged, batch_order
+from tilted_priors.inference._plan import batch_order
+from tilted_priors.inference._training import TrainingDiverged
 from tilted_priors.inference.files import atomic_write
 from tilted_priors import ChainDivergenceError
 
@@ -74,7 +75,7 @@ class PyroSide:
         return model, (lambda x: None), ("frozen_a", "moving_b")
 
     def load(self, path) -> dict:
-        ckpt = self.torch.load(path, weights_only=True)
+        ckpt = self.torch.load(path, weights_only=True)["payload"]
         return {"step": ckpt["step"], "params": {k: v.numpy() for k, v in ckpt["params"].items()}}
 
 
@@ -241,7 +242,8 @@ def test_interrupted_run_loses_nothing(side, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _run(side, num_steps=10, out=tmp_path / "b", checkpoint_every=3, callback=crash, **RESUME_KW)
     assert side.load(tmp_path / "b" / side.ckpt)["step"] == 6
-    assert sorted(os.listdir(tmp_path / "b")) == sorted([side.ckpt, "history.json"])
+    backup = side.ckpt.replace(".", "-000003.")  # the previous checkpoint is kept
+    assert sorted(os.listdir(tmp_path / "b")) == sorted([side.ckpt, backup, "history.json"])
     side.fresh()
     resumed = _run(side, num_steps=10, out=tmp_path / "b", checkpoint_every=3, resume=True, **RESUME_KW)
     _assert_identical(straight, resumed)
@@ -291,7 +293,9 @@ def test_divergence_raises_and_keeps_last_good_checkpoint(side, tmp_path, nan_in
     assert all(np.all(np.isfinite(v)) for v in ckpt["params"].values())
     history = json.loads((tmp_path / "history.json").read_text())["history"]
     assert len(history) == err.checkpoint_step and all(np.isfinite(r["loss"]) for r in history)
-    assert sorted(os.listdir(tmp_path)) == sorted([side.ckpt, "history.json"])
+    kept = [side.ckpt.replace(".", f"-{s:06d}.") for s in range(err.checkpoint_step - 4, err.checkpoint_step, 2)
+            if s > 0]  # the two checkpoints before the last are kept too
+    assert sorted(os.listdir(tmp_path)) == sorted([side.ckpt, "history.json", *kept])
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
@@ -366,7 +370,7 @@ def test_pyro_guide_state_and_index_survive_resume(tmp_path):
     resumed, g2 = run(tmp_path / "b", 10, resume=True)
     _assert_identical(straight, resumed)
     assert torch.equal(g1.memory, g2.memory) and g1.memory.abs().sum() > 0
-    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["guide_state"]
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["payload"]["guide_state"]
     assert torch.equal(saved["memory"], g2.memory)
 
 

@@ -1,0 +1,155 @@
+"""Training health, backend-free: the checks ``fit`` runs after every update beyond "is it finite".
+
+:class:`TrainingHealth` holds the settings (``fit(..., health=...)``); :class:`HealthMonitor` applies them to the
+stream of losses, gradient norms and parameter fingerprints that a backend reports, and returns the reason when
+training went wrong (``fit`` raises :class:`~tilted_priors.inference.pyro.TrainingDiverged` with it).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import numpy as np
+
+__all__ = ["TrainingHealth", "HealthMonitor", "health_settings"]
+
+
+@dataclass(frozen=True)
+class TrainingHealth:
+    r"""What ``fit`` treats as a training gone wrong, besides non-finite losses, parameters and optimizer state.
+
+    After ``min_history`` updates, with :math:`m` the median and :math:`s` the median absolute deviation of the
+    last ``window`` finite values:
+
+    - **loss jump**: :math:`|\ell_t - m| > \text{loss\_jump} \cdot \max(|m|, s, 1)`: the loss moved by orders of
+      magnitude against its running scale (a runaway, e.g. a learning rate far too large, or a normalizer whose
+      estimate of :math:`\log Z` collapsed);
+    - **gradient jump**: the global gradient norm (before clipping) exceeds ``grad_jump`` times its running
+      median; skipped when ``fit`` clips gradients (``clip_norm``), which is the remedy for rare large gradients;
+    - **stalled parameters**: no parameter with a positive learning rate changed over ``stall_steps`` updates
+      (e.g. optimizer moments that became infinite, or a loss that does not depend on the parameters).
+
+    Any of these stops training with ``TrainingDiverged`` naming the step, the quantity and what to change; the
+    diverged state is not checkpointed. Give ``None`` to switch one check off, or ``fit(..., health=False)`` to
+    keep only the non-finite checks.
+
+    Parameters
+    ----------
+    loss_jump : float or None
+        Factor of the loss-jump check (default ``1e3``: three orders of magnitude).
+    grad_jump : float or None
+        Factor of the gradient-norm check (default ``1e3``).
+    window : int
+        Number of recent updates that set the running scale.
+    min_history : int
+        Updates before the jump checks start.
+    stall_steps : int or None
+        Updates over which some trainable parameter must change.
+
+    Examples
+    --------
+    >>> TrainingHealth(loss_jump=1e4).loss_jump, TrainingHealth().stall_steps
+    (10000.0, 100)
+    """
+
+    loss_jump: float | None = 1e3
+    grad_jump: float | None = 1e3
+    window: int = 50
+    min_history: int = 5
+    stall_steps: int | None = 100
+
+    def __post_init__(self):
+        for name in ("loss_jump", "grad_jump"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 1:
+                    raise ValueError(f"TrainingHealth: {name} must be a finite number > 1 (a factor) or None to "
+                                     f"switch the check off, got {value!r}")
+                object.__setattr__(self, name, float(value))
+        for name, low in (("window", 2), ("min_history", 1), ("stall_steps", 1)):
+            value = getattr(self, name)
+            if value is None and name == "stall_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+                raise ValueError(f"TrainingHealth: {name} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+
+def health_settings(health) -> TrainingHealth | None:
+    """``fit``'s ``health`` argument as settings: ``True`` the defaults, ``False``/``None`` no extra checks."""
+    if health is True:
+        return TrainingHealth()
+    if health is False or health is None:
+        return None
+    if isinstance(health, TrainingHealth):
+        return health
+    raise TypeError(f"health must be True, False or a TrainingHealth(...), got {health!r}")
+
+
+_FIX_LR = "lower the learning rate (or that of the group that diverged) or set clip_norm"
+
+
+class HealthMonitor:
+    """Applies :class:`TrainingHealth` to one training; each ``check_*`` returns ``None`` or the reason (a str).
+
+    Examples
+    --------
+    >>> monitor = HealthMonitor(TrainingHealth(min_history=3), clipped=False)
+    >>> [monitor.check_step(loss, 1.0) for loss in (10.0, 9.0, 8.5, 8.0)]
+    [None, None, None, None]
+    >>> monitor.check_step(-4e6, 1.0)[:44]
+    'the loss jumped to -4e+06 against a running'
+    """
+
+    def __init__(self, settings: TrainingHealth | None, *, clipped: bool):
+        self.settings = settings
+        self.clipped = clipped
+        size = settings.window if settings is not None else 1
+        self.losses: deque = deque(maxlen=size)
+        self.norms: deque = deque(maxlen=size)
+        self.fingerprint = None
+        self.fingerprint_step = None
+
+    def check_step(self, loss: float, grad_norm: float | None) -> str | None:
+        """Check one update's loss and global gradient norm (``None`` when the backend does not report it)."""
+        s = self.settings
+        if s is None:
+            return None
+        reason = None
+        if s.loss_jump is not None and len(self.losses) >= s.min_history:
+            history = np.asarray(self.losses)
+            m = float(np.median(history))
+            scale = max(abs(m), float(np.median(np.abs(history - m))), 1.0)
+            if abs(loss - m) > s.loss_jump * scale:
+                reason = (f"the loss jumped to {loss:.4g} against a running median of {m:.4g} over the last "
+                          f"{len(history)} updates (more than {s.loss_jump:g} times its scale {scale:.3g}): the "
+                          f"training is running away; {_FIX_LR}, or check the normalizer (Importance and "
+                          "AnnealedImportance are meant for evaluation)")
+        if reason is None and grad_norm is not None and math.isfinite(grad_norm) and s.grad_jump is not None \
+                and not self.clipped and len(self.norms) >= s.min_history:
+            m = float(np.median(np.asarray(self.norms)))
+            if m > 0 and grad_norm > s.grad_jump * m:
+                reason = (f"the gradient norm jumped to {grad_norm:.4g}, more than {s.grad_jump:g} times its running "
+                          f"median {m:.3g}; {_FIX_LR} (e.g. clip_norm={max(10 * m, 1e-3):.3g})")
+        self.losses.append(float(loss))
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self.norms.append(float(grad_norm))
+        return reason
+
+    def wants_fingerprint(self, step: int) -> bool:
+        """Whether the stall check needs the trainable parameters' fingerprint after update ``step`` (1-based)."""
+        s = self.settings
+        return s is not None and s.stall_steps is not None and step % s.stall_steps == 0
+
+    def check_fingerprint(self, step: int, fingerprint) -> str | None:
+        """Compare the fingerprint of the trainable parameters with the one ``stall_steps`` updates earlier."""
+        previous, previous_step = self.fingerprint, self.fingerprint_step
+        self.fingerprint, self.fingerprint_step = fingerprint, step
+        if previous is None or fingerprint is None or previous != fingerprint:
+            return None
+        return (f"no trainable parameter changed from step {previous_step} to step {step}: the optimizer's state "
+                "may be non-finite or saturated, or the loss may not depend on the parameters (check that the "
+                "networks are registered with pyro.module / nnx_module and used in the loss); resume from an earlier "
+                "checkpoint or train afresh")
