@@ -20,14 +20,15 @@ __all__ = ["TrainingHealth", "HealthMonitor", "health_settings"]
 class TrainingHealth:
     r"""What ``fit`` treats as a training gone wrong, besides non-finite losses, parameters and optimizer state.
 
-    After ``min_history`` updates, with :math:`m` the median and :math:`s` the median absolute deviation of the
-    last ``window`` finite values:
+    With :math:`m` the median and :math:`s` the median absolute deviation of the last ``window`` finite values
+    (from the second update on, so the first update's loss is the first reference):
 
     - **loss jump**: :math:`|\ell_t - m| > \text{loss\_jump} \cdot \max(|m|, s, 1)`: the loss moved by orders of
       magnitude against its running scale (a runaway, e.g. a learning rate far too large, or a normalizer whose
       estimate of :math:`\log Z` collapsed);
-    - **gradient jump**: the global gradient norm (before clipping) exceeds ``grad_jump`` times its running
-      median; skipped when ``fit`` clips gradients (``clip_norm``), which is the remedy for rare large gradients;
+    - **gradient jump**, after ``min_history`` updates: the global gradient norm (before clipping) exceeds
+      ``grad_jump`` times its running median; skipped when ``fit`` clips gradients (``clip_norm``), which is the
+      remedy for rare large gradients;
     - **stalled parameters**: no parameter with a positive learning rate changed over ``stall_steps`` updates
       (e.g. optimizer moments that became infinite, or a loss that does not depend on the parameters).
 
@@ -44,7 +45,7 @@ class TrainingHealth:
     window : int
         Number of recent updates that set the running scale.
     min_history : int
-        Updates before the jump checks start.
+        Updates before the gradient-norm check starts.
     stall_steps : int or None
         Updates over which some trainable parameter must change.
 
@@ -57,7 +58,7 @@ class TrainingHealth:
     loss_jump: float | None = 1e3
     grad_jump: float | None = 1e3
     window: int = 50
-    min_history: int = 5
+    min_history: int = 10
     stall_steps: int | None = 100
 
     def __post_init__(self):
@@ -96,10 +97,10 @@ class HealthMonitor:
 
     Examples
     --------
-    >>> monitor = HealthMonitor(TrainingHealth(min_history=3), clipped=False)
+    >>> monitor = HealthMonitor(TrainingHealth(), clipped=False)
     >>> [monitor.check_step(loss, 1.0) for loss in (10.0, 9.0, 8.5, 8.0)]
     [None, None, None, None]
-    >>> monitor.check_step(-4e6, 1.0)[:44]
+    >>> monitor.check_step(-4e6, 1.0)[:43]
     'the loss jumped to -4e+06 against a running'
     """
 
@@ -118,7 +119,7 @@ class HealthMonitor:
         if s is None:
             return None
         reason = None
-        if s.loss_jump is not None and len(self.losses) >= s.min_history:
+        if s.loss_jump is not None and self.losses:
             history = np.asarray(self.losses)
             m = float(np.median(history))
             scale = max(abs(m), float(np.median(np.abs(history - m))), 1.0)

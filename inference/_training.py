@@ -223,6 +223,13 @@ def _run(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
     ckpt = plan.checkpoint_path
     config = plan.config()
     start, history, elapsed, payload = 0, [], 0.0, None
+    if ckpt is not None:
+        others = sorted(p.name for p in plan.out.glob("checkpoint*") if p.suffix in (".pt", ".npz")
+                        and p.suffix != ckpt.suffix)
+        if others:
+            raise CheckpointError(plan.out, f"it holds another backend's checkpoint(s) ({', '.join(others)}), and this "
+                                            f"run uses {plan.backend}", "Give another out= folder (one run per "
+                                            "folder), or train with the backend that wrote them")
     good_ckpt = good_step = None
     own = False  # whether the folder's checkpoints are this run's (else the first write removes them)
     ckpt_step = None  # the step that ckpt holds, when it is this run's and can be used

@@ -123,9 +123,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 @contextmanager
-def _nonfinite_as_floating_point_error():
+def _nonfinite_as_floating_point_error(training: bool = False):
     """Pyro's distribution validation is how non-finite numbers usually surface in a Pyro model: turn its
-    ``ValueError`` about nan/inf values into a ``FloatingPointError`` (the divergence guard's signal)."""
+    ``ValueError`` about nan/inf values into a ``FloatingPointError`` (the divergence guard's signal). While
+    ``training`` (after the set-up run succeeded), any parameter a distribution refuses (e.g. a scale that
+    underflowed to 0) means the parameters drifted out of range: also a ``FloatingPointError``."""
     try:
         yield
     except ValueError as err:
@@ -133,6 +135,9 @@ def _nonfinite_as_floating_point_error():
         if "found invalid values" in message and ("nan" in message or "inf" in message):
             raise FloatingPointError("non-finite values reached a distribution: " + message.splitlines()[0]) \
                 from err
+        if training and "found invalid values" in message:
+            raise FloatingPointError("a distribution received values outside its support (the parameters drifted "
+                                     "out of range): " + message.splitlines()[0].rstrip(":")) from err
         raise
 
 
@@ -230,7 +235,7 @@ class _PyroTrainer:
     def step(self, step: int, idx: np.ndarray) -> StepReport:
         self.optim.step_index = step
         args, kwargs = self._kwargs(idx)
-        with _nonfinite_as_floating_point_error():
+        with _nonfinite_as_floating_point_error(training=True):
             loss = float(self.svi.step(*args, **kwargs))
         params = list(self.optim.optim_objs)
         moments = [v for opt in self.optim.optim_objs.values() for state in opt.state.values()
