@@ -25,7 +25,7 @@ from tilted_priors.inference.checkpoints import CheckpointError, iter_candidates
 from tilted_priors.inference.files import atomic_write, run_lock
 
 __all__ = ["TrainingDiverged", "FitResult", "StepReport", "TrainerBackend", "write_history", "run_training",
-           "CHECKPOINT_FIX"]
+           "CHECKPOINT_FIX", "warn_evaluation_normalizers"]
 
 HISTORY_FILE = "history.json"
 # Settings a resumed run must share with the run that wrote the checkpoint (they fix the minibatch order).
@@ -140,6 +140,18 @@ class FitResult:
         same parameter names. NumPyro: nothing to do (the parameters travel with :attr:`model` and
         :attr:`guide`).
         """
+
+
+def warn_evaluation_normalizers(found: dict) -> None:
+    """Warn that the tilted sites ``found`` (site -> normalizer class name) train with a normalizer meant for
+    evaluation (``Importance``, ``AnnealedImportance``)."""
+    if found:
+        listed = ", ".join(f"{site!r} ({name})" for site, name in sorted(found.items()))
+        warnings.warn(f"fit: the tilted site(s) {listed} use a normalizer meant for evaluation: its estimate of log Z "
+                      "from a finite number of draws is biased and its gradient noisy, so training with it can run "
+                      "away. Train with Contrastive (the default), SelfNormalized or NoiseContrastive, and estimate "
+                      "log Z with Importance or AnnealedImportance afterwards (handlers.normalizer).", UserWarning,
+                      stacklevel=4)
 
 
 def write_history(path, history: list, config: dict) -> None:

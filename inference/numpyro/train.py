@@ -19,7 +19,8 @@ from numpyro.optim import optax_to_numpyro
 
 from tilted_priors.inference._health import TrainingHealth
 from tilted_priors.inference._plan import TrainingPlan, make_plan, no_latents_error
-from tilted_priors.inference._training import CHECKPOINT_FIX, FitResult, StepReport, TrainingDiverged, run_training
+from tilted_priors.inference._training import (CHECKPOINT_FIX, FitResult, StepReport, TrainingDiverged, run_training,
+                                                warn_evaluation_normalizers)
 from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import flatten_state, unflatten_state
 
@@ -124,6 +125,30 @@ def _empty_guide(*args, **kwargs) -> None:
     return None
 
 
+def _evaluation_normalizers(model, rng_key, args: tuple, kwargs: dict) -> dict:
+    """The model's tilted sites whose normalizer is meant for evaluation: ``{site: class name}``. The model runs
+    once with every latent site set to zeros (no chain runs: only the distributions are looked at)."""
+    from tilted_priors.inference.numpyro.handlers import find_tilted
+    from tilted_priors.numpyro import AnnealedImportance, Importance
+
+    def zeros(site):
+        if site["type"] != "sample" or site["is_observed"]:
+            return None
+        return jnp.zeros(site["fn"].shape(site["kwargs"].get("sample_shape", ())), dtype=jnp.result_type(float))
+
+    try:
+        trace = handlers.trace(handlers.substitute(handlers.seed(model, rng_key), substitute_fn=zeros)).get_trace(
+            *args, **kwargs)
+    except Exception:  # the model cannot run on zeros: the warning is best effort, training will tell
+        return {}
+    found = {}
+    for name, site in trace.items():
+        tilted = find_tilted(site["fn"]) if site["type"] == "sample" else None
+        if tilted is not None and isinstance(tilted.normalizer, (Importance, AnnealedImportance)):
+            found[name] = type(tilted.normalizer).__name__
+    return found
+
+
 def _latent_sites(model, rng_key, args: tuple, kwargs: dict) -> list[str]:
     trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*args, **kwargs)
     return [name for name, site in trace.items()
@@ -183,6 +208,8 @@ class _NumPyroTrainer:
             latents = _latent_sites(self.model, jax.random.PRNGKey(self.plan.seed), args, kwargs)
             if latents:
                 raise no_latents_error(latents)
+        warn_evaluation_normalizers(_evaluation_normalizers(self.model, jax.random.PRNGKey(self.plan.seed), args,
+                                                            kwargs))
         # A fresh state from the seed: the run's initial state, or on resume the template whose tree structure
         # receives the checkpoint's leaves.
         state = self.svi.init(jax.random.PRNGKey(self.plan.seed), *args, **kwargs)

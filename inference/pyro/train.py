@@ -22,7 +22,8 @@ from pyro.poutine.util import site_is_subsample
 
 from tilted_priors.inference._health import TrainingHealth
 from tilted_priors.inference._plan import TrainingPlan, make_plan, no_latents_error
-from tilted_priors.inference._training import CHECKPOINT_FIX, FitResult, StepReport, TrainingDiverged, run_training
+from tilted_priors.inference._training import (CHECKPOINT_FIX, FitResult, StepReport, TrainingDiverged, run_training,
+                                                warn_evaluation_normalizers)
 from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import flatten_state, unflatten_state
 
@@ -154,6 +155,20 @@ def _empty_guide(*args, **kwargs) -> None:
     return None
 
 
+def _evaluation_normalizers(model, args: tuple, kwargs: dict) -> dict:
+    """The model's tilted sites whose normalizer is meant for evaluation: ``{site: class name}``."""
+    from tilted_priors.inference.pyro.handlers import find_tilted
+    from tilted_priors.pyro import AnnealedImportance, Importance
+
+    trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(*args, **kwargs)
+    found = {}
+    for name, site in trace.nodes.items():
+        tilted = find_tilted(site["fn"]) if site["type"] == "sample" else None
+        if tilted is not None and isinstance(tilted.normalizer, (Importance, AnnealedImportance)):
+            found[name] = type(tilted.normalizer).__name__
+    return found
+
+
 def _latent_sites(model, args: tuple, kwargs: dict) -> list[str]:
     trace = poutine.trace(model).get_trace(*args, **kwargs)
     return [name for name, site in trace.nodes.items()
@@ -207,6 +222,8 @@ class _PyroTrainer:
                 guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
                 poutine.replay(self.model, trace=guide_trace)(*args, **kwargs)
         self.names = sorted(tr.trace.nodes)
+        with _nonfinite_as_floating_point_error():
+            warn_evaluation_normalizers(_evaluation_normalizers(self.model, args, kwargs))
         store = pyro.get_param_store()
         if payload is None:
             pyro.set_rng_seed(_derived_seed(self.plan.seed))

@@ -144,3 +144,42 @@ def test_a_second_writer_is_refused_and_a_killed_ones_lock_frees_itself(side, tm
     side.fresh()
     assert _run(side, num_steps=2, out=tmp_path, **KW).steps == 2  # the dead holder's lock is free
     assert not (tmp_path / ".lock").exists()
+
+
+def _importance_model(side):
+    if side.name == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from tilted_priors.pyro import EnergyTiltedNormal, Importance
+
+        def model(x):
+            w = pyro.param("w", torch.ones(()))
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", EnergyTiltedNormal(lambda z: w * (z ** 2).sum(-1), torch.zeros(2), torch.ones(2),
+                                                        normalizer=Importance(8)))
+                pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+        return model
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    from tilted_priors.numpyro import EnergyTiltedNormal, Importance
+
+    def model(x):
+        w = numpyro.param("w", jnp.ones(()))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", EnergyTiltedNormal(lambda z: w * (z ** 2).sum(-1), jnp.zeros(2), jnp.ones(2),
+                                                       normalizer=Importance(8)))
+            numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+    return model
+
+
+def test_training_with_an_evaluation_normalizer_warns(side):
+    """Importance and AnnealedImportance estimate log Z for evaluation; training with them is warned about."""
+    model = _importance_model(side)
+    side.fresh()
+    with pytest.warns(UserWarning, match="'z' \\(Importance\\) use a normalizer meant for evaluation"):
+        side.fit(model, side.auto_guide(model), np.zeros((8, 2), np.float32), num_steps=1, batch_size=4,
+                 progress=False)
