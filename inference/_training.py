@@ -206,8 +206,8 @@ def _latest_checkpoint(path: Path, backend: TrainerBackend):
             errors.append(err)
             continue
         if errors:
-            warnings.warn(f"{'; '.join(str(e) for e in errors)} -- resuming from {candidate} (step {meta['step']}) "
-                          "instead", stacklevel=4)
+            warnings.warn(f"resuming from {candidate} (step {meta['step']}): the newer checkpoint(s) cannot be used: "
+                          + "; ".join(f"{e.path}: {e.problem}" for e in errors), stacklevel=4)
         return candidate, payload, meta
     if errors:
         raise CheckpointError(path, "no checkpoint of this run can be used: " + "; ".join(
