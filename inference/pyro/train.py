@@ -57,8 +57,8 @@ class _FitAdam(PyroOptim):
         if self.plan.clip_norm is not None:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.plan.clip_norm)
         else:
-            grads = [p.grad.detach().reshape(-1) for p in params if p.grad is not None]
-            self.grad_norm = torch.linalg.vector_norm(torch.cat(grads)) if grads else None
+            norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
+            self.grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
         for p in params:
             optimizer = self.optim_objs.get(p)
             if optimizer is None:
