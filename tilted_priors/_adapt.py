@@ -35,6 +35,24 @@ suggests: on a quadratic log density of curvature :math:`L` a Langevin step mult
 :math:`1 - h^2 L / 2`, so the chain is stable only for :math:`h < 2/\sqrt L`; :func:`suggested_step_size` gives
 half of that, :math:`1/\sqrt{\hat L}` (a margin for a probe that underestimates :math:`L`), and at most half the
 step size that diverged.
+
+**Runaway chains.** An unstable step need not overflow: on a quadratic it multiplies the distance to the mode by
+:math:`|1 - h^2 L/2|` per step, and the chains can end at :math:`10^{10}` in float32 (:math:`10^{100}` in float64)
+with a finite log density. Every sampler therefore checks its final positions :math:`z` once per ``run`` (one
+reduction on the device, read with the divergence check: no per-step synchronisation) and calls the chains *out
+of range* when
+
+- the log density is that of a tilted distribution (its ``annealed_log_density``), whose base has a finite mean
+  :math:`m` and standard deviation :math:`s`: :math:`\max_i |z_i - m_i| / s_i > R`, the chains :math:`R` base
+  standard deviations out (a tilt that moves the mass that far would cost :math:`R^2/2 = 5\cdot 10^{11}` nats of
+  base density);
+- otherwise: :math:`\max_i |z_i| > R\,(1 + \max_i |z_{0,i}|)`, :math:`z_0` the initial positions (the ``1 +``
+  keeps chains started at 0, or with a tiny jitter, from being judged on a scale of 0),
+
+with :math:`R` = :data:`RANGE_FACTOR` :math:`= 10^6`, far beyond any draw of a proper target started from
+reasonable points and far below where float32 overflows. They then warn with
+:class:`~tilted_priors.ChainRangeWarning` (``strict=True``: raise :class:`~tilted_priors.ChainDivergenceError`).
+A :class:`Persistent` sampler keeps the :math:`z_0` of its first call (a slow drift over many calls is seen too).
 """
 from __future__ import annotations
 
@@ -44,7 +62,8 @@ from numbers import Real
 from tilted_priors._validation import check_probability, check_step_size
 
 __all__ = ["AUTO", "TARGET_ACCEPT", "STABILITY_CAP", "PROBE_RADIUS", "warmup_steps", "check_step_size_or_auto",
-           "check_target_accept", "format_step_size", "suggested_step_size", "STUCK_RATIO", "stuck_message"]
+           "check_target_accept", "format_step_size", "suggested_step_size", "STUCK_RATIO", "stuck_message",
+           "RANGE_FACTOR"]
 
 #: The value of ``step_size`` that asks for adaptation.
 AUTO = "auto"
@@ -61,6 +80,9 @@ STABILITY_CAP = {"mala": 2.5, "ula": 0.8}
 
 #: Size of the probe displacement relative to the chains' spread.
 PROBE_RADIUS = 1e-2
+
+#: Chains farther out than this many reference scales have run away (see "Runaway chains" above).
+RANGE_FACTOR = 1e6
 
 
 def warmup_steps(steps: int) -> int:

@@ -7,6 +7,7 @@ the same functional core as the prior's samplers (:mod:`tilted_priors.numpyro.la
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -22,8 +23,10 @@ from numpyro.infer.util import ParamInfo, initialize_model
 from numpyro.util import identity, is_prng_key
 
 from tilted_priors.inference.numpyro.handlers import normalizer
+from tilted_priors._adapt import RANGE_FACTOR
 from tilted_priors._validation import (check_dense_mass, check_mass_matrix_shapes, check_probability,
                                        check_step_size, mass_matrix_blocks)
+from tilted_priors.errors import ChainRangeWarning
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro import langevin
 
@@ -117,6 +120,8 @@ class LangevinKernelState(NamedTuple):
     - **diverging** — whether the last proposal diverged: non-finite, or a log-ratio below :math:`-1000`.
     - **adapt_state** — a :class:`LangevinAdaptState`.
     - **rng_key** — the chain's PRNG key.
+    - **range_scale** — :math:`1 + \\max|z_0|` over the flattened starting point :math:`z_0`: a state farther than
+      :math:`10^6` times this from 0 has run away (the rule of :mod:`tilted_priors._adapt`).
     """
 
     i: jax.Array
@@ -129,6 +134,17 @@ class LangevinKernelState(NamedTuple):
     diverging: jax.Array
     adapt_state: LangevinAdaptState
     rng_key: jax.Array
+    range_scale: jax.Array | None = None
+
+
+def _range_ratio(state: LangevinKernelState) -> jax.Array:
+    """Per chain (shape ``()`` or ``(num_chains,)``): ``max|z| / range_scale`` over the unconstrained latents."""
+    batch = jnp.shape(state.i)
+    leaves = [jnp.abs(leaf).reshape(batch + (-1,)) for leaf in jax.tree.leaves(state.z) if jnp.size(leaf)]
+    if not leaves:
+        return jnp.zeros(batch)
+    top = jnp.max(jnp.concatenate(leaves, -1), -1, initial=0.0)
+    return top / state.range_scale
 
 
 class Langevin(MCMCKernel):
@@ -181,6 +197,13 @@ class Langevin(MCMCKernel):
     rejects it and stays put. ULA keeps it — the chain's values become ``inf``/``nan`` from there on, and since
     nothing can be raised inside NumPyro's compiled loop, check ``mcmc.get_extra_fields()["diverging"]`` (always
     collected, as for HMC) or lower ``step_size`` / use MALA.
+
+    **Runaway chains.** A proposal farther than :math:`10^6 (1 + \max|z_0|)` from 0 in unconstrained space
+    (:math:`z_0` the starting point, the rule of :mod:`tilted_priors._adapt`) also sets ``diverging``: an unstable
+    step can run away without ever overflowing. When a chain's state gets there the kernel warns once per run
+    with :class:`~tilted_priors.ChainRangeWarning`, naming the step, through a host callback
+    (:func:`jax.debug.callback`) that the compiled loop only calls in that case; the check itself is one
+    reduction per step on the device.
 
     Parameters
     ----------
@@ -265,6 +288,7 @@ class Langevin(MCMCKernel):
         self._potential_fn_gen = None
         self._postprocess_fn = None
         self._sample_fn = None
+        self._range_warned = False
 
     # --- MCMCKernel interface ----------------------------------------------------------------------------
     @property
@@ -422,10 +446,12 @@ class Langevin(MCMCKernel):
             adapt_state = LangevinAdaptState(*ss_init(jnp.log((10.0 if self._adjusted else 1.0) * step_size)),
                                              *factors, mm_init(self._mm_size), jnp.array(0))
             zero = jnp.zeros((), dtype)
+            range_scale = (1.0 + jnp.max(jnp.abs(flat), initial=0.0)).astype(dtype)
             return LangevinKernelState(jnp.array(0), z, -state.logdensity, unravel(-state.logdensity_grad),
-                                       step_size, zero, zero, jnp.zeros((), bool), adapt_state, key)
+                                       step_size, zero, zero, jnp.zeros((), bool), adapt_state, key, range_scale)
 
         self._sample_fn = self._sample_one
+        self._range_warned = False
         if vectorized:
             return jax.vmap(init_one)(init_params, rng_key)
         return init_one(init_params, rng_key)
@@ -433,8 +459,33 @@ class Langevin(MCMCKernel):
     def sample(self, state: LangevinKernelState, model_args, model_kwargs) -> LangevinKernelState:
         """One Langevin transition (all chains at once when ``state`` is batched, i.e. vectorized chains)."""
         if jnp.ndim(state.i) > 0:
-            return jax.vmap(self._sample_one, in_axes=(0, None, None))(state, model_args, model_kwargs)
-        return self._sample_one(state, model_args, model_kwargs)
+            new = jax.vmap(self._sample_one, in_axes=(0, None, None))(state, model_args, model_kwargs)
+        else:
+            new = self._sample_one(state, model_args, model_kwargs)
+        if new.range_scale is not None:
+            self._check_range(new)
+        return new
+
+    def _check_range(self, state: LangevinKernelState) -> None:
+        """Call :meth:`_report_range` from the compiled loop when some chain's state is out of range."""
+        ratio = _range_ratio(state)  # per chain
+        worst = jnp.max(ratio)
+
+        def report():
+            jax.debug.callback(self._report_range, jnp.max(state.i), worst, jnp.sum(ratio > RANGE_FACTOR),
+                               jnp.max(state.step_size), jnp.max(state.range_scale))
+
+        lax.cond(worst > RANGE_FACTOR, report, lambda: None)
+
+    def _report_range(self, step, worst, num_out, step_size, range_scale) -> None:
+        """Host side of the range check: warn once per run."""
+        if self._range_warned:
+            return
+        self._range_warned = True
+        reference = f"times 1 + max|z_0| (= {float(range_scale):.3g}) from 0 in unconstrained space"
+        name = f"Langevin ({'MALA' if self._adjusted else 'ULA'})"
+        warnings.warn(ChainRangeWarning(name, int(step), float(worst), int(num_out), step_size=float(step_size),
+                                        reference=reference, kernel=True), stacklevel=2)
 
     # --- one chain -----------------------------------------------------------------------------------------
     def _sample_one(self, state: LangevinKernelState, model_args, model_kwargs) -> LangevinKernelState:
@@ -455,9 +506,12 @@ class Langevin(MCMCKernel):
         else:
             new = langevin.proposal(key_proposal, current, log_density, h)
             log_ratio = langevin.log_acceptance_ratio(current, new, h)
-        # Non-finite, or a log-ratio below -1000 (the threshold HMC puts on its energy error; Pyro's kernel too).
+        # Non-finite, or a log-ratio below -1000 (the threshold HMC puts on its energy error; Pyro's kernel too),
+        # or out of range (finite but run away: see tilted_priors._adapt).
         diverging = ~(jnp.isfinite(new.logdensity) & jnp.all(jnp.isfinite(new.position))
                       & jnp.all(jnp.isfinite(new.logdensity_grad)) & (log_ratio >= -_MAX_LOG_RATIO_ERROR))
+        if state.range_scale is not None:
+            diverging = diverging | (jnp.max(jnp.abs(new.position), initial=0.0) > RANGE_FACTOR * state.range_scale)
         if self._adjusted:
             nxt, info = langevin.metropolis_accept(key_accept, current, new, log_ratio)
             accept_prob = info.acceptance_rate
@@ -486,7 +540,8 @@ class Langevin(MCMCKernel):
         n = jnp.where(warming, itr, itr - self._num_warmup)
         mean_accept_prob = state.mean_accept_prob + (accept_prob - state.mean_accept_prob) / n
         return LangevinKernelState(itr, unravel(nxt.position), -nxt.logdensity, unravel(-nxt.logdensity_grad),
-                                   step_size, accept_prob, mean_accept_prob, diverging, adapt_state, rng_key)
+                                   step_size, accept_prob, mean_accept_prob, diverging, adapt_state, rng_key,
+                                   state.range_scale)
 
     def _preconditioned_proposal(self, rng_key: jax.Array, current: langevin.LangevinState, log_density: Callable,
                                  h: jax.Array, adapt: LangevinAdaptState) -> tuple[langevin.LangevinState, jax.Array]:

@@ -1,4 +1,5 @@
-"""Registering Flax NNX modules as NumPyro param sites (shared by the ready-made models).
+"""Registering Flax NNX modules as NumPyro param sites (shared by the ready-made models), and finding energies
+whose modules were never registered (so that training would leave them untouched).
 
 The twin of :mod:`tilted_priors.inference.pyro.modules`: Pyro's ``register_module`` puts a torch module's tensors in
 the param store and trains the module in place; NumPyro keeps parameters in the ``SVI`` state, so here the module's
@@ -6,11 +7,17 @@ parameters become one pytree param site and the function returns a copy of the m
 """
 from __future__ import annotations
 
+import warnings
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+from numpyro import handlers
 from numpyro.contrib.module import nnx_module
 
-__all__ = ["register_module"]
+__all__ = ["register_module", "warn_unregistered_modules"]
 
 
 def register_module(name: str, module: nnx.Module) -> nnx.Module:
@@ -85,3 +92,103 @@ def register_module(name: str, module: nnx.Module) -> nnx.Module:
 def _flat(tree) -> dict[tuple[str, ...], object]:
     """``{path: leaf}`` of a nested dict, keys as strings (a restored checkpoint may spell list indices so)."""
     return {tuple(map(str, path)): leaf for path, leaf in traverse_util.flatten_dict(dict(tree)).items()}
+
+
+class _NoChain:
+    """A sampler that returns its starting points: traces for structure need no chains."""
+
+    def run(self, rng_key, log_density, init, **kwargs):
+        return init
+
+
+def _fresh_param(msg):
+    """``substitute_fn`` giving every param site a fresh copy of its initial value (as SVI gives the values it
+    trains): a module holds arrays of a param site only when the model took them from ``numpyro.param``."""
+    if msg["type"] != "param":
+        return None
+    init = msg["args"][0] if msg["args"] else None
+    if init is None or callable(init):
+        return None
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), init)
+
+
+def _energy_module(energy) -> nnx.Module | None:
+    """The NNX module behind an energy: the energy itself, or the module of a bound method (``net.energy``)."""
+    if isinstance(energy, nnx.Module):
+        return energy
+    owner = getattr(energy, "__self__", None)
+    return owner if isinstance(owner, nnx.Module) else None
+
+
+def warn_unregistered_modules(model: Callable, guide: Callable | None, args: tuple = (),
+                              kwargs: dict | None = None) -> list[str]:
+    """Warn about tilted priors whose energy is a Flax NNX module that is not registered as a param site.
+
+    SVI trains the model's param sites; a :class:`flax.nnx.Module` used as the energy of an
+    :class:`~tilted_priors.numpyro.EnergyTilted` without :func:`register_module` (or
+    :func:`numpyro.contrib.module.nnx_module`) keeps its initial weights, silently. This runs ``model`` and ``guide``
+    once each under ``handlers.trace(handlers.substitute(handlers.seed(...)))``, hidden by
+    :func:`numpyro.handlers.block`, with the tilted priors' samplers replaced by one that returns its starting
+    points (no chain runs), and every param site given a fresh copy of its initial value, as SVI gives the values it
+    trains. A registered module is the copy :func:`register_module` returns, holding those values; a module used
+    as it was built holds its own arrays. So for every sample site whose distribution is, or wraps, an
+    ``EnergyTilted`` whose energy is an NNX module with parameters (or a method of one), it checks by identity that
+    each ``nnx.Param`` array is a leaf of some param site's value; for each site where some are not, it warns once
+    with a :class:`UserWarning` naming the site and the fix.
+
+    Meant for the training loop, after its first SVI step; it has no side effect (NumPyro's parameters live in
+    the SVI state, and the randomness here comes from a fixed seed).
+
+    Parameters
+    ----------
+    model, guide : callable
+        The model and guide given to SVI (``guide`` may be ``None``).
+    args, kwargs
+        Their arguments.
+
+    Returns
+    -------
+    list of str
+        The names of the sites it warned about (empty when every energy module is registered).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpyro
+    >>> from tilted_priors.numpyro import EnergyTiltedNormal, EnergyMLP
+    >>> net = EnergyMLP(2, rngs=nnx.Rngs(0))
+    >>> def model():
+    ...     energy = register_module("energy", net)
+    ...     numpyro.sample("z", EnergyTiltedNormal(energy, jnp.zeros(2), jnp.ones(2)))
+    >>> warn_unregistered_modules(model, None)
+    []
+    """
+    from tilted_priors.inference.numpyro.handlers import find_tilted, sampler  # handlers -> tilt -> this module
+
+    kwargs = {} if kwargs is None else kwargs
+    sites: dict[str, nnx.Module] = {}
+    registered: set[int] = set()
+    for fn in (model, guide):
+        if fn is None:
+            continue
+        with handlers.block():
+            traced = handlers.substitute(handlers.seed(sampler(fn, _NoChain()), 0), substitute_fn=_fresh_param)
+            trace = handlers.trace(traced).get_trace(*args, **kwargs)
+        for name, site in trace.items():
+            if site["type"] == "param":
+                registered.update(id(leaf) for leaf in jax.tree.leaves(site["value"]))
+            elif site["type"] == "sample":
+                tilted = find_tilted(site["fn"])
+                module = None if tilted is None else _energy_module(tilted.energy)
+                if module is not None and name not in sites:
+                    sites[name] = module
+    warned = []
+    for name, module in sites.items():
+        params = jax.tree.leaves(nnx.state(module, nnx.Param))
+        if params and any(id(p) not in registered for p in params):
+            warned.append(name)
+            warnings.warn(f"the energy of site {name!r} is a Flax NNX module ({type(module).__name__}) whose "
+                          "parameters are not registered as a param site, so fit will not train them; register it "
+                          "in the model with energy = register_module('energy', net) (from "
+                          "tilted_priors.inference.numpyro.modules, or numpyro.contrib.module.nnx_module) and use the "
+                          "module it returns as the energy", UserWarning, stacklevel=2)
+    return warned

@@ -23,6 +23,7 @@ from tilted_priors.inference._training import (CHECKPOINT_FIX, FitResult, StepRe
                                                 warn_evaluation_normalizers)
 from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import flatten_state, unflatten_state
+from tilted_priors.inference.numpyro.modules import warn_unregistered_modules
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "TrainingHealth"]
 
@@ -217,6 +218,7 @@ class _NumPyroTrainer:
             init_params = _nest_params(self.init_params, self.svi.get_params(state))
             state = self.svi.init(jax.random.PRNGKey(self.plan.seed), *args, init_params=init_params, **kwargs)
         names = sorted(self.svi.optim.get_params(state.optim_state))
+        warn_unregistered_modules(self.model, self.guide, args, kwargs)
         if payload is not None:
             leaves, treedef = jax.tree_util.tree_flatten(state)
             saved = sorted((k for k in payload if k.startswith(_STATE)), key=lambda k: int(k[len(_STATE):]))

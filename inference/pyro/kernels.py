@@ -7,6 +7,7 @@ models unchanged); so do ``az.from_pyro`` and ``MCMC.summary`` / ``MCMC.diagnost
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from typing import Callable
 
@@ -21,7 +22,8 @@ from pyro.util import optional
 from tilted_priors.inference.pyro.handlers import normalizer
 from tilted_priors._validation import (check_dense_mass, check_mass_matrix_shapes, check_probability,
                                        check_step_size, mass_matrix_blocks)
-from tilted_priors.errors import ChainDivergenceError
+from tilted_priors._adapt import RANGE_FACTOR
+from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro import Unnormalized, langevin
 
 __all__ = ["Langevin"]
@@ -125,6 +127,12 @@ class Langevin(MCMCKernel):
     rejected and counted in ``diagnostics()["divergences"]`` (indices of post-warm-up draws, read by
     ``az.from_pyro`` as ``diverging``). An unadjusted chain cannot reject: when its state becomes non-finite the
     kernel raises :class:`~tilted_priors.ChainDivergenceError` naming the step.
+
+    **Runaway chains.** A chain that stays finite but leaves any reasonable range (an unstable step size that stops
+    short of overflowing) warns once per run with :class:`~tilted_priors.ChainRangeWarning`, naming the first step
+    at which the state was farther than :math:`10^6 (1 + \max|z_0|)` from 0 in unconstrained space (:math:`z_0`
+    the starting point; the rule of :mod:`tilted_priors._adapt`). The check is read with the step's acceptance
+    ratio, which every step reads anyway: no extra synchronisation.
 
     Parameters
     ----------
@@ -230,6 +238,8 @@ class Langevin(MCMCKernel):
         self._mean_accept_prob = 0.0
         self._divergences: list[int] = []
         self._state: langevin.LangevinState | None = None
+        self._origin: torch.Tensor | None = None  # 1 + max|z_0|, the scale of the range rule
+        self._range_warned = False
         self._names: list[str] = []
         self._shapes: list[torch.Size] = []
         self._sizes: list[int] = []
@@ -289,6 +299,8 @@ class Langevin(MCMCKernel):
             return
         self._state = langevin.init(self._flatten(params), self._log_density)
         self._check_finite(self._state, 0)
+        self._origin = 1.0 + self._state.position.abs().amax()
+        self._range_warned = False
 
     def _check_finite(self, state: langevin.LangevinState, step: int) -> None:
         # One reduction and one sync: the sum is non-finite iff some term is (or the chain ran away).
@@ -407,10 +419,26 @@ class Langevin(MCMCKernel):
                 if not self._preconditioned:
                     log_ratio = langevin.log_acceptance_ratio(state, new, h)
                 self._state, accepted = new, True
-        log_ratio = float(log_ratio)
+        log_ratio = self._read(log_ratio, t + 1)
         params = self._unflatten(self._state.position)
         self._record(math.exp(min(log_ratio, 0.0)), accepted, log_ratio, params)
         return params
+
+    def _read(self, log_ratio: torch.Tensor, step: int) -> float:
+        """The step's log-ratio as a float, read together with the range check of the new state (one transfer);
+        warns with :class:`~tilted_priors.ChainRangeWarning` the first time the state is out of range."""
+        if self._range_warned or self._origin is None:
+            return float(log_ratio)
+        position = self._state.position
+        worst = position.abs().amax() / self._origin.to(position)
+        log_ratio, worst = torch.stack([log_ratio.reshape(()).to(position.dtype), worst]).tolist()
+        if worst > RANGE_FACTOR:
+            self._range_warned = True
+            reference = f"times 1 + max|z_0| (= {float(self._origin):.3g}) from 0 in unconstrained space"
+            warning = ChainRangeWarning(self.name, step, worst, 1, step_size=self._step_size, reference=reference,
+                                        kernel=True)
+            warnings.warn(warning, stacklevel=3)
+        return log_ratio
 
     @property
     def _preconditioned(self) -> bool:

@@ -26,6 +26,7 @@ from tilted_priors.inference._training import (CHECKPOINT_FIX, FitResult, StepRe
                                                 warn_evaluation_normalizers)
 from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import flatten_state, unflatten_state
+from tilted_priors.inference.pyro.modules import warn_unregistered_modules
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "TrainingHealth"]
 
@@ -224,6 +225,7 @@ class _PyroTrainer:
         self.names = sorted(tr.trace.nodes)
         with _nonfinite_as_floating_point_error():
             warn_evaluation_normalizers(_evaluation_normalizers(self.model, args, kwargs))
+            warn_unregistered_modules(self.model, self.guide, args, kwargs)
         store = pyro.get_param_store()
         if payload is None:
             pyro.set_rng_seed(_derived_seed(self.plan.seed))

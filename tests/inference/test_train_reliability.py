@@ -183,3 +183,40 @@ def test_training_with_an_evaluation_normalizer_warns(side):
     with pytest.warns(UserWarning, match="'z' \\(Importance\\) use a normalizer meant for evaluation"):
         side.fit(model, side.auto_guide(model), np.zeros((8, 2), np.float32), num_steps=1, batch_size=4,
                  progress=False)
+
+
+def test_an_energy_network_that_is_never_registered_warns(side):
+    """An energy module not registered as parameters would keep its initial weights: fit says so."""
+    if side.name == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal
+
+        net = EnergyMLP(2)
+
+        def model(x):
+            pyro.param("scale", torch.ones(()))
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", EnergyTiltedNormal(net, torch.zeros(2), torch.ones(2)))
+                pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+    else:
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+        from flax import nnx
+
+        from tilted_priors.numpyro import EnergyMLP, EnergyTiltedNormal
+
+        net = EnergyMLP(2, rngs=nnx.Rngs(0))
+
+        def model(x):
+            numpyro.param("scale", jnp.ones(()))
+            with numpyro.plate("data", x.shape[0]):
+                z = numpyro.sample("z", EnergyTiltedNormal(net, jnp.zeros(2), jnp.ones(2)))
+                numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+    side.fresh()
+    with pytest.warns(UserWarning, match="'z'.*not registered"):
+        side.fit(model, side.auto_guide(model), np.zeros((8, 2), np.float32), num_steps=1, batch_size=4,
+                 progress=False)

@@ -15,7 +15,7 @@ from tilted_priors._extras import require
 
 require("numpyro", "tilted_priors.numpyro")
 
-from tilted_priors.errors import ChainDivergenceError
+from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.numpyro.distributions import EnergyTilted, EnergyTiltedNormal
 from tilted_priors.numpyro.energies import EnergyMLP
 from tilted_priors.numpyro.normalizers import (AnnealedImportance, Contrastive, Importance, LogZEstimate,
@@ -27,4 +27,5 @@ __all__ = [
     "EnergyTilted", "EnergyTiltedNormal", "EnergyMLP",
     "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized", "LearnedLogZ", "LogZEstimate",
     "ShortRunLangevin", "MALA", "Persistent", "SamplerInfo", "SIR", "SIRInfo", "ChainDivergenceError",
+    "ChainRangeWarning",
 ]

@@ -17,10 +17,12 @@ are ``stop_gradient``-ed).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from tilted_priors._validation import check_energy_shape
@@ -52,6 +54,14 @@ def value_and_grad(logdensity_fn: LogDensityFn, position: jax.Array) -> tuple[ja
     One reverse pass: :func:`jax.value_and_grad` of the log density summed over the chains (chains are
     independent, so the gradient of the sum is the per-chain gradient).
 
+    Raises
+    ------
+    TypeError
+        When ``logdensity_fn`` returns a Python number or a NumPy array (it cannot depend on ``z``), or calls NumPy
+        on ``z`` (JAX traces it: write it with :mod:`jax.numpy`).
+    ValueError
+        When it returns an array of another shape than the chains' ``(...)``.
+
     Examples
     --------
     >>> import jax.numpy as jnp
@@ -62,13 +72,51 @@ def value_and_grad(logdensity_fn: LogDensityFn, position: jax.Array) -> tuple[ja
     position = jnp.asarray(position)
 
     def total(z):
-        lp = logdensity_fn(z)
+        try:
+            lp = logdensity_fn(z)
+        except jax.errors.TracerArrayConversionError as err:
+            raise TypeError(_numpy_message(logdensity_fn, err)) from err
+        if isinstance(lp, (int, float, np.ndarray, np.generic)):
+            raise TypeError(_not_an_array_message(lp, tuple(z.shape)))
         if jnp.shape(lp) != z.shape[:-1]:
             check_energy_shape("the log density", tuple(z.shape), tuple(jnp.shape(lp)))
         return jnp.sum(lp), lp
 
     (_, lp), grad = jax.value_and_grad(total, has_aux=True)(lax.stop_gradient(position))
     return lax.stop_gradient(lp), lax.stop_gradient(grad)
+
+
+def _not_an_array_message(value, shape: tuple) -> str:
+    kind = "a Python float" if isinstance(value, float) else f"a {type(value).__module__}.{type(value).__qualname__}"
+    return (f"log_density must return an array of shape {shape[:-1]} (one value per chain: it maps (..., d) to "
+            f"(...)), got {kind}: build it with jax.numpy operations on z (e.g. -0.5 * (z ** 2).sum(-1)), not with "
+            "Python or NumPy numbers, so that its gradient reaches z")
+
+
+def _numpy_message(logdensity_fn, err: Exception) -> str:
+    """The error for a log density (or the energy inside it) that calls NumPy on JAX's traced arrays."""
+    args = getattr(logdensity_fn, "args", ())
+    energy = getattr(args[0], "energy", None) if args else None  # an EnergyTilted's annealed_log_density
+    if energy is not None and callable(energy):
+        what = f"the energy {_describe_fn(energy)}"
+    else:
+        fn = getattr(logdensity_fn, "func", logdensity_fn)  # a jax.tree_util.Partial wraps the user's function
+        if args and getattr(fn, "__name__", "") == "_call":  # samplers._as_partial's wrapper of a pytree callable
+            fn = args[0]
+        what = f"the log density {_describe_fn(fn)}"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"{what} must be written with jax.numpy, not NumPy: JAX calls it on traced arrays (to differentiate "
+            f"and compile it), which NumPy cannot convert ({first}); replace np.<function> by jnp.<function> "
+            "(import jax.numpy as jnp)")
+
+
+def _describe_fn(fn) -> str:
+    """A short name for a user's function or module: ``EnergyMLP``, ``'energy' (defined at model.py:12)``."""
+    name = getattr(fn, "__name__", None)
+    code = getattr(fn, "__code__", None)
+    if not name or code is None:
+        return type(fn).__name__
+    return f"{name!r} (defined at {os.path.basename(code.co_filename)}:{code.co_firstlineno})"
 
 
 def init(position: jax.Array, logdensity_fn: LogDensityFn) -> LangevinState:

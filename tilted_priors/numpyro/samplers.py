@@ -34,6 +34,19 @@ nothing can be raised: the non-finite values propagate to the caller (check the 
 :func:`jax.numpy.isfinite`, or run eagerly once to locate the problem). The error's message gives a step size
 within the stability bound measured at ``init`` (see :mod:`tilted_priors._adapt`).
 
+**Runaway chains.** Chains that stay finite but leave any reasonable range (an unstable step size that stops short
+of overflowing) are measured inside the compiled chain, once, from its final positions, by the rule of
+:mod:`tilted_priors._adapt`: farther than :math:`10^6` base standard deviations from the base's mean for an
+:class:`~tilted_priors.numpyro.EnergyTilted`'s log density (its ``annealed_log_density``), else farther than
+:math:`10^6 (1 + \max|z_0|)` from 0, :math:`z_0` = ``init``. An eager ``run`` reads the result with the
+divergence check and warns with :class:`~tilted_priors.ChainRangeWarning`, or raises
+:class:`~tilted_priors.ChainDivergenceError` for a sampler built with ``strict=True``; under an outer trace nothing
+can be reported, as for divergences.
+
+**Checks of the arguments.** ``init`` must be floating point (an integer array raises ``TypeError``), and
+``log_density`` must be written with :mod:`jax.numpy` and return an array of the chains' shape: NumPy calls on the
+traced ``z``, or a Python float / NumPy array as result, raise ``TypeError`` saying so.
+
 **Step size.** ``step_size="auto"`` scales the step size to the target and adapts it within each ``run``: it
 starts from :math:`1/\sqrt{\hat L}`, :math:`\hat L` the gradient's Lipschitz constant probed at ``init``, moves
 :math:`\log h` towards a target Metropolis-Hastings acceptance during the first half of the steps (MALA accepts
@@ -46,6 +59,7 @@ and in :func:`jax.jit` cache keys.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, NamedTuple
 
 import jax
@@ -58,7 +72,7 @@ from tilted_priors import _adapt
 from tilted_priors._compat import jax_in_transformation
 from tilted_priors._persistent import PersistentBase
 from tilted_priors._validation import check_positive_int
-from tilted_priors.errors import ChainDivergenceError
+from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.numpyro import langevin
 
 __all__ = ["SamplerInfo", "ShortRunLangevin", "MALA", "Persistent"]
@@ -126,6 +140,21 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _check_init(init) -> jax.Array:
+    """``init`` as an array of shape ``(..., d)`` and a floating dtype, or a clear error."""
+    try:
+        init = jnp.asarray(init)
+    except TypeError as e:
+        raise TypeError(f"init must be an array of shape (..., d), got {type(init).__name__}") from e
+    if init.ndim < 1:
+        raise ValueError("init must have shape (..., d), got a scalar")
+    if not jnp.issubdtype(init.dtype, jnp.floating):
+        kind = "boolean" if init.dtype == jnp.bool_ else "integer"
+        raise TypeError(f"init has {kind} dtype {init.dtype}; the chains move in real space: pass floats, e.g. "
+                        "init.astype(jnp.float32) (or jnp.asarray(init, float))")
+    return init
+
+
 class _ChainResult(NamedTuple):
     position: jax.Array
     acceptance_rate: jax.Array
@@ -133,6 +162,48 @@ class _ChainResult(NamedTuple):
     bad_step: jax.Array  # first 1-based step with a non-finite chain, 0 for the initial state, -1 for none
     num_bad: jax.Array  # chains non-finite at that step
     step_size: jax.Array  # the step size of the last steps (the adapted one for "auto")
+    range_ratio: jax.Array | None = None  # how far out the farthest final position is (see _range_ratio)
+    range_num: jax.Array | None = None  # chains beyond _adapt.RANGE_FACTOR of it
+
+
+def _tilted_of(log_density):
+    """The :class:`~tilted_priors.numpyro.EnergyTilted` whose ``annealed_log_density`` ``log_density`` is, else
+    ``None`` (that function is a :class:`~jax.tree_util.Partial` of the distribution's chain view)."""
+    from tilted_priors.numpyro.distributions import EnergyTilted  # distributions imports this module
+
+    args = getattr(log_density, "args", None) if isinstance(log_density, Partial) else None
+    return args[0] if args and isinstance(args[0], EnergyTilted) else None
+
+
+def _base_loc_scale(log_density):
+    """The mean and standard deviation of the base of an EnergyTilted's log density, or ``None``."""
+    dist = _tilted_of(log_density)
+    if dist is None:
+        return None
+    try:
+        return lax.stop_gradient(dist.base.mean), lax.stop_gradient(jnp.sqrt(dist.base.variance))
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _origin(init) -> jax.Array:
+    """``1 + max|init|``: the scale of the initial positions in the range rule (see ``_adapt``)."""
+    init = lax.stop_gradient(init)
+    return 1.0 + jnp.max(jnp.abs(init), initial=0.0)
+
+
+def _range_ratio(log_density, origin, z) -> tuple[jax.Array, jax.Array]:
+    """How far out ``z`` is (the rule of ``_adapt``: ``|z - m| / s`` for a known base, else ``|z| / origin``): the
+    largest ratio over the chains and the number of chains beyond :data:`~tilted_priors._adapt.RANGE_FACTOR`."""
+    out = jnp.abs(z) / origin
+    base = _base_loc_scale(log_density)
+    if base is not None:
+        loc, scale = base
+        known = jnp.isfinite(loc) & jnp.isfinite(scale) & (scale > 0)
+        out = jnp.where(known, jnp.abs(z - loc) / jnp.where(known, scale, 1.0), out)
+    per_chain = jnp.max(out.reshape(-1, z.shape[-1]), axis=-1, initial=0.0)
+    per_chain = jnp.where(jnp.isnan(per_chain), 0.0, per_chain)
+    return jnp.max(per_chain, initial=0.0), jnp.sum(per_chain > _adapt.RANGE_FACTOR).astype(jnp.int32)
 
 
 def _first_bad(first, logdensity, step):
@@ -141,8 +212,9 @@ def _first_bad(first, logdensity, step):
 
 
 def _chain(kind: str, steps: int, step_size, noise: bool, unroll: int, track: bool, rng_key, log_density,
-           init) -> _ChainResult:
-    """``steps`` Langevin steps as one :func:`jax.lax.scan`.
+           init, origin=None) -> _ChainResult:
+    """``steps`` Langevin steps as one :func:`jax.lax.scan`, with the range of the final positions measured
+    (``origin``: the ``1 + max|z_0|`` of the range rule, default from ``init``; see :func:`_range_ratio`).
 
     ``step_size`` is a float, or ``("auto", target_accept)`` for the adaptive chain (:func:`_adaptive_chain`).
     With ``track`` each chain carries the first step at which its log density was non-finite (elementwise, so it
@@ -152,16 +224,21 @@ def _chain(kind: str, steps: int, step_size, noise: bool, unroll: int, track: bo
     non-finite proposals) — and ``bad_step`` is ``steps`` when the final state is non-finite; the caller then
     re-runs with ``track`` (the same keys give the same chain) to name the step.
     """
+    init = jnp.asarray(init)
     if isinstance(step_size, tuple):
-        return _adaptive_chain(kind, steps, step_size[1], noise, unroll, track, rng_key, log_density, init)
-    log_density = jax.tree_util.tree_map(lax.stop_gradient, log_density)
-    state = langevin.init(init, log_density)
-    first = _first_bad(jnp.full(state.logdensity.shape, -1, jnp.int32), state.logdensity, 0)
-    keys = jax.random.split(rng_key, steps)
-    idx = jnp.arange(1, steps + 1, dtype=jnp.int32)
-    state, acceptance, tracked = _fixed_steps(kind, step_size, noise, unroll, track, log_density, state, first,
-                                              keys, idx)
-    return _finish(kind, steps, steps, step_size, track, log_density, state, acceptance, tracked, first)
+        res = _adaptive_chain(kind, steps, step_size[1], noise, unroll, track, rng_key, log_density, init)
+    else:
+        log_density = jax.tree_util.tree_map(lax.stop_gradient, log_density)
+        state = langevin.init(init, log_density)
+        first = _first_bad(jnp.full(state.logdensity.shape, -1, jnp.int32), state.logdensity, 0)
+        keys = jax.random.split(rng_key, steps)
+        idx = jnp.arange(1, steps + 1, dtype=jnp.int32)
+        state, acceptance, tracked = _fixed_steps(kind, step_size, noise, unroll, track, log_density, state, first,
+                                                  keys, idx)
+        res = _finish(kind, steps, steps, step_size, track, log_density, state, acceptance, tracked, first)
+    origin = _origin(init) if origin is None else jnp.asarray(origin, init.dtype)
+    ratio, num = _range_ratio(jax.tree_util.tree_map(lax.stop_gradient, log_density), origin, res.position)
+    return res._replace(range_ratio=ratio, range_num=num)
 
 
 def _fixed_steps(kind, step_size, noise, unroll, track, log_density, state, first, keys, idx):
@@ -304,10 +381,12 @@ _lipschitz_jit = jax.jit(_lipschitz_at)
 class _Langevin(_Frozen):
     """Shared run loop of the Langevin samplers; subclasses set ``_kind``."""
 
-    __slots__ = ("steps", "step_size", "target_accept", "unroll")
+    __slots__ = ("steps", "step_size", "target_accept", "unroll", "strict")
     _kind = "ula"
 
-    def __init__(self, steps: int, step_size: float | str, unroll: int | bool = 1, target_accept: float | None = None):
+    def __init__(self, steps: int, step_size: float | str, unroll: int | bool = 1, target_accept: float | None = None,
+                 strict: bool = False):
+        object.__setattr__(self, "strict", bool(strict))
         object.__setattr__(self, "steps", check_positive_int("steps", steps))
         object.__setattr__(self, "step_size", _adapt.check_step_size_or_auto(step_size))
         object.__setattr__(self, "target_accept", _adapt.check_target_accept(target_accept, self.step_size,
@@ -323,7 +402,7 @@ class _Langevin(_Frozen):
         return True
 
     def _key(self) -> tuple:
-        return (self.steps, self.step_size, self.target_accept, self._noise, self.unroll)
+        return (self.steps, self.step_size, self.target_accept, self._noise, self.unroll, self.strict)
 
     @property
     def _step_setting(self):
@@ -356,32 +435,62 @@ class _Langevin(_Frozen):
         ChainDivergenceError
             When some chain's log density became non-finite (eager calls only; under an outer trace the
             non-finite values are returned). Its message gives a step size within the stability bound measured
-            at ``init``.
+            at ``init``. With ``strict=True`` also when the chains ran away (see below).
+        TypeError
+            When ``init`` is not a floating array, or ``log_density`` calls NumPy on ``z`` or returns a Python
+            number or NumPy array.
+        ValueError
+            When ``log_density`` returns an array of another shape than ``init.shape[:-1]``.
+
+        Warns
+        -----
+        ChainRangeWarning
+            When the final positions are out of range (the rule of :mod:`tilted_priors._adapt`, measured once
+            inside the compiled chain) and ``strict`` is ``False``; eager calls only.
         """
+        return self._run(rng_key, log_density, init, return_info)
+
+    def _run(self, rng_key, log_density, init, return_info: bool, origin=None):
+        """``run``, with the scale ``origin`` of the range rule (``1 + max|z_0|``) given by a ``Persistent``."""
         if rng_key is None:
             if self._noise:
                 raise ValueError(f"{type(self).__name__}.run needs an rng_key, e.g. jax.random.PRNGKey(0)")
             rng_key = jax.random.PRNGKey(0)  # unused: no noise
-        try:
-            init = jnp.asarray(init)
-        except TypeError as e:
-            raise TypeError(f"init must be an array of shape (..., d), got {type(init).__name__}") from e
-        if init.ndim < 1:
-            raise ValueError("init must have shape (..., d), got a scalar")
+        init = _check_init(init)
         log_density = _as_partial(log_density)
         settings = (self._kind, self.steps, self._step_setting, self._noise, self.unroll)
-        if jax_in_transformation(rng_key, log_density, init):
-            res = _chain(*settings, False, rng_key, log_density, init)  # nothing can be raised under a trace
+        if jax_in_transformation(rng_key, log_density, init, origin):
+            res = _chain(*settings, False, rng_key, log_density, init, origin)  # nothing can be raised under a trace
         else:
-            res = _run_jit(*settings, False, rng_key, log_density, init)
-            if int(res.bad_step) >= 0:  # re-run the same chain tracking every step, to name the first bad one
-                tracked = _run_jit(*settings, True, rng_key, log_density, init)
+            res = _run_jit(*settings, False, rng_key, log_density, init, origin)
+            bad_step, ratio, num_out = jax.device_get((res.bad_step, res.range_ratio, res.range_num))
+            if int(bad_step) >= 0:  # re-run the same chain tracking every step, to name the first bad one
+                tracked = _run_jit(*settings, True, rng_key, log_density, init, origin)
                 if int(tracked.bad_step) >= 0:
                     res = tracked
                 raise self._divergence(res, rng_key, log_density, init)
+            if float(ratio) > _adapt.RANGE_FACTOR:
+                self._runaway(float(ratio), int(num_out), res, rng_key, log_density, init, origin)
         if return_info:
             return res.position, SamplerInfo(res.acceptance_rate, res.logdensity, res.step_size)
         return res.position
+
+    def _runaway(self, ratio: float, num_out: int, res: _ChainResult, rng_key, log_density, init, origin) -> None:
+        """Warn (``strict``: raise) about chains that ran away: finite, but out of range."""
+        adapted = self.step_size == _adapt.AUTO
+        name = type(self).__name__ + (" (step_size='auto')" if adapted else "")
+        if _base_loc_scale(log_density) is not None:
+            reference = "base standard deviations from the base's mean"
+        else:
+            scale = float(_origin(init) if origin is None else origin)
+            reference = f"times 1 + max|init| (= {scale:.3g}) from 0"
+        lipschitz = float(_lipschitz_jit(jax.random.fold_in(rng_key, 1), log_density, init))
+        h = float(res.step_size)
+        if self.strict:
+            raise ChainDivergenceError(name, self.steps, h, num_out, lipschitz=lipschitz, adapted=adapted,
+                                       ratio=ratio, reference=reference)
+        warnings.warn(ChainRangeWarning(name, self.steps, ratio, num_out, step_size=h, reference=reference,
+                                        lipschitz=lipschitz, adapted=adapted), stacklevel=4)
 
     def _divergence(self, res: _ChainResult, rng_key, log_density, init) -> ChainDivergenceError:
         """The error for a diverged chain, with the Lipschitz constant measured at ``init`` (see ``_adapt``)."""
@@ -396,14 +505,16 @@ class _Langevin(_Frozen):
                 (self.steps, self.step_size))
 
     def _target_kwargs(self) -> dict:
-        """``target_accept`` as a keyword when it is not the default of ``"auto"``."""
+        """``target_accept`` as a keyword when it is not the default of ``"auto"`` (and ``strict`` when set)."""
+        kwargs = {"strict": True} if self.strict else {}
         if self.step_size == _adapt.AUTO and self.target_accept != _adapt.TARGET_ACCEPT[self._kind]:
-            return {"target_accept": self.target_accept}
-        return {}
+            kwargs["target_accept"] = self.target_accept
+        return kwargs
 
     def _extra_repr(self) -> str:
-        extra = "".join(f", {k}={v:g}" for k, v in self._target_kwargs().items())
-        return extra + ("" if self.unroll == 1 else f", unroll={self.unroll}")
+        extra = "".join(f", {k}={v:g}" for k, v in self._target_kwargs().items() if k != "strict")
+        return (extra + ("" if self.unroll == 1 else f", unroll={self.unroll}")
+                + (", strict=True" if self.strict else ""))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(steps={self.steps}, step_size={_adapt.format_step_size(self.step_size)}"
@@ -439,6 +550,9 @@ class ShortRunLangevin(_Langevin):
         ``False`` drops the noise term (gradient ascent on :math:`\log\pi`); needs a fixed ``step_size``.
     target_accept : float, optional
         The acceptance ``"auto"`` aims for (default 0.95); only with ``step_size="auto"``.
+    strict : bool
+        Raise :class:`~tilted_priors.ChainDivergenceError` for chains that ran away (finite but out of range,
+        see the module notes) instead of warning with :class:`~tilted_priors.ChainRangeWarning`.
     unroll : int or bool
         JAX only: steps per iteration of the compiled loop (``True``: all). On CPU, XLA runs convolutions inside
         a rolled loop several times slower; fully unrolling a short chain through a convolutional generator is
@@ -461,8 +575,8 @@ class ShortRunLangevin(_Langevin):
     _kind = "ula"
 
     def __init__(self, steps: int = 60, step_size: float | str = 0.4, noise: bool = True, *,
-                 target_accept: float | None = None, unroll: int | bool = 1):
-        super().__init__(steps, step_size, unroll, target_accept)
+                 target_accept: float | None = None, strict: bool = False, unroll: int | bool = 1):
+        super().__init__(steps, step_size, unroll, target_accept, strict)
         if not noise and self.step_size == _adapt.AUTO:
             raise ValueError("step_size='auto' adapts to the acceptance of noisy Langevin moves; with noise=False "
                              "(gradient ascent) give a fixed step_size")
@@ -507,6 +621,9 @@ class MALA(_Langevin):
         :math:`h > 0`, the proposal's noise scale; ``"auto"``: adapted in each run (see above).
     target_accept : float, optional
         The acceptance ``"auto"`` aims for (default 0.574); only with ``step_size="auto"``.
+    strict : bool
+        Raise :class:`~tilted_priors.ChainDivergenceError` for chains that ran away instead of warning (as for
+        :class:`ShortRunLangevin`).
     unroll : int or bool
         JAX only: steps per iteration of the compiled loop (see :class:`ShortRunLangevin`).
 
@@ -526,8 +643,8 @@ class MALA(_Langevin):
     _kind = "mala"
 
     def __init__(self, steps: int = 1000, step_size: float | str = 0.1, *, target_accept: float | None = None,
-                 unroll: int | bool = 1):
-        super().__init__(steps, step_size, unroll, target_accept)
+                 strict: bool = False, unroll: int | bool = 1):
+        super().__init__(steps, step_size, unroll, target_accept, strict)
 
 
 class Persistent(PersistentBase):
@@ -562,10 +679,29 @@ class Persistent(PersistentBase):
         return self.sampler._chain(rng_key, log_density, init)
 
     def run(self, rng_key, log_density, init, *, return_info: bool = False):
-        """Continue the stored chains (or start them at ``init``) for ``sampler.steps`` steps."""
-        init = jnp.asarray(init)
-        out = self.sampler.run(rng_key, log_density, self._start(init).astype(init.dtype), return_info=return_info)
+        """Continue the stored chains (or start them at ``init``) for ``sampler.steps`` steps.
+
+        The range check of the wrapped sampler (see the module notes) measures against the ``init`` of the call
+        that started the chains, so chains that drift away over many calls are reported too.
+        """
+        init = _check_init(init)
+        start = self._start(init)
+        if start is init or getattr(self, "_origin", None) is None:
+            origin = _origin(init)
+            self._origin = origin if _is_concrete(origin) else None
+        else:
+            origin = self._origin
+        if isinstance(self.sampler, _Langevin):
+            out = self.sampler._run(rng_key, log_density, start.astype(init.dtype), return_info, origin)
+        else:
+            out = self.sampler.run(rng_key, log_density, start.astype(init.dtype), return_info=return_info)
         position = out[0] if return_info else out
         if _is_concrete(position):
             self.state = position
         return out
+
+    def reset(self) -> None:
+        """Forget the stored chains (and the scale of their first starting points); the next call starts from its
+        ``init``."""
+        super().reset()
+        self._origin = None

@@ -12,7 +12,7 @@ from tilted_priors._extras import require
 
 require("pyro", "tilted_priors.pyro")
 
-from tilted_priors.errors import ChainDivergenceError
+from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro.distributions import EnergyTilted, EnergyTiltedNormal
 from tilted_priors.pyro.energies import EnergyMLP
 from tilted_priors.pyro.normalizers import (AnnealedImportance, Contrastive, Importance, LogZEstimate,
@@ -24,4 +24,5 @@ __all__ = [
     "EnergyTilted", "EnergyTiltedNormal", "EnergyMLP",
     "Contrastive", "SelfNormalized", "Importance", "AnnealedImportance", "Unnormalized", "LearnedLogZ", "LogZEstimate",
     "ShortRunLangevin", "MALA", "Persistent", "SamplerInfo", "SIR", "SIRInfo", "ChainDivergenceError",
+    "ChainRangeWarning",
 ]

@@ -16,6 +16,9 @@ the noise, as in LEBM (Pang et al. 2020). All arrays are batched over chains: po
 """
 from __future__ import annotations
 
+import os
+import warnings
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -49,6 +52,16 @@ class LangevinInfo(NamedTuple):
 def value_and_grad(logdensity_fn: LogDensityFn, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log density of each chain and its gradient w.r.t. the position, both detached.
 
+    A log density that does not depend on ``z`` through torch operations (computed with NumPy, or ``.detach()``-ed)
+    gets a zero gradient, and a :class:`UserWarning` says so, once per function (its chains would be a random walk).
+
+    Raises
+    ------
+    TypeError
+        When ``logdensity_fn`` returns something else than a tensor (a Python float, a NumPy array).
+    ValueError
+        When it returns a tensor of another shape than the chains' ``(...)``.
+
     Examples
     --------
     >>> lp, g = value_and_grad(lambda z: -0.5 * (z ** 2).sum(-1), torch.ones(3, 2))
@@ -58,10 +71,54 @@ def value_and_grad(logdensity_fn: LogDensityFn, position: torch.Tensor) -> tuple
     with torch.enable_grad():
         z = position.detach().requires_grad_(True)
         lp = logdensity_fn(z)
+        if not isinstance(lp, torch.Tensor):
+            raise TypeError(_not_a_tensor_message("log_density", lp, tuple(z.shape)))
         if lp.shape != z.shape[:-1]:
             check_energy_shape("the log density", tuple(z.shape), tuple(lp.shape))
-        (grad,) = torch.autograd.grad(lp.sum(), z)
+        grad = torch.autograd.grad(lp.sum(), z, allow_unused=True)[0] if lp.requires_grad else None
+        if grad is None:  # a Python attribute: no synchronisation
+            _warn_detached(logdensity_fn, "the log density")
+            grad = torch.zeros_like(z)
     return lp.detach(), grad
+
+
+def _not_a_tensor_message(what: str, value, shape: tuple) -> str:
+    """The error for a function of ``z`` (shape ``shape``) that returned ``value``, not a tensor."""
+    kind = "a Python float" if isinstance(value, float) else f"a {type(value).__module__}.{type(value).__qualname__}"
+    return (f"{what} must return a tensor of shape {shape[:-1]} (one value per chain: it maps (..., d) to (...)), got "
+            f"{kind}: build it with torch operations on z (e.g. -0.5 * (z ** 2).sum(-1)), not with Python or NumPy "
+            "numbers, so that its gradient reaches z")
+
+
+_WARNED: weakref.WeakSet = weakref.WeakSet()  # functions already reported by _warn_detached
+_WARNED_IDS: set[int] = set()  # the same for objects that take no weak reference
+
+
+def _warn_detached(fn, what: str = "the energy", stacklevel: int = 4) -> None:
+    """Warn, once per ``fn``, that ``fn``'s output does not reach ``z`` through torch's graph."""
+    try:
+        if fn in _WARNED:
+            return
+        _WARNED.add(fn)
+    except TypeError:  # not weakly referenceable
+        if id(fn) in _WARNED_IDS:
+            return
+        _WARNED_IDS.add(id(fn))
+    warnings.warn(f"{what} {_describe_fn(fn)} does not depend on z through torch operations (e.g. it is computed "
+                  "with NumPy or .detach()); write it with torch functions. Its gradient is taken as zero, so it "
+                  "adds nothing to the chains' drift.", UserWarning, stacklevel=stacklevel)
+
+
+def _describe_fn(fn) -> str:
+    """A short name for a user's function or module: ``EnergyMLP``, ``'energy' (defined at model.py:12)``."""
+    if isinstance(fn, torch.nn.Module):
+        return type(fn).__name__
+    name = getattr(fn, "__name__", None)
+    if not name:
+        return type(fn).__name__
+    code = getattr(fn, "__code__", None)
+    where = f" (defined at {os.path.basename(code.co_filename)}:{code.co_firstlineno})" if code is not None else ""
+    return f"{name!r}{where}"
 
 
 def init(position: torch.Tensor, logdensity_fn: LogDensityFn) -> LangevinState:

@@ -12,6 +12,19 @@ A chain whose log density becomes non-finite raises :class:`~tilted_priors.Chain
 gives a step size within the stability bound measured at ``init`` (see :mod:`tilted_priors._adapt`).
 Randomness comes from torch's global generator (``pyro.set_rng_seed``).
 
+**Runaway chains.** Chains that stay finite but leave any reasonable range (an unstable step size that stops short
+of overflowing) are found once per ``run``, from the final positions, by the rule of :mod:`tilted_priors._adapt`:
+farther than :math:`10^6` base standard deviations from the base's mean for an
+:class:`~tilted_priors.pyro.EnergyTilted`'s log density (its ``annealed_log_density``), else farther than
+:math:`10^6 (1 + \max|z_0|)` from 0, :math:`z_0` = ``init``. They warn with :class:`~tilted_priors.ChainRangeWarning`,
+or raise :class:`~tilted_priors.ChainDivergenceError` for a sampler built with ``strict=True``.
+
+**Checks of the arguments.** ``init`` must be a floating tensor (an integer one raises ``TypeError``), and
+``log_density`` must return a tensor of the chains' shape (a Python float or NumPy array raises ``TypeError``).
+The first time a sampler runs on an :class:`~tilted_priors.pyro.EnergyTilted`'s log density it checks that the
+energy's gradient reaches ``z`` (an energy computed with NumPy or ``.detach()`` adds nothing to the chains'
+drift) and warns once per energy with a :class:`UserWarning` when it does not.
+
 **Step size.** ``step_size="auto"`` scales the step size to the target and adapts it within each ``run``: it
 starts from :math:`1/\sqrt{\hat L}`, :math:`\hat L` the gradient's Lipschitz constant probed at ``init``, moves
 :math:`\log h` towards a target Metropolis-Hastings acceptance during the first half of the steps (MALA accepts
@@ -21,6 +34,8 @@ rule). A fixed step size runs exactly the loop it always did.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -28,7 +43,7 @@ import torch
 from tilted_priors import _adapt
 from tilted_priors._persistent import PersistentBase
 from tilted_priors._validation import check_positive_int
-from tilted_priors.errors import ChainDivergenceError
+from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro import langevin
 
 __all__ = ["SamplerInfo", "ShortRunLangevin", "MALA", "Persistent"]
@@ -50,6 +65,89 @@ def _check_finite(name: str, state: langevin.LangevinState, step: int, step_size
         num_bad = int((~torch.isfinite(state.logdensity)).sum())
         raise ChainDivergenceError(name, step, step_size if isinstance(step_size, str) else float(step_size),
                                    num_bad or None)
+
+
+def _check_init(init) -> torch.Tensor:
+    """``init`` as given, after checking that it is a floating tensor of shape ``(..., d)``."""
+    if not isinstance(init, torch.Tensor):
+        raise TypeError(f"init must be a torch.Tensor of shape (..., d), got {type(init).__name__}")
+    if not init.is_floating_point():
+        raise TypeError(f"init has {'integer' if init.dtype != torch.bool else 'boolean'} dtype {init.dtype}; "
+                        "the chains move in real space: pass floats, e.g. init.float() (or init.double())")
+    return init
+
+
+def _tilted_of(log_density):
+    """The :class:`~tilted_priors.pyro.EnergyTilted` whose ``annealed_log_density`` ``log_density`` is, else None.
+
+    That function is a closure over the distribution (``lambda z: self._base_log_density(z) - beta * ...``);
+    any other callable gives ``None`` (the checks then use ``init`` alone).
+    """
+    from tilted_priors.pyro.distributions import EnergyTilted  # distributions imports this module
+
+    for cell in getattr(log_density, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, EnergyTilted):
+            return value
+    return None
+
+
+_CHECKED: weakref.WeakSet = weakref.WeakSet()  # energies whose gradient was checked (see _check_energy_reaches_z)
+
+
+def _check_energy_reaches_z(dist, init: torch.Tensor) -> None:
+    """Warn, once per energy, when ``dist.energy`` does not depend on ``z`` through torch's graph (NumPy, detach)."""
+    energy = dist.energy
+    try:
+        if energy in _CHECKED:
+            return
+        _CHECKED.add(energy)
+    except TypeError:  # takes no weak reference: check every time (one energy evaluation per run)
+        pass
+    with torch.enable_grad():
+        z = init.detach().requires_grad_(True)
+        e = energy(z) if dist.context is None else dist._energy(z)
+        if not isinstance(e, torch.Tensor):
+            raise TypeError(langevin._not_a_tensor_message(f"the energy {langevin._describe_fn(energy)}", e,
+                                                           tuple(z.shape)))
+        reaches = e.requires_grad and torch.autograd.grad(e.sum(), z, allow_unused=True)[0] is not None
+    if not reaches:
+        langevin._warn_detached(energy, f"the energy of {type(dist).__name__}", stacklevel=5)
+
+
+def _base_loc_scale(dist) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mean and standard deviation of ``dist``'s base (detached), or ``None`` when the base has none."""
+    if dist is None:
+        return None
+    try:
+        with torch.no_grad():
+            loc, scale = dist.base.mean.detach(), dist.base.stddev.detach()
+    except (NotImplementedError, AttributeError):
+        return None
+    return loc, scale
+
+
+def _range_ratio(z: torch.Tensor, origin: torch.Tensor, base) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chain, how far out ``z`` is (see ``_adapt``: ``|z - m| / s`` for a known base, else
+    ``|z| / origin``, ``origin = 1 + max|z_0|``), as the largest ratio over the chains and the number of chains
+    beyond :data:`~tilted_priors._adapt.RANGE_FACTOR`; both still on the device."""
+    out = z.abs() / origin
+    if base is not None:
+        loc, scale = base
+        known = torch.isfinite(loc) & torch.isfinite(scale) & (scale > 0)
+        out = torch.where(known, (z - loc).abs() / torch.where(known, scale, torch.ones_like(scale)), out)
+    per_chain = out.reshape(-1, z.shape[-1]).amax(-1) if z.numel() else out.new_zeros(0)
+    per_chain = torch.where(torch.isnan(per_chain), torch.zeros_like(per_chain), per_chain)
+    worst = per_chain.max() if per_chain.numel() else z.new_zeros(())
+    return worst, (per_chain > _adapt.RANGE_FACTOR).sum()
+
+
+def _origin(init: torch.Tensor) -> torch.Tensor:
+    """``1 + max|init|``: the scale of the initial positions in the range rule (see ``_adapt``)."""
+    return 1.0 + init.detach().abs().amax() if init.numel() else init.new_ones(())
 
 
 def _spread(z: torch.Tensor) -> torch.Tensor:
@@ -104,10 +202,12 @@ class _Langevin:
     _kind = "mala"
     noise = True
 
-    def __init__(self, steps: int, step_size: float | str, target_accept: float | None = None):
+    def __init__(self, steps: int, step_size: float | str, target_accept: float | None = None,
+                 strict: bool = False):
         self.steps = check_positive_int("steps", steps)
         self.step_size = _adapt.check_step_size_or_auto(step_size)
         self.target_accept = _adapt.check_target_accept(target_accept, self.step_size, self._kind)
+        self.strict = bool(strict)
 
     def _step(self, state: langevin.LangevinState, log_density, step_size):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -117,11 +217,42 @@ class _Langevin:
         """Run ``steps`` steps from ``init``; return the final positions (and a :class:`SamplerInfo`, with the
         adapted step size for ``step_size="auto"``).
 
-        Raises :class:`~tilted_priors.ChainDivergenceError` when some chain's log density becomes non-finite; its
-        message gives a step size within the stability bound measured at ``init``.
+        Parameters
+        ----------
+        log_density : callable
+            ``(..., d) -> (...)``, the unnormalised log density of each chain, written with torch operations.
+        init : torch.Tensor
+            Starting positions ``(..., d)``, floating point.
+        return_info : bool
+            Also return a :class:`SamplerInfo`.
+
+        Raises
+        ------
+        ChainDivergenceError
+            When some chain's log density becomes non-finite (its message gives a step size within the stability
+            bound measured at ``init``), or, with ``strict=True``, when the chains ran away (see below).
+        TypeError
+            When ``init`` is not a floating tensor, or ``log_density`` returns no tensor.
+        ValueError
+            When ``log_density`` returns a tensor of another shape than ``init.shape[:-1]``.
+
+        Warns
+        -----
+        ChainRangeWarning
+            When the final positions are out of range (the rule of :mod:`tilted_priors._adapt`; checked once, after
+            the last step) and ``strict`` is ``False``.
+        UserWarning
+            Once per energy, when ``log_density`` is an :class:`~tilted_priors.pyro.EnergyTilted`'s whose energy
+            does not depend on ``z`` through torch operations.
         """
-        if not isinstance(init, torch.Tensor):
-            raise TypeError(f"init must be a torch.Tensor of shape (..., d), got {type(init).__name__}")
+        return self._run(log_density, init, return_info)
+
+    def _run(self, log_density, init, return_info: bool, origin: torch.Tensor | None = None):
+        """``run``, with the scale ``origin`` of the range rule (``1 + max|z_0|``) given by a ``Persistent``."""
+        init = _check_init(init)
+        dist = _tilted_of(log_density)
+        if dist is not None:
+            _check_energy_reaches_z(dist, init)
         adapted = self.step_size == _adapt.AUTO
         name = type(self).__name__ + (" (step_size='auto')" if adapted else "")
         state = langevin.init(init, log_density)
@@ -132,12 +263,34 @@ class _Langevin:
                 state, step_size, first = self._warm_up(state, log_density)
             else:
                 step_size, first = self.step_size, 0
-            return self._run_fixed(name, state, log_density, step_size, first, return_info)
+            out = self._run_fixed(name, state, log_density, step_size, first, return_info)
+            self._check_range(name, out[0] if return_info else out, _origin(init) if origin is None else origin,
+                              _base_loc_scale(dist), step_size, adapted, log_density, start)
+            return out
         except ChainDivergenceError as err:
             if err.step > 0:
                 err.adapted = adapted
                 err.add_context(lipschitz=float(_lipschitz(log_density, start)))
             raise
+
+    def _check_range(self, name: str, position: torch.Tensor, origin: torch.Tensor, base, step_size,
+                     adapted: bool, log_density, start: langevin.LangevinState) -> None:
+        """Warn (``strict``: raise) when the final ``position`` is out of range: one reduction, one read."""
+        worst, num_bad = _range_ratio(position, origin.to(position), base)
+        worst, num_bad = torch.stack([worst, num_bad.to(worst.dtype)]).tolist()
+        if not worst > _adapt.RANGE_FACTOR:
+            return
+        if base is not None:
+            reference = "base standard deviations from the base's mean"
+        else:
+            reference = f"times 1 + max|init| (= {float(origin):.3g}) from 0"
+        h = float(step_size)
+        if self.strict:
+            raise ChainDivergenceError(name, self.steps, h, int(num_bad), adapted=adapted, ratio=worst,
+                                       reference=reference)
+        warnings.warn(ChainRangeWarning(name, self.steps, worst, int(num_bad), step_size=h, reference=reference,
+                                        lipschitz=float(_lipschitz(log_density, start)), adapted=adapted),
+                      stacklevel=4)
 
     def _warm_up(self, state: langevin.LangevinState, log_density):
         """The adaptive first half of an ``"auto"`` run: ``(state, step size, steps done)``."""
@@ -185,10 +338,11 @@ class _Langevin:
         return state.position
 
     def _extra_repr(self) -> str:
-        """``target_accept`` when it is not the default of ``"auto"``."""
+        """``target_accept`` when it is not the default of ``"auto"``, and ``strict=True``."""
+        extra = ""
         if self.step_size == _adapt.AUTO and self.target_accept != _adapt.TARGET_ACCEPT[self._kind]:
-            return f", target_accept={self.target_accept:g}"
-        return ""
+            extra += f", target_accept={self.target_accept:g}"
+        return extra + (", strict=True" if self.strict else "")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(steps={self.steps}, step_size={_adapt.format_step_size(self.step_size)}"
@@ -223,6 +377,9 @@ class ShortRunLangevin(_Langevin):
         ``False`` drops the noise term (gradient ascent on :math:`\log\pi`); needs a fixed ``step_size``.
     target_accept : float, optional
         The acceptance ``"auto"`` aims for (default 0.95); only with ``step_size="auto"``.
+    strict : bool
+        Raise :class:`~tilted_priors.ChainDivergenceError` for chains that ran away (finite but out of range,
+        see the module notes) instead of warning with :class:`~tilted_priors.ChainRangeWarning`.
 
     Examples
     --------
@@ -240,8 +397,8 @@ class ShortRunLangevin(_Langevin):
     _kind = "ula"
 
     def __init__(self, steps: int = 60, step_size: float | str = 0.4, noise: bool = True, *,
-                 target_accept: float | None = None):
-        super().__init__(steps, step_size, target_accept)
+                 target_accept: float | None = None, strict: bool = False):
+        super().__init__(steps, step_size, target_accept, strict)
         if not noise and self.step_size == _adapt.AUTO:
             raise ValueError("step_size='auto' adapts to the acceptance of noisy Langevin moves; with noise=False "
                              "(gradient ascent) give a fixed step_size")
@@ -280,6 +437,9 @@ class MALA(_Langevin):
         :math:`h > 0`, the proposal's noise scale; ``"auto"``: adapted in each run (see above).
     target_accept : float, optional
         The acceptance ``"auto"`` aims for (default 0.574); only with ``step_size="auto"``.
+    strict : bool
+        Raise :class:`~tilted_priors.ChainDivergenceError` for chains that ran away instead of warning (as for
+        :class:`ShortRunLangevin`).
 
     Examples
     --------
@@ -293,8 +453,9 @@ class MALA(_Langevin):
     True
     """
 
-    def __init__(self, steps: int = 1000, step_size: float | str = 0.1, *, target_accept: float | None = None):
-        super().__init__(steps, step_size, target_accept)
+    def __init__(self, steps: int = 1000, step_size: float | str = 0.1, *, target_accept: float | None = None,
+                 strict: bool = False):
+        super().__init__(steps, step_size, target_accept, strict)
 
     def _step(self, state, log_density, step_size):
         return langevin.mala_step(None, state, log_density, step_size)
@@ -322,7 +483,23 @@ class Persistent(PersistentBase):
     """
 
     def run(self, log_density, init: torch.Tensor, *, return_info: bool = False):
-        """Continue the stored chains (or start them at ``init``) for ``sampler.steps`` steps."""
-        out = self.sampler.run(log_density, self._start(init).to(init), return_info=return_info)
+        """Continue the stored chains (or start them at ``init``) for ``sampler.steps`` steps.
+
+        The range check of the wrapped sampler (see the module notes) measures against the ``init`` of the call
+        that started the chains, so chains that drift away over many calls are reported too.
+        """
+        start = self._start(_check_init(init))
+        if start is init or getattr(self, "_origin", None) is None:
+            self._origin = _origin(init)
+        if isinstance(self.sampler, _Langevin):
+            out = self.sampler._run(log_density, start.to(init), return_info, self._origin)
+        else:
+            out = self.sampler.run(log_density, start.to(init), return_info=return_info)
         self.state = (out[0] if return_info else out).detach().clone()
         return out
+
+    def reset(self) -> None:
+        """Forget the stored chains (and the scale of their first starting points); the next call starts from its
+        ``init``."""
+        super().reset()
+        self._origin = None
