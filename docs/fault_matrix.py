@@ -214,6 +214,125 @@ def _no_weights(tmp):
 case("Checkpoints and run folders", "a run folder without its weights file", "both", "weights")(_no_weights)
 
 
+# --- samplers ---------------------------------------------------------------------------------------------------
+def _sampler_run(b: str, sampler, log_density, init):
+    if b == "pyro":
+        return sampler.run(log_density, init)
+    import jax
+
+    return sampler.run(jax.random.PRNGKey(0), log_density, init)
+
+
+def _backend_modules(b: str):
+    if b == "pyro":
+        import torch
+
+        import tilted_priors.pyro as tp
+
+        return tp, torch.as_tensor
+    import jax.numpy as jnp
+
+    import tilted_priors.numpyro as tp
+
+    return tp, jnp.asarray
+
+
+def _standard_normal(z):
+    return -0.5 * (z ** 2).sum(-1)
+
+
+for _b in ("pyro", "numpyro"):
+    def _unstable(tmp, b=_b, strict=False):
+        tp, array = _backend_modules(b)
+        _sampler_run(b, tp.ShortRunLangevin(20, 3.0, strict=strict), _standard_normal,
+                     array(np.ones((4, 2), np.float32)))
+
+    case("Samplers", "ULA step far too large: the chains run away but stay finite", _b, "ran away")(_unstable)
+    case("Samplers", "the same with strict=True", _b, "ran away")(lambda tmp, f=_unstable: f(tmp, strict=True))
+
+    def _integer_init(tmp, b=_b):
+        tp, array = _backend_modules(b)
+        _sampler_run(b, tp.MALA(5, 0.1), _standard_normal, array(np.ones((4, 2), np.int64)))
+
+    case("Samplers", "an integer-typed initial state", _b, "init")(_integer_init)
+
+    def _float_density(tmp, b=_b):
+        tp, array = _backend_modules(b)
+        _sampler_run(b, tp.MALA(5, 0.1), lambda z: 1.0, array(np.ones((4, 2), np.float32)))
+
+    case("Samplers", "a log density that returns a Python float", _b, "log_density")(_float_density)
+
+
+def _detached_energy(tmp):
+    import torch
+
+    from tilted_priors.pyro import EnergyTiltedNormal
+
+    def energy(z):  # through NumPy: detached from torch's graph
+        return torch.as_tensor(np.sum(z.detach().numpy() ** 2, -1))
+
+    EnergyTiltedNormal(energy, torch.zeros(2), torch.ones(2)).sample((4,))
+
+
+case("Samplers", "an energy computed through NumPy (detached from torch's graph)", "pyro", "energy")(
+    _detached_energy)
+
+
+def _numpy_energy(tmp):
+    import jax
+    import jax.numpy as jnp
+
+    from tilted_priors.numpyro import EnergyTiltedNormal
+
+    def energy(z):
+        return np.sum(np.asarray(z) ** 2, -1)
+
+    EnergyTiltedNormal(energy, jnp.zeros(2), jnp.ones(2)).sample(jax.random.PRNGKey(0), (4,))
+
+
+case("Samplers", "an energy computed through NumPy", "numpyro", "jax.numpy")(_numpy_energy)
+
+
+def _unregistered(tmp, b):
+    if b == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal
+
+        from pyro.infer.autoguide import AutoNormal
+
+        from tilted_priors.pyro import Unnormalized
+
+        net, param, lib = EnergyMLP(2), pyro.param, torch
+        sample, plate = pyro.sample, pyro.plate
+    else:
+        import jax.numpy as lib
+        import numpyro
+        import numpyro.distributions as dist
+        from flax import nnx
+
+        from numpyro.infer.autoguide import AutoNormal
+
+        from tilted_priors.numpyro import EnergyMLP, EnergyTiltedNormal, Unnormalized
+
+        net, param, sample, plate = EnergyMLP(2, rngs=nnx.Rngs(0)), numpyro.param, numpyro.sample, numpyro.plate
+
+    def model(x):
+        param("scale", lib.ones(()))
+        with plate("data", x.shape[0]):
+            z = sample("z", EnergyTiltedNormal(net, lib.zeros(2), lib.ones(2), normalizer=Unnormalized()))
+            sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    _fit(b)(model, np.zeros((8, 2), np.float32), guide=AutoNormal(model), num_steps=1, batch_size=4, lr=1e-3)
+
+
+for _b in ("pyro", "numpyro"):
+    case("Samplers", "an energy network used by the model but never registered as parameters", _b,
+         "not registered")(lambda tmp, b=_b: _unregistered(tmp, b))
+
+
 # --- command line ----------------------------------------------------------------------------------------------
 def _resume(tmp, *options):
     _run_folder(tmp)
