@@ -148,6 +148,34 @@ for _b in ("pyro", "numpyro"):
     case("Checkpoints and run folders", "resume from an empty checkpoint, an earlier one kept", _b,
          "resuming from")(_fallback)
 
+    def _infinite_moments(tmp, b=_b):
+        import json as _json
+
+        from tilted_priors.inference.checkpoints import make_manifest
+
+        _fit(b)(_mean_model(b), DATA, num_steps=2, lr=1e-2, out=tmp, keep_checkpoints=1)
+        path = next(tmp.glob("checkpoint.*"))
+        if b == "pyro":
+            import torch
+
+            ckpt = torch.load(path, weights_only=True)["payload"]
+            for state in ckpt["optim"].values():
+                state["state"][0]["exp_avg_sq"].fill_(float("inf"))
+            manifest = make_manifest(ckpt, kind="checkpoint", backend="pyro", config=ckpt["config"],
+                                     as_array=lambda v: v.numpy() if isinstance(v, torch.Tensor) else None)
+            torch.save({"manifest": _json.dumps(manifest), "payload": ckpt}, path)
+        else:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files if k != "manifest"}
+            key = [k for k in sorted(arrays) if k.startswith("svi_state/") and arrays[k].dtype.kind == "f"][-1]
+            arrays[key] = np.full_like(arrays[key], np.inf)
+            manifest = make_manifest(arrays, kind="checkpoint", backend="numpyro")
+            np.savez(path, manifest=np.array(_json.dumps(manifest)), **arrays)
+        _fit(b)(_mean_model(b), DATA, num_steps=4, lr=1e-2, out=tmp, resume=True)
+
+    case("Checkpoints and run folders", "resume from a checkpoint whose Adam moments are infinite", _b,
+         "non-finite")(_infinite_moments)
+
     def _other_backend(tmp, b=_b):
         (tmp / ("checkpoint.npz" if b == "pyro" else "checkpoint.pt")).write_bytes(b"x")
         _fit(b)(_mean_model(b), DATA, num_steps=2, lr=1e-2, out=tmp, resume=True)
