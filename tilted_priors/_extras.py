@@ -5,9 +5,10 @@
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
-__all__ = ["require"]
+__all__ = ["require", "import_dependency"]
 
 #: The import names each extra provides, with the distribution names that install them.
 EXTRAS: dict[str, dict[str, str]] = {
@@ -15,6 +16,67 @@ EXTRAS: dict[str, dict[str, str]] = {
     "numpyro": {"jax": "jax", "numpyro": "numpyro", "flax": "flax", "optax": "optax"},
     "models": {"mlxtend": "mlxtend", "sklearn": "scikit-learn"},
 }
+
+#: The import names of the core dependencies (``pip install tilted-priors`` installs them), with their
+#: distribution names.
+CORE: dict[str, str] = {"numpy": "numpy", "scipy": "scipy", "matplotlib": "matplotlib", "tqdm": "tqdm",
+                        "arviz": "arviz"}
+
+
+def _install_hint(module: str) -> str:
+    """The command that installs the package providing the import name ``module``."""
+    for extra, modules in EXTRAS.items():
+        if module in modules:
+            return f'pip install "tilted-priors[{extra}]" (or pip install {modules[module]})'
+    dist = CORE.get(module, module)
+    return f"pip install {dist} (a dependency of tilted-priors: reinstalling it, pip install tilted-priors, also does)"
+
+
+def import_dependency(module: str, what: str):
+    """Import ``module`` (e.g. ``"arviz"``, ``"matplotlib.pyplot"``) for ``what``, or raise an ``ImportError``
+    naming the package that is missing and the command that installs it.
+
+    When ``module`` is installed but one of *its* imports is missing (ArviZ without matplotlib), the missing
+    package is named, not ``module``.
+
+    Parameters
+    ----------
+    module : str
+        The module to import.
+    what : str
+        What needs it, named in the message (e.g. ``"tilted_priors.inference.diagnostics.plots"``).
+
+    Returns
+    -------
+    module
+        The imported module.
+
+    Raises
+    ------
+    ImportError
+        Naming the missing package and the command that installs it.
+
+    Examples
+    --------
+    >>> import_dependency("numpy", "tilted_priors.inference.diagnostics").__name__
+    'numpy'
+    >>> import_dependency("not_a_module_xyz", "tilted_priors.inference.diagnostics")
+    Traceback (most recent call last):
+    ...
+    ImportError: tilted_priors.inference.diagnostics uses not_a_module_xyz, which is not installed: ...
+    """
+    try:
+        importlib.import_module(module.split(".")[0])  # the package first: its submodules may be loaded already
+        return importlib.import_module(module)
+    except ImportError as err:
+        missing = (getattr(err, "name", None) or module).split(".")[0]
+        wanted = module.split(".")[0]
+        if missing == wanted:
+            message = f"{what} uses {wanted}, which is not installed: {_install_hint(wanted)}"
+        else:
+            message = (f"{what} uses {wanted}, which cannot be imported because {missing} is not installed: "
+                       f"{_install_hint(missing)}")
+        raise ImportError(message, name=missing) from err
 
 
 def require(extra: str, what: str) -> None:

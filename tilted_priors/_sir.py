@@ -1,8 +1,24 @@
 """Backend-free parts of the SIR sampler (:mod:`tilted_priors.pyro.sir`, :mod:`tilted_priors.numpyro.sir`): its
-error messages."""
+error messages and argument check."""
 from __future__ import annotations
 
-__all__ = ["needs_base_message", "bad_weights_message"]
+__all__ = ["needs_base_message", "bad_weights_message", "check_tilted"]
+
+
+def check_tilted(dist, who: str) -> None:
+    """Raise ``TypeError`` unless ``dist`` is a tilted distribution (it has a ``base`` and an energy): what SIR
+    draws from.
+
+    Examples
+    --------
+    >>> check_tilted([1.0], "SIR.sample_tilted")
+    Traceback (most recent call last):
+    ...
+    TypeError: SIR.sample_tilted: dist must be a tilted distribution (EnergyTilted, ...
+    """
+    if not (hasattr(dist, "base") and callable(getattr(dist, "_energy", None))):
+        raise TypeError(f"{who}: dist must be a tilted distribution (EnergyTilted, EnergyTiltedNormal), whose base "
+                        f"it draws from, got {type(dist).__name__}")
 
 
 def needs_base_message(call: str) -> str:

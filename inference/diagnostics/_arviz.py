@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import functools
 
+from tilted_priors._extras import import_dependency
+
 __all__ = ["arviz_module", "arviz_major", "from_dict"]
 
 
 @functools.lru_cache(maxsize=None)
 def arviz_module():
-    """The ``arviz`` module (a clear error when it is missing)."""
-    try:
-        import arviz
-    except ImportError as e:  # pragma: no cover - arviz is a dependency
-        raise ImportError("tilted_priors.inference.diagnostics needs ArviZ: pip install arviz") from e
-    return arviz
+    """The ``arviz`` module; an ``ImportError`` naming what is missing when it cannot be imported (ArviZ, or a
+    package ArviZ imports, such as matplotlib)."""
+    return import_dependency("arviz", "tilted_priors.inference.diagnostics")
 
 
 def arviz_major() -> int:

@@ -13,6 +13,7 @@ draws for the statistic asked for.
 """
 from __future__ import annotations
 
+from numbers import Real
 from typing import NamedTuple
 
 import numpy as np
@@ -39,6 +40,21 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _numeric(x, name: str, shape: str, dtype=float) -> np.ndarray:
+    """``x`` as a numpy array of ``dtype`` (``None``: its own numeric or boolean dtype), or a ``TypeError`` naming
+    ``name`` (a string, a dict, a ragged list)."""
+    if isinstance(x, (str, bytes)) or x is None or hasattr(x, "keys"):
+        raise TypeError(f"{name} must be an array of numbers of shape {shape}, got {type(x).__name__}")
+    try:
+        out = np.asarray(to_numpy(x), dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be an array of numbers of shape {shape} (a numpy array, a torch tensor or a "
+                        f"JAX array; a nested list only when rectangular), got {type(x).__name__}: {err}") from None
+    if out.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must be an array of numbers of shape {shape}, got an array of dtype {out.dtype}")
+    return out
+
+
 def as_chains(x, name: str = "draws", min_chains: int = 1, min_draws: int = 1) -> np.ndarray:
     """``x`` as a float array ``(chain, draw, *dims)``, checked: finite, with enough chains and draws.
 
@@ -49,7 +65,7 @@ def as_chains(x, name: str = "draws", min_chains: int = 1, min_draws: int = 1) -
     >>> as_chains([[1.0, 2.0, 3.0, 4.0]]).shape
     (1, 4)
     """
-    x = np.asarray(to_numpy(x), dtype=float)
+    x = _numeric(x, name, "(chain, draw, *dims)")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (chain, draw, *dims), got shape {x.shape}")
     if x.shape[0] < min_chains or x.shape[1] < min_draws:
@@ -236,7 +252,7 @@ def ess(x, method: str = "bulk", prob: float = 0.05) -> np.ndarray:
     if method == "bulk":
         value = _ess_basic(_z_scale(_split(cols)))
     elif method == "tail":
-        if not 0.0 < prob < 0.5:
+        if isinstance(prob, bool) or not isinstance(prob, Real) or not 0.0 < prob < 0.5:
             raise ValueError(f"prob must lie in (0, 0.5) for the tail ESS, got {prob!r}")
         value = _ess_tail(cols, prob)
     elif method == "mean":
@@ -398,6 +414,16 @@ def summary(x) -> Summary:
 
 
 # --- two-sample distance ----------------------------------------------------------------------------------
+def _rng(seed) -> np.random.Generator:
+    """``np.random.default_rng(seed)``, or a ``TypeError`` naming ``seed``."""
+    if isinstance(seed, (bool, float, str, bytes)):
+        raise TypeError(f"seed must be a non-negative integer (or None), got {seed!r}")
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"seed must be a non-negative integer (or None), got {seed!r}") from err
+
+
 class EnergyDistance(NamedTuple):
     """Energy distance between two samples, its permutation p-value and the number of permutations."""
 
@@ -427,10 +453,20 @@ def energy_distance(a, b, num_permutations: int = 200, max_points: int = 1000, s
     """
     num_permutations = check_nonnegative_int("num_permutations", num_permutations)
     max_points = check_positive_int("max_points", max_points)
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     samples = []
     for name, s in (("a", a), ("b", b)):
-        s = as_chains(np.asarray(s, dtype=float)[None], name=name)[0]
+        s = _numeric(s, name, "(n, d)")
+        if s.ndim not in (1, 2):
+            hint = (f"; for chains (chain, draw, d) pass their draws as one sample, {name}.reshape(-1, d)"
+                    if s.ndim == 3 else "")
+            raise ValueError(f"{name} must have shape (n, d) (n points in d dimensions; (n,) for d = 1), got shape "
+                             f"{s.shape}{hint}")
+        bad = ~np.isfinite(s)
+        if bad.any():
+            raise ValueError(f"{name} holds {int(bad.sum())} non-finite values (nan or inf) in "
+                             f"{int(bad.reshape(s.shape[0], -1).any(1).sum())} of its {s.shape[0]} points: drop "
+                             "those points, or rerun the sampler that made them (a diverged chain)")
         if s.ndim == 1:
             s = s[:, None]
         if s.shape[0] < 2:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tilted_priors.inference.diagnostics._arviz import from_dict
-from tilted_priors.inference.diagnostics.arrays import as_chains, to_numpy
+from tilted_priors.inference.diagnostics.arrays import _numeric, as_chains, to_numpy
 
 __all__ = ["to_inference_data", "draws_of"]
 
@@ -32,12 +32,15 @@ def draws_of(obj, var_name: str = "z") -> dict[str, np.ndarray]:
     >>> sorted(draws_of({"a": np.zeros((2, 10)), "b": np.zeros((2, 10, 3))}))
     ['a', 'b']
     """
+    if not isinstance(var_name, str) or not var_name:
+        raise TypeError(f"var_name must be a non-empty string (the variable's name), got {var_name!r}")
     if hasattr(obj, "get_samples"):  # pyro.infer.MCMC / numpyro.infer.MCMC
         obj = obj.get_samples(group_by_chain=True)
     if isinstance(obj, Mapping):
-        draws = {str(k): to_numpy(v) for k, v in obj.items()}
+        draws = {str(k): _numeric(v, f"draws of {str(k)!r}", "(chain, draw, *dims)", None)
+                 for k, v in obj.items()}
     else:
-        draws = {var_name: to_numpy(obj)}
+        draws = {var_name: _numeric(obj, "obj", "(chain, draw, *dims), a mapping of such arrays, or an MCMC", None)}
     if not draws:
         raise ValueError("no draws: the mapping is empty")
     shapes = {k: v.shape[:2] for k, v in draws.items()}
@@ -114,11 +117,14 @@ def to_inference_data(obj, *, var_name: str = "z", sample_stats: Mapping[str, An
     >>> dict(data.posterior.sizes)
     {'chain': 4, 'draw': 100, 'latent': 3}
     """
+    for what, value in (("sample_stats", sample_stats), ("dims", dims), ("coords", coords)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{what} must be a mapping (a dict) or None, got {type(value).__name__}")
     draws = draws_of(obj, var_name)
     chain_draw = next(iter(draws.values())).shape[:2]
     stats = _sample_stats(obj, chain_draw)
     for name, value in (sample_stats or {}).items():
-        value = to_numpy(value)
+        value = _numeric(value, f"sample_stats[{name!r}]", f"{chain_draw} + ...", None)
         if value.shape[:2] != chain_draw:
             raise ValueError(f"sample_stats[{name!r}] must have shape {chain_draw} + ..., got {value.shape}")
         stats[name] = value

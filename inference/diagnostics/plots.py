@@ -7,22 +7,44 @@ Every function writes one PNG and returns its path.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
+from tilted_priors._extras import import_dependency
 from tilted_priors.inference.diagnostics._arviz import arviz_major, arviz_module
+from tilted_priors.inference.diagnostics.arrays import _numeric
 from tilted_priors.inference.diagnostics.data import to_inference_data
 
 __all__ = ["plot_energy_trajectories", "plot_marginals", "plot_rank_short_long", "plot_trace"]
 
+_WHAT = "tilted_priors.inference.diagnostics.plots"
+
 
 def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 3.5)):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("the diagnostics plots need matplotlib: pip install matplotlib") from e
+    Figure = import_dependency("matplotlib.figure", _WHAT).Figure
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _labelled(value, name: str, what: str) -> dict:
+    """``value`` as a non-empty dict ``{label: ...}``, or a ``TypeError`` / ``ValueError`` naming ``name``."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict {{label: {what}}} (one entry per run, e.g. {{'short': ..., "
+                        f"'long': ...}}), got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} is empty: give at least one {{label: {what}}}")
+    return dict(value)
+
+
+def _points(x, name: str) -> np.ndarray:
+    """``x`` as a float array ``(n, d)`` (``(n,)`` taken as ``d = 1``), or an error naming ``name``."""
+    x = _numeric(x, name, "(n, d)")
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape (n, d) (n points in d dimensions), got shape {x.shape}")
+    return x
 
 
 def _save(fig, path) -> Path:
@@ -44,8 +66,20 @@ def plot_energy_trajectories(runs: dict[str, tuple[np.ndarray, np.ndarray]], pat
     >>> p.name
     'e.png'
     """
-    fig, axes = _figure(1, len(runs))
-    for ax, (label, (steps, lp)) in zip(axes[0], runs.items()):
+    runs = _labelled(runs, "runs", "(steps (draw,), log densities (chain, draw))")
+    checked = {}
+    for label, run in runs.items():
+        if not isinstance(run, (tuple, list)) or len(run) != 2:
+            raise TypeError(f"runs[{label!r}] must be a pair (steps (draw,), log densities (chain, draw)), got "
+                            f"{type(run).__name__}")
+        steps, lp = _numeric(run[0], f"runs[{label!r}][0]", "(draw,)"), _numeric(run[1], f"runs[{label!r}][1]",
+                                                                                  "(chain, draw)")
+        if lp.ndim != 2 or steps.shape != lp.shape[1:]:
+            raise ValueError(f"runs[{label!r}] must be (steps (draw,), log densities (chain, draw)) with the same "
+                             f"number of draws, got shapes {steps.shape} and {lp.shape}")
+        checked[label] = (steps, lp)
+    fig, axes = _figure(1, len(checked))
+    for ax, (label, (steps, lp)) in zip(axes[0], checked.items()):
         energy = -np.asarray(lp)
         ax.plot(steps, energy[:max_chains].T, color="0.6", lw=0.5, alpha=0.6)
         lo, mid, hi = np.quantile(energy, [0.1, 0.5, 0.9], axis=0)
@@ -67,6 +101,11 @@ def plot_marginals(samples: dict[str, np.ndarray], path, max_dims: int = 8, bins
     >>> plot_marginals(s, os.path.join(tempfile.mkdtemp(), "m.png")).suffix
     '.png'
     """
+    samples = {label: _points(s, f"samples[{label!r}]")
+               for label, s in _labelled(samples, "samples", "(n, d)").items()}
+    dims = {s.shape[1] for s in samples.values()}
+    if len(dims) > 1:
+        raise ValueError(f"the samples must have the same dimension d, got {sorted(dims)}")
     first = next(iter(samples.values()))
     d = min(first.shape[-1], max_dims)
     ncols = min(d, 4)
@@ -87,11 +126,8 @@ def plot_marginals(samples: dict[str, np.ndarray], path, max_dims: int = 8, bins
 
 def _arviz_plot(name: str, data, path, **kwargs) -> Path:
     """Run ``az.<name>`` and save its figure (an axes array in ArviZ 0.x, a PlotCollection in 1.x)."""
+    plt = import_dependency("matplotlib.pyplot", _WHAT)  # first: a missing matplotlib is named as such
     az = arviz_module()
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("the diagnostics plots need matplotlib: pip install matplotlib") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if arviz_major() >= 1:
@@ -112,6 +148,9 @@ def plot_rank_short_long(short: np.ndarray, long: np.ndarray, path, max_dims: in
     Under the same law the ranks of both are uniform (flat histograms); a short run that has not reached the
     long run's law shows sloped or U-shaped histograms. ``short`` and ``long`` are ``(n, d)`` with equal ``n``.
     """
+    short, long = _points(short, "short"), _points(long, "long")
+    if short.shape[1] != long.shape[1]:
+        raise ValueError(f"short and long must have the same dimension d, got shapes {short.shape} and {long.shape}")
     n = min(len(short), len(long))
     pooled = np.stack([np.asarray(short)[:n, :max_dims], np.asarray(long)[:n, :max_dims]])
     return _arviz_plot("plot_rank", to_inference_data(pooled, coords={"chain": ["short", "long"]}), path)
@@ -119,5 +158,9 @@ def plot_rank_short_long(short: np.ndarray, long: np.ndarray, path, max_dims: in
 
 def plot_trace(chains: np.ndarray, path, max_chains: int = 8, max_dims: int = 4) -> Path:
     """ArviZ trace plot of a few chains ``(chain, draw, d)`` (their first ``max_dims`` dimensions)."""
-    chains = np.asarray(chains)[:max_chains, :, :max_dims]
+    chains = _numeric(chains, "chains", "(chain, draw, d)")
+    if chains.ndim != 3:
+        raise ValueError(f"chains must have shape (chain, draw, d), got shape {chains.shape}"
+                         + ("; for one variable pass chains[..., None]" if chains.ndim == 2 else ""))
+    chains = chains[:max_chains, :, :max_dims]
     return _arviz_plot("plot_trace", to_inference_data(chains), path)

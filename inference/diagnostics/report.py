@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tilted_priors.inference.diagnostics.arrays import (EnergyDistance, as_chains, energy_distance, nested_rhat, rhat,
-                                          to_numpy)
+from tilted_priors.inference.diagnostics.arrays import (EnergyDistance, _numeric, as_chains, energy_distance,
+                                                       nested_rhat, rhat, to_numpy)
 from tilted_priors._validation import check_positive_int, check_probability
 
 __all__ = ["ShortVsLong", "compare_chains", "short_vs_long", "trajectory", "markdown_table"]
@@ -166,8 +166,18 @@ def compare_chains(short, long, *, short_lp=None, long_lp=None, short_steps=None
                          f"and {long.shape}")
     if short.shape[0] < 4:
         raise ValueError(f"compare at least 4 chains, got {short.shape[0]}")
-    lps = [None if lp is None else as_chains(np.asarray(lp)[..., None], name=n)[..., 0]
-           for n, lp in (("short_lp", short_lp), ("long_lp", long_lp))]
+    lps = []
+    for n, lp, x in (("short_lp", short_lp, short), ("long_lp", long_lp, long)):
+        if lp is not None:
+            lp = as_chains(_numeric(lp, n, "(chain, draw)")[..., None], name=n)[..., 0]
+            if lp.shape != x.shape[:2]:
+                raise ValueError(f"{n} must have shape (chain, draw) = {x.shape[:2]}, one log density per state of "
+                                 f"{n[:-3]}, got shape {lp.shape}")
+        lps.append(lp)
+    for n, steps, x in (("short_steps", short_steps, short), ("long_steps", long_steps, long)):
+        if steps is not None and np.shape(steps) != x.shape[1:2]:
+            raise ValueError(f"{n} must have shape (draw,) = {x.shape[1:2]}, the step of each recorded state, got "
+                             f"shape {np.shape(steps)}")
     rng = np.random.default_rng(seed)
     a, b = short[:, -1], long[:, -1]
     # Two "chains" (short, long) whose draws are the chains' final states, in random order so that chains
@@ -202,13 +212,14 @@ def _with_steps(sampler, steps: int):
     return new
 
 
-def _backend(sampler) -> str:
+def _backend(sampler, name: str = "sampler") -> str:
     module = type(sampler).__module__
     if type(sampler).__name__ == "Persistent":
         raise TypeError("short_vs_long runs fresh chains from the given starts: pass the sampler a Persistent "
                         "wraps (its .sampler), not the Persistent itself")
-    if not hasattr(sampler, "run") or not hasattr(sampler, "steps"):
-        raise TypeError(f"a sampler needs .steps and .run(...), got {sampler!r}")
+    if isinstance(sampler, type) or not hasattr(sampler, "run") or not hasattr(sampler, "steps"):
+        raise TypeError(f"{name} must be a sampler instance with .steps and .run(...) (e.g. MALA(400, 0.8)), got "
+                        f"{sampler!r}")
     for name in ("numpyro", "pyro"):
         if f".{name}." in f".{module}.":
             return name
@@ -234,6 +245,9 @@ def trajectory(sampler, log_density, starts, num_draws: int = 20, seed: int = 0)
     """
     num_draws = check_positive_int("num_draws", num_draws)
     backend = _backend(sampler)
+    if not callable(log_density):
+        raise TypeError(f"log_density must be a function (..., d) -> (...) on the sampler's arrays, got "
+                        f"{type(log_density).__name__}")
     bounds = np.unique(np.linspace(0, sampler.steps, min(num_draws, sampler.steps) + 1).round().astype(int))
     lengths = np.diff(bounds)
     rng = contextlib.nullcontext()
@@ -312,14 +326,17 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
     True
     """
     chains_per_start = check_positive_int("chains_per_start", chains_per_start)
-    starts_np = to_numpy(starts)
+    starts_np = _numeric(starts, "starts", "(n, d)")
     if starts_np.ndim != 2:
         raise ValueError(f"starts must have shape (n, d), got {starts_np.shape}")
     if not np.isfinite(starts_np).all():
         raise ValueError("starts hold non-finite values")
-    backends = {_backend(sampler_short), _backend(sampler_long)}
+    backends = {_backend(sampler_short, "sampler_short"), _backend(sampler_long, "sampler_long")}
     if len(backends) > 1:
         raise TypeError(f"both samplers must come from one backend, got {sorted(backends)}")
+    if not callable(log_density):
+        raise TypeError(f"log_density must be a function (..., d) -> (...) on the samplers' arrays, got "
+                        f"{type(log_density).__name__}")
     init = np.repeat(starts_np, chains_per_start, axis=0)
     ids = np.repeat(np.arange(starts_np.shape[0]), chains_per_start) if chains_per_start > 1 else None
     s_steps, short, s_lp = trajectory(sampler_short, log_density, init, num_draws, seed)

@@ -149,10 +149,13 @@ class ShortRunPosterior:
         self.per_datum = bool(per_datum)
         # Fully unrolled: through a convolutional generator XLA's CPU loop is 4-5x slower (see ShortRunLangevin).
         self.sampler = ShortRunLangevin(steps, step_size, unroll=True) if sampler is None else sampler
-        if not callable(getattr(self.sampler, "run", None)):
-            raise TypeError(f"sampler needs .run(rng_key, log_density, init), got {self.sampler!r}")
+        if isinstance(self.sampler, type) or not callable(getattr(self.sampler, "run", None)):
+            raise TypeError(f"sampler must be a sampler instance with .run(rng_key, log_density, init) (e.g. "
+                            f"MALA(20, 0.1)), got {self.sampler!r}")
         if not (callable(init) or init in ("noise", "prior", "persistent")):
             raise ValueError(f"init must be 'noise', 'prior', 'persistent' or a guide, got {init!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.init = init
         self.name = name
         self.num_data = None

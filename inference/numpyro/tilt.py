@@ -42,7 +42,7 @@ from numpyro.primitives import Messenger
 
 from flax import nnx
 
-from tilted_priors.inference._wrappers import tilt_arguments
+from tilted_priors.inference._wrappers import energy_call_error, tilt_arguments, warn_missing_sites
 from tilted_priors.inference.numpyro.modules import register_module
 from tilted_priors.numpyro import MALA, EnergyTilted
 
@@ -116,7 +116,14 @@ class _Energy:
         return out
 
     def __call__(self, flat):
-        e = self.energy(self.values(flat))
+        values = self.values(flat)
+        try:
+            e = self.energy(values)
+        except (KeyError, TypeError) as err:  # say what the energy is given (a dict of the sites' values)
+            error = energy_call_error(err, values)
+            if error is err:
+                raise
+            raise error from err
         expected = jnp.shape(flat)[:-1]
         if jnp.shape(e) != expected:
             try:
@@ -371,6 +378,7 @@ class tilt(Messenger):
         self.energy, self.sites = energy, names
         self.normalizer, self.sampler = normalizer, sampler
         self._args: tuple = ((), {})
+        self._warned_missing = False  # a site the model never samples is reported once per tilt
         super().__init__(fn)
         self._reset()
 
@@ -384,7 +392,10 @@ class tilt(Messenger):
 
     def __call__(self, *args, **kwargs):
         self._args = (args, kwargs)
-        return super().__call__(*args, **kwargs)
+        out = super().__call__(*args, **kwargs)
+        if not self._warned_missing:
+            self._warned_missing = warn_missing_sites(self.sites, self._seen)
+        return out
 
     def __enter__(self):
         self._reset()

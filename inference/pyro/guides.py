@@ -168,8 +168,9 @@ class ShortRunPosterior:
         self._warned = False  # the chain-did-not-move warning is given once per guide
         self.per_datum = bool(per_datum)
         self.sampler = ShortRunLangevin(steps, step_size) if sampler is None else sampler
-        if not callable(getattr(self.sampler, "run", None)):
-            raise TypeError(f"sampler needs .run(log_density, init), got {self.sampler!r}")
+        if isinstance(self.sampler, type) or not callable(getattr(self.sampler, "run", None)):
+            raise TypeError(f"sampler must be a sampler instance with .run(log_density, init) (e.g. "
+                            f"MALA(20, 0.1)), got {self.sampler!r}")
         if not (callable(init) or init in ("noise", "prior", "persistent")):
             raise ValueError(f"init must be 'noise', 'prior', 'persistent' or a guide, got {init!r}")
         self.init = init

@@ -41,7 +41,7 @@ from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, ReshapeTransform
 
 from tilted_priors._compat import pyro_isolated
-from tilted_priors.inference._wrappers import tilt_arguments
+from tilted_priors.inference._wrappers import energy_call_error, tilt_arguments, warn_missing_sites
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors.pyro import MALA, EnergyTilted
 
@@ -117,7 +117,14 @@ class _Energy:
         return out
 
     def __call__(self, flat):
-        e = torch.as_tensor(self.energy(self.values(flat)))
+        values = self.values(flat)
+        try:
+            e = torch.as_tensor(self.energy(values))
+        except (KeyError, TypeError) as err:  # say what the energy is given (a dict of the sites' values)
+            error = energy_call_error(err, values)
+            if error is err:
+                raise
+            raise error from err
         expected = flat.shape[:-1]
         if e.shape != expected:
             try:
@@ -382,6 +389,7 @@ class tilt(Messenger):
         self.normalizer, self.sampler = normalizer, sampler
         self.fn = fn
         self._args: tuple = ((), {})
+        self._warned_missing = False  # a site the model never samples is reported once per tilt
         super().__init__()
         self._reset()
 
@@ -398,7 +406,10 @@ class tilt(Messenger):
             return super().__call__(*args, **kwargs)
         self._args = (args, kwargs)
         with self:
-            return self.fn(*args, **kwargs)
+            out = self.fn(*args, **kwargs)
+        if not self._warned_missing:
+            self._warned_missing = warn_missing_sites(self.sites, self._seen)
+        return out
 
     def __enter__(self):
         self._reset()

@@ -30,9 +30,10 @@ from numpyro.distributions import Distribution, Normal, constraints
 
 from tilted_priors._compat import jax_in_transformation, numpyro_handler_stack
 from tilted_priors._loc_scale import missing_energy_message
-from tilted_priors._validation import check_energy_shape, context_batch_shape
+from tilted_priors._validation import (check_loc_scale_shapes, check_protocol, check_sample_shape,
+                                       context_batch_shape, describe, energy_output_error, energy_signature_error)
 from tilted_priors.errors import ChainDivergenceError
-from tilted_priors.numpyro.normalizers import Contrastive
+from tilted_priors.numpyro.normalizers import Contrastive, _check_key
 from tilted_priors.numpyro.samplers import ShortRunLangevin, _is_array_pytree, _is_concrete
 
 __all__ = ["EnergyTilted", "EnergyTiltedNormal"]
@@ -66,6 +67,17 @@ def _annealed_log_density(dist: "EnergyTilted", beta, z):
 def _float_array(x):
     x = jnp.asarray(x)
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float))
+
+
+def _as_param(name: str, value):
+    """``loc`` / ``scale`` as a floating array, or a ``TypeError`` naming the argument."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{name} must be an array of shape batch_shape + (d,) (or a number), got {describe(value)}")
+    try:
+        return _float_array(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be an array of shape batch_shape + (d,) (or a number), got "
+                        f"{describe(value)} ({type(value).__name__})") from err
 
 
 def _as_context(context):
@@ -173,7 +185,8 @@ class EnergyTilted(Distribution):
         if not callable(energy):
             raise TypeError(f"energy must be callable (..., d) -> (...), got {type(energy).__name__}")
         if not isinstance(base, Distribution):
-            raise TypeError(f"base must be a NumPyro Distribution, got {type(base).__name__}")
+            raise TypeError(f"base must be a NumPyro Distribution, e.g. dist.Normal(loc, scale).to_event(1), got "
+                            f"{describe(base)} ({type(base).__name__})")
         if len(base.event_shape) != 1:
             raise ValueError(f"base must have event shape (d,), got {tuple(base.event_shape)}; "
                              "declare the last dimension as the event with .to_event(1)")
@@ -190,10 +203,9 @@ class EnergyTilted(Distribution):
         self.base = base
         self.normalizer = Contrastive() if normalizer is None else normalizer
         self.sampler = ShortRunLangevin(60, "auto") if sampler is None else sampler
-        for what, obj, attr in (("normalizer", self.normalizer, "term"), ("sampler", self.sampler, "run")):
-            if not callable(getattr(obj, attr, None)):
-                raise TypeError(f"{what} must have a .{attr}() method, got {obj!r}")
-        self._rng_key = _seed_key() if rng_key is None else rng_key
+        check_protocol(self.normalizer, "normalizer", "term", "Contrastive() or Unnormalized()")
+        check_protocol(self.sampler, "sampler", "run", "ShortRunLangevin(60, 'auto') or MALA(100, 0.1)")
+        self._rng_key = _seed_key() if rng_key is None else _check_key(rng_key, "rng_key")
         self._in_potential = self._rng_key is None and _in_mcmc_potential()
         self._log_normalizer = None
         self._created_in_trace = jax_in_transformation()
@@ -222,14 +234,24 @@ class EnergyTilted(Distribution):
     def _energy(self, z):
         """:math:`E(z)`, or :math:`E(z, x)` with the context broadcast to ``z``'s leading shape."""
         context = self.__dict__.get("context")
-        if context is None:
-            e = self.energy(z)
-        else:
-            shape = context_batch_shape(tuple(jnp.shape(z)[:-1]), tuple(jnp.shape(context)), what="z")
-            z = jnp.broadcast_to(z, shape + tuple(jnp.shape(z)[-1:]))
-            e = self.energy(z, jnp.broadcast_to(context, shape + tuple(jnp.shape(context)[-1:])))
-        if jnp.shape(e) != jnp.shape(z)[:-1]:
-            check_energy_shape("energy", tuple(jnp.shape(z)), tuple(jnp.shape(e)))
+        try:
+            if context is None:
+                e = self.energy(z)
+            else:
+                shape = context_batch_shape(tuple(jnp.shape(z)[:-1]), tuple(jnp.shape(context)), what="z")
+                z = jnp.broadcast_to(z, shape + tuple(jnp.shape(z)[-1:]))
+                e = self.energy(z, jnp.broadcast_to(context, shape + tuple(jnp.shape(context)[-1:])))
+        except TypeError as err:  # explain a wrong signature (energy(z, x) without context, or the reverse)
+            error = energy_signature_error(self.energy, context is not None)
+            if error is None:
+                raise
+            raise error from err
+        try:
+            shape = jnp.shape(e)
+        except TypeError:  # not an array (None, a string): say so rather than fail later
+            raise energy_output_error("energy", tuple(jnp.shape(z)), e, expected="an array") from None
+        if shape != jnp.shape(z)[:-1]:
+            raise energy_output_error("energy", tuple(jnp.shape(z)), tuple(shape))
         return e
 
     def _base_log_density(self, z):
@@ -299,7 +321,7 @@ class EnergyTilted(Distribution):
         cached = self.__dict__.get("_log_normalizer")
         if cached is not None:
             return cached
-        key = rng_key if rng_key is not None else self.rng_key
+        key = _check_key(rng_key, "rng_key") if rng_key is not None else self.rng_key
         if key is None and self.__dict__.get("_in_potential", False):
             return jnp.zeros(())  # inside MCMC's potential the term is constant in the latents: nothing to run
         if key is None:
@@ -343,7 +365,15 @@ class EnergyTilted(Distribution):
 
         A sampler with a ``sample_tilted(rng_key, dist, sample_shape)`` method (one that needs the distribution
         itself, e.g. :class:`~tilted_priors.numpyro.SIR`, which draws from the base) is handed the distribution
-        instead.
+        instead. ``sample_shape`` is a shape such as ``(100,)``; an int ``n`` is taken as ``(n,)``.
+
+        Raises
+        ------
+        TypeError
+            When ``rng_key`` is not a PRNG key, ``sample_shape`` is not a shape (a float, a string) or ``sampler``
+            has no ``.run``.
+        ValueError
+            When ``rng_key`` is ``None`` or ``sample_shape`` holds a negative size.
 
         Examples
         --------
@@ -356,19 +386,31 @@ class EnergyTilted(Distribution):
         if rng_key is None:
             raise ValueError(f"{type(self).__name__}.sample needs a PRNG key, e.g. jax.random.PRNGKey(0) "
                              "(inside a model, numpyro.sample provides it under numpyro.handlers.seed)")
+        _check_key(rng_key, "rng_key")
+        sample_shape = check_sample_shape(sample_shape)
+        check_protocol(sampler, "sampler", "run", "MALA(100, 0.1)")
         sample_tilted = getattr(sampler, "sample_tilted", None)
         if callable(sample_tilted):  # a sampler that needs the distribution itself (its base), e.g. SIR
-            return sample_tilted(rng_key, self, tuple(sample_shape))
+            return sample_tilted(rng_key, self, sample_shape)
         key_init, key_chain = jax.random.split(rng_key)
-        init = lax.stop_gradient(self.base.sample(key_init, tuple(sample_shape)))
+        init = lax.stop_gradient(self.base.sample(key_init, sample_shape))
         try:
             return sampler.run(key_chain, self.annealed_log_density(1.0), init)
         except ChainDivergenceError as err:  # say which chain it was
             raise err.add_context(label=f"the sampler of the prior {type(self).__name__}")
 
     def sample(self, key, sample_shape=()):
-        """Draw ``sample_shape + batch_shape + event_shape`` samples with the distribution's sampler."""
+        """Draw ``sample_shape + batch_shape + event_shape`` samples with the distribution's sampler (see
+        :meth:`sample_with`; an int ``n`` is taken as ``(n,)``)."""
         return self.sample_with(key, self.sampler, sample_shape)
+
+    def rsample(self, rng_key, sample_shape=()):
+        """Not available: the draws are not reparameterised (``has_rsample = False``); raises
+        ``NotImplementedError`` (after checking ``sample_shape``)."""
+        check_sample_shape(sample_shape)
+        raise NotImplementedError(f"{type(self).__name__} has no reparameterised draws (has_rsample = False): the "
+                                  "sampler's chains are not differentiated through. Use .sample(key, sample_shape); "
+                                  "for gradients of an expectation use a normalizer's learning signal")
 
     # --- shapes ----------------------------------------------------------------------------------------
     def replace(self, *, normalizer=None, sampler=None) -> "EnergyTilted":
@@ -468,7 +510,9 @@ class EnergyTiltedNormal(EnergyTilted):
 
     def __init__(self, energy, loc, scale, *, context=None, normalizer=None, sampler=None, rng_key=None,
                  validate_args=None):
-        loc, scale = jnp.broadcast_arrays(_float_array(loc), _float_array(scale))
+        loc, scale = _as_param("loc", loc), _as_param("scale", scale)
+        check_loc_scale_shapes(jnp.shape(loc), jnp.shape(scale))
+        loc, scale = jnp.broadcast_arrays(loc, scale)
         if loc.ndim < 1:
             raise ValueError("loc and scale must have at least one dimension: the last one is the event (d,); "
                              "for a d-dimensional prior pass arrays of shape (d,)")

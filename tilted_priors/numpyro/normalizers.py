@@ -23,7 +23,9 @@ from jax import lax
 from jax.scipy.special import logsumexp
 
 from tilted_priors._compat import jax_in_transformation
-from tilted_priors._validation import check_positive_int, check_snl_b
+from tilted_priors._sir import check_tilted
+from tilted_priors._validation import (check_finite_number, check_name, check_positive_int, check_proposal_shapes,
+                                       check_protocol, check_snl_b, describe)
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro.samplers import MALA, _Frozen, _is_concrete
 from tilted_priors.schedules import annealing_betas
@@ -70,7 +72,36 @@ _KEY_HELP = ("pass one to log_normalizer(rng_key), give rng_key=... when buildin
 def _require_key(rng_key, who: str):
     if rng_key is None:
         raise ValueError(f"{who} draws random samples and needs a PRNG key: {_KEY_HELP}")
-    return rng_key
+    return _check_key(rng_key, "rng_key")
+
+
+def _check_key(rng_key, name: str = "rng_key"):
+    """``rng_key`` if it looks like a PRNG key (an array, a tracer, a typed key), else a ``TypeError`` naming
+    ``name``: a seed given where a key belongs (``0`` for ``jax.random.PRNGKey(0)``) fails deep in JAX otherwise.
+
+    Examples
+    --------
+    >>> _check_key(3)
+    Traceback (most recent call last):
+    ...
+    TypeError: rng_key must be a PRNG key such as jax.random.PRNGKey(0), got 3 (int): make one from ...
+    """
+    if hasattr(rng_key, "shape") and hasattr(rng_key, "dtype"):
+        return rng_key
+    raise TypeError(f"{name} must be a PRNG key such as jax.random.PRNGKey(0), got {describe(rng_key)} "
+                    f"({type(rng_key).__name__}): make one from a seed with jax.random.PRNGKey(seed)")
+
+
+def _check_proposal(proposal):
+    """``proposal`` if it is ``None`` or a NumPyro distribution, else a ``TypeError`` (its shapes are checked
+    against the tilted distribution's at first use, :func:`_importance_log_weights`)."""
+    from numpyro.distributions import Distribution
+
+    if proposal is None or isinstance(proposal, Distribution):
+        return proposal
+    raise TypeError(f"proposal must be a NumPyro distribution over the tilted distribution's vectors z, e.g. "
+                    f"dist.Normal(loc, scale).to_event(1), or None (the base); got {describe(proposal)} "
+                    f"({type(proposal).__name__})")
 
 
 def _batch_numel(batch_shape) -> int:
@@ -92,6 +123,8 @@ def _importance_log_weights(dist, rng_key, n: int, proposal):
     """Log weights :math:`e^{-E(z)} q(z) / r(z)` of ``n`` draws per batch element from ``r`` (the base if None)."""
     if proposal is None:
         return -dist._energy(_draw(dist.base, rng_key, n))
+    check_proposal_shapes(tuple(proposal.batch_shape), tuple(proposal.event_shape), tuple(dist.batch_shape),
+                          tuple(dist.event_shape))
     z = _draw(proposal, rng_key, n)
     return dist.log_tilted(z) - proposal.log_prob(z)
 
@@ -131,7 +164,8 @@ class Contrastive(_Frozen):
     __slots__ = ("sampler", "num_samples")
 
     def __init__(self, sampler=None, num_samples: int | None = None):
-        object.__setattr__(self, "sampler", sampler)
+        object.__setattr__(self, "sampler", check_protocol(sampler, "sampler", "run", "MALA(100, 0.1)",
+                                                           optional=True))
         object.__setattr__(self, "num_samples",
                            None if num_samples is None else check_positive_int("num_samples", num_samples))
 
@@ -202,7 +236,9 @@ class SelfNormalized(_Frozen):
         rows share one base (a prior expanded over a plate) the summed bound equals that of the pooled estimate.
     proposal : numpyro.distributions.Distribution, optional
         :math:`r`; the base :math:`q` when ``None`` (then the weights are :math:`e^{-E(z_i)}`). Reparameterised
-        draws (``rsample``) are used when available.
+        draws (``rsample``) are used when available. A distribution over the same vectors as the tilted
+        distribution: event shape ``(d,)`` (``dist.Normal(loc, scale).to_event(1)``), batch shape broadcasting to
+        its batch shape; checked when first used (``ValueError``).
     name : str
         Name of the param :math:`b` (of the module's param site ``name$params`` for an amortised ``b``); give
         each tilted prior in a model its own.
@@ -242,9 +278,9 @@ class SelfNormalized(_Frozen):
 
     def __init__(self, num_samples: int, proposal=None, name: str = "snl_b", init: float = 0.0, b=None):
         object.__setattr__(self, "num_samples", check_positive_int("num_samples", num_samples))
-        object.__setattr__(self, "proposal", proposal)
-        object.__setattr__(self, "name", str(name))
-        object.__setattr__(self, "init", float(init))
+        object.__setattr__(self, "proposal", _check_proposal(proposal))
+        object.__setattr__(self, "name", check_name(name, "name"))
+        object.__setattr__(self, "init", check_finite_number(init, "init"))
         object.__setattr__(self, "b", check_snl_b(b))
 
     def _key(self) -> tuple:
@@ -356,7 +392,7 @@ class Importance(_Frozen):
 
     def __init__(self, num_samples: int, proposal=None):
         object.__setattr__(self, "num_samples", check_positive_int("num_samples", num_samples))
-        object.__setattr__(self, "proposal", proposal)
+        object.__setattr__(self, "proposal", _check_proposal(proposal))
 
     def _key(self) -> tuple:
         return (self.num_samples, self.proposal)
@@ -366,6 +402,7 @@ class Importance(_Frozen):
 
     def estimate(self, dist, rng_key) -> LogZEstimate:
         """:math:`\\log\\hat Z` per batch element with its standard error and ESS."""
+        check_tilted(dist, "Importance.estimate")
         rng_key = _require_key(rng_key, "Importance")
         return log_mean_exp_with_error(_importance_log_weights(dist, rng_key, self.num_samples, self.proposal))
 
@@ -454,8 +491,9 @@ class AnnealedImportance(_Frozen):
         object.__setattr__(self, "num_chains", check_positive_int("num_chains", num_chains))
         object.__setattr__(self, "num_steps", check_positive_int("num_steps", num_steps))
         kernel = MALA(steps=2, step_size=0.5) if kernel is None else kernel
-        if not callable(getattr(kernel, "_chain", None)):
-            raise TypeError(f"kernel must be a ShortRunLangevin or MALA sampler, got {kernel!r}")
+        if isinstance(kernel, type) or not callable(getattr(kernel, "_chain", None)):
+            raise TypeError(f"kernel must be a ShortRunLangevin or MALA sampler instance, e.g. MALA(steps=2, "
+                            f"step_size=0.5), got {describe(kernel)}")
         object.__setattr__(self, "kernel", kernel)
         object.__setattr__(self, "schedule", schedule)
         object.__setattr__(self, "betas", tuple(annealing_betas(self.num_steps, schedule).tolist()))
@@ -468,6 +506,7 @@ class AnnealedImportance(_Frozen):
 
     def estimate(self, dist, rng_key) -> LogZEstimate:
         """:math:`\\log\\hat Z` per batch element with its standard error and the weights' ESS."""
+        check_tilted(dist, "AnnealedImportance.estimate")
         rng_key = _require_key(rng_key, "AnnealedImportance")
         if jax_in_transformation(dist, rng_key):
             log_w, bad_step, num_bad = _ais_log_weights(self, dist, rng_key)
@@ -549,8 +588,8 @@ class LearnedLogZ(_Frozen):
     __slots__ = ("name", "init")
 
     def __init__(self, name: str = "log_z", init: float = 0.0):
-        object.__setattr__(self, "name", str(name))
-        object.__setattr__(self, "init", float(init))
+        object.__setattr__(self, "name", check_name(name, "name"))
+        object.__setattr__(self, "init", check_finite_number(init, "init"))
 
     def _key(self) -> tuple:
         return (self.name, self.init)

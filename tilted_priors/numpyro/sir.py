@@ -25,8 +25,9 @@ from jax import lax
 from jax.scipy.special import logsumexp
 
 from tilted_priors._compat import jax_in_transformation
-from tilted_priors._sir import bad_weights_message, needs_base_message
-from tilted_priors._validation import check_positive_int
+from tilted_priors._sir import bad_weights_message, check_tilted, needs_base_message
+from tilted_priors._validation import check_positive_int, check_sample_shape
+from tilted_priors.numpyro.normalizers import _check_key
 from tilted_priors.numpyro.samplers import _Frozen
 
 __all__ = ["SIR", "SIRInfo"]
@@ -129,7 +130,9 @@ class SIR(_Frozen):
         """
         if rng_key is None:
             raise ValueError("SIR.sample_tilted needs a PRNG key, e.g. jax.random.PRNGKey(0)")
-        sample_shape = tuple(int(n) for n in sample_shape)
+        _check_key(rng_key, "rng_key")
+        check_tilted(dist, "SIR.sample_tilted")
+        sample_shape = check_sample_shape(sample_shape)
         view = dist._chain_view()
         if jax_in_transformation(rng_key, view):
             z, info, _ = _sir(self.num_proposals, sample_shape, rng_key, view)

@@ -18,8 +18,10 @@ from pyro.distributions import Normal, TorchDistribution, constraints
 from torch.distributions.utils import broadcast_all
 
 from tilted_priors._loc_scale import missing_energy_message
-from tilted_priors._validation import check_energy_shape, context_batch_shape
+from tilted_priors._validation import (check_loc_scale_shapes, check_protocol, check_sample_shape,
+                                       context_batch_shape, describe, energy_output_error, energy_signature_error)
 from tilted_priors.errors import ChainDivergenceError
+from tilted_priors.pyro.energies import _dtype_error
 from tilted_priors.pyro.normalizers import Contrastive
 from tilted_priors.pyro.samplers import ShortRunLangevin
 
@@ -40,6 +42,19 @@ def _as_context(context) -> torch.Tensor:
         raise ValueError("context must have at least one dimension, the last holding the c covariates of a row "
                          "(shape batch_shape + (c,)); for one covariate per row pass x[..., None]")
     return context
+
+
+def _as_param(name: str, value) -> torch.Tensor | float:
+    """``loc`` / ``scale`` as given (a tensor or a number), a list or array converted; a clear error otherwise."""
+    if isinstance(value, (torch.Tensor, int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(f"{name} must be a tensor of shape batch_shape + (d,) (or a number), got {describe(value)}")
+    try:
+        return torch.as_tensor(value, dtype=torch.get_default_dtype())
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a tensor of shape batch_shape + (d,) (or a number), got "
+                        f"{describe(value)}") from err
 
 
 def _register_normalizer(normalizer, dist) -> None:
@@ -119,7 +134,8 @@ class EnergyTilted(TorchDistribution):
         if not callable(energy):
             raise TypeError(f"energy must be callable (..., d) -> (...), got {type(energy).__name__}")
         if not isinstance(base, torch.distributions.Distribution):
-            raise TypeError(f"base must be a torch/Pyro Distribution, got {type(base).__name__}")
+            raise TypeError(f"base must be a torch/Pyro Distribution, e.g. dist.Normal(loc, scale).to_event(1), got "
+                            f"{describe(base)} ({type(base).__name__})")
         if len(base.event_shape) != 1:
             raise ValueError(f"base must have event shape (d,), got {tuple(base.event_shape)}; "
                              "declare the last dimension as the event with .to_event(1)")
@@ -133,9 +149,8 @@ class EnergyTilted(TorchDistribution):
         self.base = base
         self.normalizer = Contrastive() if normalizer is None else normalizer
         self.sampler = ShortRunLangevin(60, "auto") if sampler is None else sampler
-        for what, obj, attr in (("normalizer", self.normalizer, "term"), ("sampler", self.sampler, "run")):
-            if not callable(getattr(obj, attr, None)):
-                raise TypeError(f"{what} must have a .{attr}() method, got {obj!r}")
+        check_protocol(self.normalizer, "normalizer", "term", "Contrastive() or Unnormalized()")
+        check_protocol(self.sampler, "sampler", "run", "ShortRunLangevin(60, 'auto') or MALA(100, 0.1)")
         self._log_normalizer: torch.Tensor | None = None
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
         _register_normalizer(self.normalizer, self)
@@ -143,14 +158,24 @@ class EnergyTilted(TorchDistribution):
     # --- densities -------------------------------------------------------------------------------------
     def _energy(self, z: torch.Tensor) -> torch.Tensor:
         """:math:`E(z)`, or :math:`E(z, x)` with the context broadcast to ``z``'s leading shape."""
-        if self.context is None:
-            e = self.energy(z)
-        else:
-            shape = torch.Size(context_batch_shape(tuple(z.shape[:-1]), tuple(self.context.shape), what="z"))
-            z = z.expand(shape + z.shape[-1:])
-            e = self.energy(z, self.context.expand(shape + self.context.shape[-1:]))
-        if e.shape != z.shape[:-1]:
-            check_energy_shape("energy", tuple(z.shape), tuple(e.shape))
+        context = None
+        try:
+            if self.context is None:
+                e = self.energy(z)
+            else:
+                shape = torch.Size(context_batch_shape(tuple(z.shape[:-1]), tuple(self.context.shape), what="z"))
+                z = z.expand(shape + z.shape[-1:])
+                context = self.context.expand(shape + self.context.shape[-1:])
+                e = self.energy(z, context)
+        except (RuntimeError, TypeError) as err:  # explain a wrong signature, or torch's dtype errors
+            error = (energy_signature_error(self.energy, self.context is not None) if isinstance(err, TypeError)
+                     else _dtype_error(self.energy, z=z, context=context))
+            if error is None:
+                raise
+            raise error from err
+        if not isinstance(e, torch.Tensor) or e.shape != z.shape[:-1]:
+            raise energy_output_error("energy", tuple(z.shape), tuple(e.shape) if isinstance(e, torch.Tensor) else e,
+                                      expected="a torch tensor")
         return e
 
     def _base_log_density(self, z: torch.Tensor) -> torch.Tensor:
@@ -207,7 +232,17 @@ class EnergyTilted(TorchDistribution):
 
         A sampler with a ``sample_tilted(dist, sample_shape)`` method (one that needs the distribution itself, e.g.
         :class:`~tilted_priors.pyro.SIR`, which draws from the base) is handed the distribution instead.
+        ``sample_shape`` is a shape such as ``(100,)``; an int ``n`` is taken as ``(n,)``.
+
+        Raises
+        ------
+        TypeError
+            When ``sample_shape`` is not a shape (a float, a string) or ``sampler`` has no ``.run``.
+        ValueError
+            When ``sample_shape`` holds a negative size.
         """
+        sample_shape = torch.Size(check_sample_shape(sample_shape))
+        check_protocol(sampler, "sampler", "run", "MALA(100, 0.1)")
         sample_tilted = getattr(sampler, "sample_tilted", None)
         if callable(sample_tilted):
             return sample_tilted(self, torch.Size(sample_shape))
@@ -219,7 +254,17 @@ class EnergyTilted(TorchDistribution):
             raise err.add_context(label=f"the sampler of the prior {type(self).__name__}")
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Draw ``sample_shape + batch_shape + event_shape`` samples with the distribution's sampler (see
+        :meth:`sample_with`; an int ``n`` is taken as ``(n,)``)."""
         return self.sample_with(self.sampler, sample_shape)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Not available: the draws are not reparameterised (``has_rsample = False``); raises
+        ``NotImplementedError`` (after checking ``sample_shape``)."""
+        check_sample_shape(sample_shape)
+        raise NotImplementedError(f"{type(self).__name__} has no reparameterised draws (has_rsample = False): the "
+                                  "sampler's chains are not differentiated through. Use .sample(sample_shape); "
+                                  "for gradients of an expectation use a normalizer's learning signal")
 
     # --- shapes ----------------------------------------------------------------------------------------
     def _copy_settings(self, new: "EnergyTilted") -> "EnergyTilted":
@@ -287,6 +332,8 @@ class EnergyTiltedNormal(EnergyTilted):
         return super().__new__(cls)
 
     def __init__(self, energy, loc, scale, *, context=None, normalizer=None, sampler=None, validate_args=None):
+        loc, scale = _as_param("loc", loc), _as_param("scale", scale)
+        check_loc_scale_shapes(getattr(loc, "shape", ()), getattr(scale, "shape", ()))
         loc, scale = broadcast_all(loc, scale)
         if loc.dim() < 1:
             raise ValueError("loc and scale must have at least one dimension: the last one is the event (d,); "

@@ -4,9 +4,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tilted_priors._validation import check_nonnegative_int, check_positive_int
+from tilted_priors._validation import check_nonnegative_int, check_positive_int, describe, dtype_mismatch_message
 
 __all__ = ["EnergyMLP"]
+
+
+def _float_dtypes(energy) -> set:
+    """The floating dtypes of a torch module's parameters and buffers (empty for anything else)."""
+    if not isinstance(energy, torch.nn.Module):
+        return set()
+    tensors = list(energy.parameters()) + list(energy.buffers())
+    return {t.dtype for t in tensors if torch.is_floating_point(t)}
+
+
+def _dtype_error(energy, what: str = "energy", **inputs) -> TypeError | None:
+    """A ``TypeError`` naming the dtypes when a torch module ``energy`` has parameters of another floating dtype
+    than its floating ``inputs`` (``z=..., context=...``), else ``None``; used to explain torch's error after a
+    failed call (no cost when the call succeeds)."""
+    dtypes = _float_dtypes(energy)
+    if len(dtypes) != 1:
+        return None
+    (param_dtype,) = dtypes
+    other = {k: v.dtype for k, v in inputs.items()
+             if isinstance(v, torch.Tensor) and torch.is_floating_point(v) and v.dtype != param_dtype}
+    return TypeError(dtype_mismatch_message(what, param_dtype, other)) if other else None
 
 
 class EnergyMLP(nn.Module):
@@ -50,6 +71,9 @@ class EnergyMLP(nn.Module):
         self.context_dim = check_nonnegative_int("context_dim", context_dim)
         check_positive_int("hidden", hidden)
         check_positive_int("depth", depth)
+        if not callable(activation):
+            raise TypeError(f"activation must be a module class or a callable returning a module (e.g. nn.GELU, "
+                            f"lambda: nn.LeakyReLU(0.2)), got {describe(activation)}")
         layers: list[nn.Module] = []
         width = self.latent_dim + self.context_dim
         for _ in range(depth):
@@ -59,6 +83,10 @@ class EnergyMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        for what, x in (("z", z), ("context", context)):
+            if x is not None and not isinstance(x, torch.Tensor):
+                raise TypeError(f"EnergyMLP expects torch tensors, got {what} = {describe(x)}: convert it with "
+                                f"torch.as_tensor({what}, dtype=torch.get_default_dtype())")
         if z.shape[-1:] != (self.latent_dim,):
             raise ValueError(f"EnergyMLP expects inputs of shape (..., {self.latent_dim}), got {tuple(z.shape)}")
         if self.context_dim:
@@ -72,4 +100,10 @@ class EnergyMLP(nn.Module):
         elif context is not None:
             raise ValueError("EnergyMLP got a context but was built without one: build it with "
                              "EnergyMLP(latent_dim, ..., context_dim=c)")
-        return self.net(z).squeeze(-1)
+        try:
+            return self.net(z).squeeze(-1)
+        except RuntimeError as err:  # torch's "mat1 and mat2 must have the same dtype": say which and what to do
+            error = _dtype_error(self, "EnergyMLP", z=z)
+            if error is None:
+                raise
+            raise error from err

@@ -18,7 +18,9 @@ from typing import NamedTuple
 import pyro
 import torch
 
-from tilted_priors._validation import check_positive_int, check_snl_b
+from tilted_priors._sir import check_tilted
+from tilted_priors._validation import (check_finite_number, check_name, check_positive_int, check_proposal_shapes,
+                                       check_protocol, check_snl_b, describe)
 from tilted_priors.pyro.samplers import MALA
 from tilted_priors.schedules import annealing_betas
 
@@ -55,11 +57,23 @@ def _per_element(num_samples: int, batch_shape: torch.Size) -> int:
     return max(1, math.ceil(num_samples / max(1, batch_shape.numel())))
 
 
+def _check_proposal(proposal):
+    """``proposal`` if it is ``None`` or a torch distribution, else a ``TypeError`` (its shapes are checked
+    against the tilted distribution's at first use, :func:`_importance_log_weights`)."""
+    if proposal is None or isinstance(proposal, torch.distributions.Distribution):
+        return proposal
+    raise TypeError(f"proposal must be a torch/Pyro distribution over the tilted distribution's vectors z, e.g. "
+                    f"dist.Normal(loc, scale).to_event(1), or None (the base); got {describe(proposal)} "
+                    f"({type(proposal).__name__})")
+
+
 def _importance_log_weights(dist, n: int, proposal) -> torch.Tensor:
     """Log weights :math:`e^{-E(z)} q(z) / r(z)` of ``n`` draws per batch element from ``r`` (the base if None)."""
     if proposal is None:
         z = dist.base.rsample((n,)) if dist.base.has_rsample else dist.base.sample((n,))
         return -dist._energy(z)
+    check_proposal_shapes(tuple(proposal.batch_shape), tuple(proposal.event_shape), tuple(dist.batch_shape),
+                          tuple(dist.event_shape))
     z = proposal.rsample((n,)) if proposal.has_rsample else proposal.sample((n,))
     return dist.log_tilted(z) - proposal.log_prob(z)
 
@@ -130,7 +144,7 @@ class Contrastive:
     """
 
     def __init__(self, sampler=None, num_samples: int | None = None):
-        self.sampler = sampler
+        self.sampler = check_protocol(sampler, "sampler", "run", "MALA(100, 0.1)", optional=True)
         self.num_samples = None if num_samples is None else check_positive_int("num_samples", num_samples)
 
     def term(self, dist) -> torch.Tensor:
@@ -181,7 +195,9 @@ class SelfNormalized:
         rows share one base (a prior expanded over a plate) the summed bound equals that of the pooled estimate.
     proposal : Distribution, optional
         :math:`r`; the base :math:`q` when ``None`` (then the weights are :math:`e^{-E(z_i)}`). Reparameterised
-        draws are used when available.
+        draws are used when available. A distribution over the same vectors as the tilted distribution: event
+        shape ``(d,)`` (``dist.Normal(loc, scale).to_event(1)``), batch shape broadcasting to its batch shape;
+        checked when first used (``ValueError``).
     name : str
         Name of the param :math:`b` (of the module's params, ``name$$$...``, for an amortised ``b``); give each
         tilted prior in a model its own.
@@ -216,7 +232,8 @@ class SelfNormalized:
 
     def __init__(self, num_samples: int, proposal=None, name: str = "snl_b", init: float = 0.0, b=None):
         self.num_samples = check_positive_int("num_samples", num_samples)
-        self.proposal, self.name, self.init = proposal, name, float(init)
+        self.proposal = _check_proposal(proposal)
+        self.name, self.init = check_name(name, "name"), check_finite_number(init, "init")
         self.b = check_snl_b(b)
 
     def _pooled(self, dist) -> bool:
@@ -304,10 +321,11 @@ class Importance:
 
     def __init__(self, num_samples: int, proposal=None):
         self.num_samples = check_positive_int("num_samples", num_samples)
-        self.proposal = proposal
+        self.proposal = _check_proposal(proposal)
 
     def estimate(self, dist) -> LogZEstimate:
         """:math:`\\log\\hat Z` per batch element with its standard error and ESS."""
+        check_tilted(dist, "Importance.estimate")
         return log_mean_exp_with_error(_importance_log_weights(dist, self.num_samples, self.proposal))
 
     def term(self, dist) -> torch.Tensor:
@@ -356,11 +374,13 @@ class AnnealedImportance:
     def __init__(self, num_chains: int, num_steps: int, kernel=None, schedule: str = "sigmoid"):
         self.num_chains = check_positive_int("num_chains", num_chains)
         self.num_steps = check_positive_int("num_steps", num_steps)
-        self.kernel = MALA(steps=2, step_size=0.5) if kernel is None else kernel
+        self.kernel = MALA(steps=2, step_size=0.5) if kernel is None else check_protocol(
+            kernel, "kernel", "run", "MALA(steps=2, step_size=0.5)")
         self.betas = annealing_betas(self.num_steps, schedule).tolist()
 
     def estimate(self, dist) -> LogZEstimate:
         """:math:`\\log\\hat Z` per batch element with its standard error and the weights' ESS."""
+        check_tilted(dist, "AnnealedImportance.estimate")
         with torch.no_grad():
             z = dist.base.sample((self.num_chains,))
             log_w = torch.zeros(z.shape[:-1], dtype=z.dtype)
@@ -427,7 +447,7 @@ class LearnedLogZ:
     """
 
     def __init__(self, name: str = "log_z", init: float = 0.0):
-        self.name, self.init = str(name), float(init)
+        self.name, self.init = check_name(name, "name"), check_finite_number(init, "init")
 
     def register_params(self) -> dict:
         """Declare :math:`c` with ``pyro.param`` (initialised at ``init``); returns ``{name: c}``."""

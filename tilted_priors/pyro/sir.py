@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from tilted_priors._sir import bad_weights_message, needs_base_message
-from tilted_priors._validation import check_positive_int
+from tilted_priors._sir import bad_weights_message, check_tilted, needs_base_message
+from tilted_priors._validation import check_positive_int, check_sample_shape
 
 __all__ = ["SIR", "SIRInfo"]
 
@@ -92,9 +92,11 @@ class SIR:
         >>> z.shape, info.ess.round()
         (torch.Size([4, 3]), tensor([50., 50., 50., 50.]))
         """
+        check_tilted(dist, "SIR.sample_tilted")
+        sample_shape = torch.Size(check_sample_shape(sample_shape))
         k = self.num_proposals
         with torch.no_grad():
-            y = dist.base.sample(torch.Size((k,)) + torch.Size(sample_shape))
+            y = dist.base.sample(torch.Size((k,)) + sample_shape)
             log_w = -dist._energy(y)
             bad = torch.isnan(log_w).any(0) | (log_w == math.inf).any(0) | (log_w == -math.inf).all(0)
             if bool(bad.any()):
