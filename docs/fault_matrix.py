@@ -361,6 +361,99 @@ for _b in ("pyro", "numpyro"):
          "not registered")(lambda tmp, b=_b: _unregistered(tmp, b))
 
 
+# --- arguments ---------------------------------------------------------------------------------------------------
+def _square(z):
+    return (z ** 2).sum(-1)
+
+
+def _prior(b: str, d: int = 3, **kwargs):
+    tp, array = _backend_modules(b)
+    return tp.EnergyTiltedNormal(_square, array(np.zeros(d, np.float32)), array(np.ones(d, np.float32)), **kwargs)
+
+
+def _sample(b: str, dist, shape):
+    if b == "pyro":
+        return dist.sample(shape)
+    import jax
+
+    return dist.sample(jax.random.PRNGKey(0), shape)
+
+
+def _dist_module(b: str):
+    if b == "pyro":
+        import pyro.distributions as dist
+    else:
+        import numpyro.distributions as dist
+    return dist
+
+
+for _b in ("pyro", "numpyro"):
+    def _proposal(tmp, b=_b, event=True, size=3):
+        tp, array = _backend_modules(b)
+        proposal = _dist_module(b).Normal(array(np.zeros(size, np.float32)), 1.0)
+        proposal = proposal.to_event(1) if event else proposal
+        normalizer = tp.Importance(10, proposal=proposal)
+        dist = _prior(b)
+        if b == "pyro":
+            normalizer.estimate(dist)
+        else:
+            import jax
+
+            normalizer.estimate(dist, jax.random.PRNGKey(0))
+
+    case("Arguments", "Importance proposal without .to_event(1)", _b, "proposal")(
+        lambda tmp, f=_proposal: f(tmp, event=False))
+    case("Arguments", "Importance proposal of another event size", _b, "proposal")(
+        lambda tmp, f=_proposal: f(tmp, size=2))
+    case("Arguments", "sample_shape given as a float (2.5)", _b, "sample_shape")(
+        lambda tmp, b=_b: _sample(b, _prior(b), 2.5))
+    case("Arguments", "sample_shape with a negative size", _b, "sample_shape")(
+        lambda tmp, b=_b: _sample(b, _prior(b), (-1,)))
+    case("Arguments", "loc and scale that do not broadcast", _b, "loc")(
+        lambda tmp, b=_b: _backend_modules(b)[0].EnergyTiltedNormal(
+            _square, _backend_modules(b)[1](np.zeros(3, np.float32)), _backend_modules(b)[1](np.ones(2, np.float32))))
+    case("Arguments", "a sampler class given where an instance belongs", _b, "sampler")(
+        lambda tmp, b=_b: _prior(b, sampler=_backend_modules(b)[0].MALA))
+
+
+def _float64_loc(tmp):
+    import torch
+
+    from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal
+
+    dist = EnergyTiltedNormal(EnergyMLP(3), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    dist.log_prob(torch.zeros(3, dtype=torch.float64))
+
+
+case("Arguments", "a float32 energy network with a float64 loc", "pyro", "float64")(_float64_loc)
+
+
+def _energy_distance(tmp):
+    from tilted_priors.inference.diagnostics import energy_distance
+
+    energy_distance(np.zeros((2, 10, 3)), np.zeros((10, 3)))
+
+
+case("Arguments", "energy_distance given chains of shape (chain, draw, d)", "both", "(n, d)")(_energy_distance)
+
+
+def _no_matplotlib(tmp):
+    from tilted_priors.inference.diagnostics import plots
+    from tilted_priors.inference.diagnostics._arviz import arviz_module
+
+    arviz_module()
+    saved = {k: v for k, v in sys.modules.items() if k == "matplotlib" or k.startswith("matplotlib.")}
+    sys.modules["matplotlib"] = None
+    try:
+        plots.plot_trace(np.zeros((2, 10, 2)), tmp / "t.png")
+    finally:
+        del sys.modules["matplotlib"]
+        sys.modules.update(saved)
+
+
+case("Arguments", "a plot when matplotlib is not installed", "both", "pip install matplotlib")(_no_matplotlib)
+
+
 # --- command line ----------------------------------------------------------------------------------------------
 def _resume(tmp, *options):
     _run_folder(tmp)
