@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-import pytest
 
 __all__ = ["N", "BATCH", "SPE", "PyroSide", "NumPyroSide", "side_fixture", "run_fit", "assert_identical", "data"]
 
