@@ -117,7 +117,8 @@ def _twin_modules() -> list[tuple[str, str]]:
         a, b = importlib.import_module(pyro_pkg), importlib.import_module(numpyro_pkg)
         names_a = {m.name for m in pkgutil.iter_modules(a.__path__)}
         names_b = {m.name for m in pkgutil.iter_modules(b.__path__)}
-        pairs += [(f"{pyro_pkg}.{n}", f"{numpyro_pkg}.{n}") for n in sorted(names_a & names_b)]
+        pairs += [(f"{pyro_pkg}.{n}", f"{numpyro_pkg}.{n}") for n in sorted(names_a & names_b)
+                  if not n.startswith("_")]  # a private module's names are its backend's machinery
     return pairs
 
 

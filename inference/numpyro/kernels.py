@@ -13,29 +13,25 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax, random
+from jax import random
 from jax.flatten_util import ravel_pytree
-from jax.scipy.linalg import solve_triangular
 from numpyro.infer.hmc_util import build_adaptation_schedule, dual_averaging, welford_covariance
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.mcmc import MCMCKernel
 from numpyro.infer.util import ParamInfo, initialize_model
 from numpyro.util import identity, is_prng_key
 
+from tilted_priors.inference.numpyro._kernel_parts import (MAX_LOG_RATIO_ERROR, InverseMassMatrix, adapt_mass,
+                                                           adapt_step_size, check_inverse_mass_matrix, check_range,
+                                                           init_mass_matrix, preconditioned_proposal)
 from tilted_priors.inference.numpyro.handlers import normalizer
 from tilted_priors._adapt import RANGE_FACTOR
-from tilted_priors._validation import (check_dense_mass, check_mass_matrix_shapes, check_probability,
-                                       check_step_size, mass_matrix_blocks)
+from tilted_priors._validation import check_dense_mass, check_probability, check_step_size
 from tilted_priors.errors import ChainRangeWarning
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro import langevin
 
 __all__ = ["Langevin", "LangevinKernelState", "LangevinAdaptState"]
-
-#: A proposal whose Metropolis-Hastings log-ratio is below minus this counts as a divergence (HMC's threshold).
-_MAX_LOG_RATIO_ERROR = 1000.0
-
-InverseMassMatrix = jax.Array | dict[tuple[str, ...], jax.Array]
 
 
 class LangevinAdaptState(NamedTuple):
@@ -60,50 +56,6 @@ class LangevinAdaptState(NamedTuple):
     mass_matrix_sqrt_inv: Any  # S = T^-1, M^-1 = S^T S
     mm_state: Any  # Welford (co)variance state of the current window
     window_idx: jax.Array  # index of the current warm-up window
-
-
-def _mass_matrix_factors(inverse_mass_matrix: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(M^-1, T, S)`` as :func:`numpyro.infer.hmc_util.welford_covariance`'s ``final_fn`` returns them."""
-    if jnp.ndim(inverse_mass_matrix) == 1:
-        sqrt = jnp.sqrt(inverse_mass_matrix)
-        return inverse_mass_matrix, jnp.reciprocal(sqrt), sqrt
-    tril_inv = jnp.swapaxes(jnp.linalg.cholesky(inverse_mass_matrix[..., ::-1, ::-1])[..., ::-1, ::-1], -2, -1)
-    eye = jnp.identity(inverse_mass_matrix.shape[-1], inverse_mass_matrix.dtype)
-    return inverse_mass_matrix, solve_triangular(tril_inv, eye, lower=True), tril_inv
-
-
-def _check_inverse_mass_matrix(value) -> InverseMassMatrix | None:
-    """``inverse_mass_matrix`` as arrays (one, or a dict by block of site names), each positive definite."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        bad = [k for k in value if not (isinstance(k, tuple) and k and all(isinstance(n, str) for n in k))]
-        if bad:
-            raise ValueError(f"inverse_mass_matrix as a dict must be keyed by tuples of site names (as "
-                             f"HMCAdaptState.inverse_mass_matrix), got the keys {bad}")
-        return {k: _check_matrix(v, f"inverse_mass_matrix[{k!r}]") for k, v in value.items()}
-    return _check_matrix(value, "inverse_mass_matrix")
-
-
-def _check_matrix(value, name: str) -> jax.Array:
-    m = np.asarray(value)
-    if not np.issubdtype(m.dtype, np.floating):
-        m = m.astype(jnp.zeros(()).dtype)
-    if m.ndim not in (1, 2) or m.ndim == 2 and m.shape[0] != m.shape[1]:
-        raise ValueError(f"{name} must be a vector (a diagonal) or a square matrix, got shape {m.shape}")
-    if not np.isfinite(m).all():
-        raise ValueError(f"{name} has non-finite entries")
-    if m.ndim == 1 and not (m > 0).all():
-        raise ValueError(f"{name} is a diagonal with entries <= 0: an inverse mass matrix is positive definite")
-    if m.ndim == 2:
-        try:
-            ok = np.allclose(m, m.T) and bool(np.isfinite(np.linalg.cholesky(m)).all())
-        except np.linalg.LinAlgError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{name} must be symmetric positive definite (a covariance of the unconstrained "
-                             "latents)")
-    return jnp.asarray(m)
 
 
 class LangevinKernelState(NamedTuple):
@@ -135,16 +87,6 @@ class LangevinKernelState(NamedTuple):
     adapt_state: LangevinAdaptState
     rng_key: jax.Array
     range_scale: jax.Array | None = None
-
-
-def _range_ratio(state: LangevinKernelState) -> jax.Array:
-    """Per chain (shape ``()`` or ``(num_chains,)``): ``max|z| / range_scale`` over the unconstrained latents."""
-    batch = jnp.shape(state.i)
-    leaves = [jnp.abs(leaf).reshape(batch + (-1,)) for leaf in jax.tree.leaves(state.z) if jnp.size(leaf)]
-    if not leaves:
-        return jnp.zeros(batch)
-    top = jnp.max(jnp.concatenate(leaves, -1), -1, initial=0.0)
-    return top / state.range_scale
 
 
 class Langevin(MCMCKernel):
@@ -276,7 +218,7 @@ class Langevin(MCMCKernel):
         self._target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
         self._adapt_mass_matrix = bool(adapt_mass_matrix)
         self._dense_mass = check_dense_mass(dense_mass)
-        self._inverse_mass_matrix = _check_inverse_mass_matrix(inverse_mass_matrix)
+        self._inverse_mass_matrix = check_inverse_mass_matrix(inverse_mass_matrix)
         self._init_strategy = init_strategy
         self._num_warmup = 0
         # set by init: the mass matrix's blocks (site names, positions in the flat vector; used when structured),
@@ -342,81 +284,6 @@ class Langevin(MCMCKernel):
         """Whether the mass matrix is a dict of blocks (``dense_mass`` a list of tuples of site names)."""
         return isinstance(self._dense_mass, list)
 
-    def _init_mass_matrix(self, z, dtype) -> tuple[Any, Any, Any]:
-        """The blocks of the mass matrix for latents ``z`` (one chain), and the starting ``(M^-1, T, S)``."""
-        if isinstance(z, dict):
-            names = sorted(z)  # ravel_pytree's order
-            sizes = {k: int(np.size(z[k])) for k in names}
-            blocks = mass_matrix_blocks(self._dense_mass, sizes)
-            offsets = dict(zip(names, np.cumsum([0] + [sizes[k] for k in names]).tolist()))
-            self._block_index = [(b, np.concatenate([np.arange(offsets[n], offsets[n] + sizes[n]) for n in b]))
-                                 for b, _, _ in blocks]
-        elif self._structured:
-            raise ValueError("dense_mass as blocks of site names needs the latent values as a dict by site name; "
-                             f"the potential's argument is a {type(z).__name__}: pass dense_mass=True or False")
-        else:  # one block over a pytree without site names
-            blocks = [((), self._dense_mass, int(ravel_pytree(z)[0].size))]
-        given = self._inverse_mass_matrix
-        if given is not None and blocks:
-            check_mass_matrix_shapes({b: m.shape for b, m in given.items()} if isinstance(given, dict)
-                                     else given.shape, blocks)
-        if not isinstance(given, dict):
-            given = {blocks[0][0]: given} if blocks else {}
-        matrices = {}
-        for b, dense, k in blocks:
-            m = given.get(b)
-            if m is None:
-                m = jnp.identity(k, dtype) if dense else jnp.ones(k, dtype)
-            elif dense and m.ndim == 1:
-                m = jnp.diag(m)
-            matrices[b] = _mass_matrix_factors(jnp.asarray(m, dtype))
-        self._mm_size = {b: ((k, k) if dense else (k,)) for b, dense, k in blocks}
-        if not self._structured:
-            self._mm_size = self._mm_size[blocks[0][0]] if blocks else (0,)
-            return matrices[blocks[0][0]] if blocks else (jnp.ones(0, dtype),) * 3
-        return tuple({b: f[j] for b, f in matrices.items()} for j in range(3))
-
-    def _precondition(self, x: jax.Array, matrix: Any, transpose: bool = False) -> jax.Array:
-        """``matrix @ x`` (or ``matrix.T @ x``) for the flat vector ``x``, block by block."""
-        def product(m, v):
-            return m * v if jnp.ndim(m) == 1 else (v @ m if transpose else m @ v)
-
-        if not self._structured:
-            return product(matrix, x)
-        out = x
-        for names, index in self._block_index:
-            out = out.at[index].set(product(matrix[names], x[index]))
-        return out
-
-    def _adapt_mass(self, i: jax.Array, adapt: LangevinAdaptState, z: Any, flat: jax.Array,
-                    step_size: jax.Array) -> LangevinAdaptState:
-        """One warm-up step of the windowed mass-matrix adaptation (that of NumPyro's ``warmup_adapter``).
-
-        Welford-update the window's (co)variance with the new draw in a middle window; at a middle window's
-        end, make it :math:`M^{-1}` and restart the step-size adaptation (centred at ``log(10 h)`` for MALA,
-        ``log h`` for ULA)."""
-        mm_init, mm_update, mm_final = welford_covariance(diagonal=not self._dense_mass)
-        num_windows = len(self._schedule)
-        window_idx = adapt.window_idx
-        is_middle = (0 < window_idx) & (window_idx < num_windows - 1)
-        sample = z if self._structured else flat
-        mm_state = lax.cond(is_middle, lambda s: mm_update(sample, s), lambda s: s, adapt.mm_state)
-        at_end = i == jnp.asarray(self._schedule)[window_idx, 1]
-        adapt = adapt._replace(mm_state=mm_state, window_idx=jnp.where(at_end, window_idx + 1, window_idx))
-
-        def end_window(adapt: LangevinAdaptState) -> LangevinAdaptState:
-            new = adapt._replace(**dict(zip(("inverse_mass_matrix", "mass_matrix_sqrt", "mass_matrix_sqrt_inv"),
-                                            mm_final(adapt.mm_state, regularize=True))),
-                                 mm_state=mm_init(self._mm_size))
-            if self._adapt_step_size:
-                ss_init, _ = dual_averaging()
-                factor = 10.0 if self._adjusted else 1.0
-                new = new._replace(**dict(zip(LangevinAdaptState._fields[:5],
-                                              ss_init(jnp.log(factor) + jnp.log(step_size)))))
-            return jax.tree.map(lambda a, b: jnp.asarray(a, jnp.result_type(b)), new, adapt)
-
-        return lax.cond(at_end & is_middle, end_window, lambda a: a, adapt)
-
     def _get_potential_fn(self, model_args, model_kwargs) -> Callable:
         if self._potential_fn_gen is None:
             return self._potential_fn
@@ -441,7 +308,8 @@ class Langevin(MCMCKernel):
             step_size = jnp.asarray(self._step_size, dtype)
             ss_init, _ = dual_averaging()
             mm_init, _, _ = welford_covariance(diagonal=not self._dense_mass)
-            factors = self._init_mass_matrix(z, dtype)
+            factors, self._block_index, self._mm_size = init_mass_matrix(z, dtype, self._dense_mass,
+                                                                          self._inverse_mass_matrix)
             # Centred at log(10 h0) for MALA, as HMC; at log(h0) for ULA, which keeps every trial move.
             adapt_state = LangevinAdaptState(*ss_init(jnp.log((10.0 if self._adjusted else 1.0) * step_size)),
                                              *factors, mm_init(self._mm_size), jnp.array(0))
@@ -463,19 +331,8 @@ class Langevin(MCMCKernel):
         else:
             new = self._sample_one(state, model_args, model_kwargs)
         if new.range_scale is not None:
-            self._check_range(new)
+            check_range(new, self._report_range)  # calls _report_range when some chain's state is out of range
         return new
-
-    def _check_range(self, state: LangevinKernelState) -> None:
-        """Call :meth:`_report_range` from the compiled loop when some chain's state is out of range."""
-        ratio = _range_ratio(state)  # per chain
-        worst = jnp.max(ratio)
-
-        def report():
-            jax.debug.callback(self._report_range, jnp.max(state.i), worst, jnp.sum(ratio > RANGE_FACTOR),
-                               jnp.max(state.step_size), jnp.max(state.range_scale))
-
-        lax.cond(worst > RANGE_FACTOR, report, lambda: None)
 
     def _report_range(self, step, worst, num_out, step_size, range_scale) -> None:
         """Host side of the range check: warn once per run."""
@@ -502,14 +359,17 @@ class Langevin(MCMCKernel):
         # The steps of langevin.mala_step, kept apart to see the proposal (divergence) and, for ULA, its ratio.
         key_proposal, key_accept = random.split(key_step)
         if self._preconditioned:
-            new, log_ratio = self._preconditioned_proposal(key_proposal, current, log_density, h, state.adapt_state)
+            adapt = state.adapt_state
+            factors = (adapt.inverse_mass_matrix, adapt.mass_matrix_sqrt, adapt.mass_matrix_sqrt_inv)
+            new, log_ratio = preconditioned_proposal(key_proposal, current, log_density, h, factors,
+                                                     self._block_index if self._structured else None)
         else:
             new = langevin.proposal(key_proposal, current, log_density, h)
             log_ratio = langevin.log_acceptance_ratio(current, new, h)
         # Non-finite, or a log-ratio below -1000 (the threshold HMC puts on its energy error; Pyro's kernel too),
         # or out of range (finite but run away: see tilted_priors._adapt).
         diverging = ~(jnp.isfinite(new.logdensity) & jnp.all(jnp.isfinite(new.position))
-                      & jnp.all(jnp.isfinite(new.logdensity_grad)) & (log_ratio >= -_MAX_LOG_RATIO_ERROR))
+                      & jnp.all(jnp.isfinite(new.logdensity_grad)) & (log_ratio >= -MAX_LOG_RATIO_ERROR))
         if state.range_scale is not None:
             diverging = diverging | (jnp.max(jnp.abs(new.position), initial=0.0) > RANGE_FACTOR * state.range_scale)
         if self._adjusted:
@@ -524,16 +384,14 @@ class Langevin(MCMCKernel):
         warming = i < self._num_warmup
         step_size, adapt_state = h, state.adapt_state
         if self._adapt_step_size:
-            _, ss_update = dual_averaging()
-            updated = ss_update(self._target_accept_prob - accept_prob, tuple(adapt_state[:5]))
-            updated = adapt_state._replace(**dict(zip(LangevinAdaptState._fields[:5], updated)))
-            adapt_state = jax.tree.map(lambda a, b: jnp.where(warming, a, b), updated, adapt_state)
-            # the iterate during warm-up, its average from the last warm-up step on (as NumPyro's HMC)
-            log_h = jnp.where(i == self._num_warmup - 1, adapt_state.log_step_size_avg, adapt_state.log_step_size)
-            finfo = jnp.finfo(h.dtype)
-            step_size = jnp.where(warming, jnp.clip(jnp.exp(log_h), finfo.tiny, finfo.max).astype(h.dtype), h)
+            adapt_state, step_size = adapt_step_size(i, adapt_state, accept_prob, h,
+                                                     target_accept_prob=self._target_accept_prob,
+                                                     num_warmup=self._num_warmup)
         if self._adapt_mass_matrix:
-            updated = self._adapt_mass(i, adapt_state, unravel(nxt.position), nxt.position, step_size)
+            sample = unravel(nxt.position) if self._structured else nxt.position
+            prox_factor = (10.0 if self._adjusted else 1.0) if self._adapt_step_size else None
+            updated = adapt_mass(i, adapt_state, sample, step_size, schedule=self._schedule,
+                                 dense_mass=self._dense_mass, mm_size=self._mm_size, prox_factor=prox_factor)
             adapt_state = jax.tree.map(lambda a, b: jnp.where(warming, a, b), updated, adapt_state)
 
         itr = i + 1
@@ -542,24 +400,6 @@ class Langevin(MCMCKernel):
         return LangevinKernelState(itr, unravel(nxt.position), -nxt.logdensity, unravel(-nxt.logdensity_grad),
                                    step_size, accept_prob, mean_accept_prob, diverging, adapt_state, rng_key,
                                    state.range_scale)
-
-    def _preconditioned_proposal(self, rng_key: jax.Array, current: langevin.LangevinState, log_density: Callable,
-                                 h: jax.Array, adapt: LangevinAdaptState) -> tuple[langevin.LangevinState, jax.Array]:
-        """The proposal z + (h^2/2) M^-1 grad + h S^T xi, evaluated, with its Metropolis-Hastings log-ratio."""
-        def mean(s: langevin.LangevinState) -> jax.Array:
-            return s.position + (0.5 * h * h) * self._precondition(s.logdensity_grad, adapt.inverse_mass_matrix)
-
-        def log_q(to: jax.Array, frm: langevin.LangevinState) -> jax.Array:  # up to a shared constant
-            diff = self._precondition(to - mean(frm), adapt.mass_matrix_sqrt, transpose=True)  # |T^T d|^2 = d^T M d
-            return -jnp.sum(diff * diff, -1) / (2.0 * h * h)
-
-        z = current.position
-        noise = random.normal(rng_key, z.shape, z.dtype)
-        moved = mean(current) + h * self._precondition(noise, adapt.mass_matrix_sqrt_inv, transpose=True)
-        new = langevin.LangevinState(moved, *langevin.value_and_grad(log_density, moved))
-        log_ratio = new.logdensity - current.logdensity + log_q(z, new) - log_q(moved, current)
-        valid = jnp.isfinite(new.logdensity) & ~jnp.isnan(log_ratio)
-        return new, jnp.where(valid, log_ratio, -jnp.inf)  # reject nan and +-inf, as langevin's ratio
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -14,11 +14,13 @@ from typing import Callable
 import pyro
 import torch
 from pyro.infer.autoguide import init_to_uniform
-from pyro.infer.mcmc.adaptation import WarmupAdapter
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.infer.mcmc.util import initialize_model
 from pyro.util import optional
 
+from tilted_priors.inference.pyro._kernel_parts import (MAX_LOG_RATIO_ERROR, InverseMassMatrix, LangevinWarmupAdapter,
+                                                        check_inverse_mass_matrix, mass_matrix_factors,
+                                                        preconditioned_proposal)
 from tilted_priors.inference.pyro.handlers import normalizer
 from tilted_priors._validation import (check_dense_mass, check_mass_matrix_shapes, check_probability,
                                        check_step_size, mass_matrix_blocks)
@@ -29,55 +31,6 @@ from tilted_priors.pyro import Unnormalized, langevin
 __all__ = ["Langevin"]
 
 Params = dict[str, torch.Tensor]
-InverseMassMatrix = torch.Tensor | dict[tuple[str, ...], torch.Tensor]
-
-#: A step whose Metropolis-Hastings log-ratio is below minus this (or non-finite) is a divergence: the same
-#: threshold as Pyro's HMC puts on the energy error (``HMC._max_sliced_energy``).
-_MAX_LOG_RATIO_ERROR = 1000.0
-
-
-class _WarmupAdapter(WarmupAdapter):
-    r"""Pyro's windowed warm-up adapter (HMC's), with the step-size scheme restarted at ``log(prox_factor * h)``.
-
-    HMC restarts dual averaging at :math:`\log(10 h)` after each mass-matrix window; MALA does the same, ULA
-    (which keeps every trial move) at :math:`\log h`.
-    """
-
-    def __init__(self, prox_factor: float, **kwargs):
-        super().__init__(**kwargs)
-        self._prox_factor = prox_factor
-
-    def reset_step_size_adaptation(self, z: Params | None = None) -> None:
-        self._step_size_adapt_scheme.prox_center = math.log(self._prox_factor * self.step_size)
-        self._step_size_adapt_scheme.reset()
-
-
-def _check_inverse_mass_matrix(value) -> InverseMassMatrix | None:
-    """``inverse_mass_matrix`` as tensors (one, or a dict by block of site names), each positive definite."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        bad = [k for k in value if not (isinstance(k, tuple) and k and all(isinstance(n, str) for n in k))]
-        if bad:
-            raise ValueError(f"inverse_mass_matrix as a dict must be keyed by tuples of site names (as "
-                             f"kernel.inverse_mass_matrix), got the keys {bad}")
-        return {k: _check_matrix(v, f"inverse_mass_matrix[{k!r}]") for k, v in value.items()}
-    return _check_matrix(value, "inverse_mass_matrix")
-
-
-def _check_matrix(value, name: str) -> torch.Tensor:
-    m = torch.as_tensor(value).detach()
-    if not m.is_floating_point():
-        m = m.to(torch.get_default_dtype())
-    if m.dim() not in (1, 2) or m.dim() == 2 and m.shape[0] != m.shape[1]:
-        raise ValueError(f"{name} must be a vector (a diagonal) or a square matrix, got shape {tuple(m.shape)}")
-    if not bool(torch.isfinite(m).all()):
-        raise ValueError(f"{name} has non-finite entries")
-    if m.dim() == 1 and not bool((m > 0).all()):
-        raise ValueError(f"{name} is a diagonal with entries <= 0: an inverse mass matrix is positive definite")
-    if m.dim() == 2 and not (torch.allclose(m, m.T) and int(torch.linalg.cholesky_ex(m).info) == 0):
-        raise ValueError(f"{name} must be symmetric positive definite (a covariance of the unconstrained latents)")
-    return m
 
 
 class Langevin(MCMCKernel):
@@ -214,7 +167,7 @@ class Langevin(MCMCKernel):
         self.target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
         self.adapt_mass_matrix = bool(adapt_mass_matrix)
         self.dense_mass = check_dense_mass(dense_mass)
-        self._given_inverse_mass_matrix = _check_inverse_mass_matrix(inverse_mass_matrix)
+        self._given_inverse_mass_matrix = check_inverse_mass_matrix(inverse_mass_matrix)
         self._max_plate_nesting = max_plate_nesting
         self._jit_compile = jit_compile
         self._jit_options = jit_options
@@ -223,10 +176,10 @@ class Langevin(MCMCKernel):
         self._step_size = self._init_step_size
         self._initial_params: Params | None = None
         # Centred at log(10 h) for MALA, as HMC; at log(h) for ULA, which keeps every trial move.
-        self._adapter = _WarmupAdapter(10.0 if self.adjusted else 1.0, step_size=self._init_step_size,
-                                       adapt_step_size=self.adapt_step_size,
-                                       target_accept_prob=self.target_accept_prob,
-                                       adapt_mass_matrix=self.adapt_mass_matrix, dense_mass=self.dense_mass)
+        self._adapter = LangevinWarmupAdapter(10.0 if self.adjusted else 1.0, step_size=self._init_step_size,
+                                              adapt_step_size=self.adapt_step_size,
+                                              target_accept_prob=self.target_accept_prob,
+                                              adapt_mass_matrix=self.adapt_mass_matrix, dense_mass=self.dense_mass)
         self._reset()
         super().__init__()
 
@@ -357,42 +310,7 @@ class Langevin(MCMCKernel):
         matrices = list(self.inverse_mass_matrix.values())
         if len(matrices) == len(self._factors) and all(m is f[0] for m, f in zip(matrices, self._factors)):
             return
-        factors = []
-        for m in matrices:
-            if m.dim() == 1:
-                sqrt = m.sqrt()
-                factors.append((m, sqrt, sqrt.reciprocal()))
-            else:
-                chol = torch.linalg.cholesky(m)
-                eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-                factors.append((m, chol, torch.linalg.solve_triangular(chol, eye, upper=False)))
-        self._factors = factors
-
-    def _precondition(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        """``x`` (flat) times M^-1 (``which=0``), L (1) or L^-1 (2), block by block."""
-        out = torch.empty_like(x)
-        for index, factors in zip(self._block_index, self._factors):
-            m = factors[which]
-            out[index] = m * x[index] if m.dim() == 1 else m @ x[index]
-        return out
-
-    def _preconditioned_proposal(self, state: langevin.LangevinState,
-                                 h: float) -> tuple[langevin.LangevinState, torch.Tensor]:
-        """The proposal z + (h^2/2) M^-1 grad + h L xi, evaluated, with its Metropolis-Hastings log-ratio."""
-        def mean(s: langevin.LangevinState) -> torch.Tensor:
-            return s.position + (0.5 * h * h) * self._precondition(s.logdensity_grad, 0)
-
-        def log_q(to: torch.Tensor, frm: langevin.LangevinState) -> torch.Tensor:  # up to a shared constant
-            diff = self._precondition(to - mean(frm), 2)
-            return -(diff * diff).sum(-1) / (2.0 * h * h)
-
-        z = state.position
-        noise = torch.randn(z.shape, dtype=z.dtype, device=z.device)
-        moved = mean(state) + h * self._precondition(noise, 1)
-        new = langevin.LangevinState(moved, *langevin.value_and_grad(self._log_density, moved))
-        log_ratio = new.logdensity - state.logdensity + log_q(z, new) - log_q(moved, state)
-        valid = torch.isfinite(new.logdensity) & ~torch.isnan(log_ratio)
-        return new, torch.where(valid, log_ratio, -torch.inf)  # reject nan and +-inf, as langevin's ratio
+        self._factors = [mass_matrix_factors(m) for m in matrices]
 
     def sample(self, params: Params) -> Params:
         """One Langevin step from ``params`` (the kernel's cached state when it has one)."""
@@ -405,7 +323,8 @@ class Langevin(MCMCKernel):
         state, h, t = self._state, self._step_size, self._t
         with optional(pyro.validation_enabled(False), t < self._warmup_steps):
             if self._preconditioned:
-                new, log_ratio = self._preconditioned_proposal(state, h)
+                new, log_ratio = preconditioned_proposal(state, self._log_density, h, self._factors,
+                                                         self._block_index)
             elif self.adjusted:
                 new = langevin.proposal(None, state, self._log_density, h)
                 log_ratio = langevin.log_acceptance_ratio(state, new, h)
@@ -449,7 +368,7 @@ class Langevin(MCMCKernel):
         """Bookkeeping after step ``self._t`` (now at ``params``): adaptation in warm-up, acceptance and
         divergences after."""
         warmup = self._warmup_steps
-        if self._t >= warmup and not log_ratio >= -_MAX_LOG_RATIO_ERROR:
+        if self._t >= warmup and not log_ratio >= -MAX_LOG_RATIO_ERROR:
             self._divergences.append(self._t - warmup)
         self._t += 1
         if self._t <= warmup:

@@ -9,6 +9,7 @@ import pytest
 from numpyro.infer import MCMC
 
 from helpers import NumPyroBackend, make_case
+from tilted_priors import ChainRangeWarning
 from tilted_priors.inference.diagnostics import to_inference_data
 from tilted_priors.inference.numpyro import Langevin
 from tilted_priors.inference.numpyro.kernels import LangevinKernelState
@@ -149,8 +150,9 @@ def test_ula_marks_divergence_on_an_exploding_model():
     def stiff():
         numpyro.sample("z", dist.Normal(0.0, 0.01).expand([2]).to_event(1))
 
-    ula = run(Langevin(stiff, step_size=1.0, adjusted=False, adapt_step_size=False), num_warmup=0,
-              num_samples=60)
+    with pytest.warns(ChainRangeWarning, match="ran away"):  # before the values become non-finite
+        ula = run(Langevin(stiff, step_size=1.0, adjusted=False, adapt_step_size=False), num_warmup=0,
+                  num_samples=60)
     diverging = np.asarray(ula.get_extra_fields()["diverging"])
     z = np.asarray(ula.get_samples()["z"])
     assert diverging.any() and diverging[-1]

@@ -17,7 +17,7 @@ from pyro.infer.mcmc import api
 from helpers import PyroBackend, make_case
 from tilted_priors.inference.diagnostics import to_inference_data
 from tilted_priors.inference.pyro import Langevin
-from tilted_priors.errors import ChainDivergenceError
+from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro import MALA, EnergyTiltedNormal, Importance, ShortRunLangevin
 
 SIGMA = 0.7
@@ -105,7 +105,8 @@ def test_step_size_fixed_without_adaptation_and_after_warmup():
 def test_ula_divergence_raises():
     pyro.set_rng_seed(0)
     kernel = Langevin(quartic_model, step_size=5.0, adjusted=False, adapt_step_size=False)
-    with pytest.raises(ChainDivergenceError, match=r"step \d+.*smaller step size than 5") as info:
+    with pytest.raises(ChainDivergenceError, match=r"step \d+.*smaller step size than 5") as info, \
+            pytest.warns(ChainRangeWarning, match="ran away"):  # before the values become non-finite
         run(kernel, torch.tensor([1.0, -0.5]))
     assert 1 <= info.value.step <= 20 and info.value.sampler == "Langevin (ULA)"
 

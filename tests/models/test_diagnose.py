@@ -47,6 +47,6 @@ def test_diagnose_of_a_normal_prior_run_skips_the_prior(tmp_path):
     assert "prior" not in json.loads((tmp_path / "report" / "diagnostics.json").read_text())
 
 
-def test_diagnose_needs_a_run_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        main(["diagnose", str(tmp_path)])
+def test_diagnose_needs_a_run_directory(tmp_path, capsys):
+    assert main(["diagnose", str(tmp_path)]) == 2  # one line for the user, no traceback
+    assert "no config.json" in capsys.readouterr().err

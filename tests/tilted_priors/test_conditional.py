@@ -111,7 +111,7 @@ def test_sampling_with_context_has_the_per_row_moments(backend):
 
 
 def test_numpyro_chains_are_reused_across_contexts():
-    from tilted_priors.numpyro.samplers import _run_jit
+    from tilted_priors.numpyro._chains import run_jit as _run_jit
 
     backend = NumPyroBackend(0)
     sampler = backend.tp.MALA(5, 0.3)

@@ -18,91 +18,30 @@ energy as a pytree to reuse compiled chains across distribution instances (see
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import jax
 import jax.numpy as jnp
-import numpyro
 from jax import lax
 from jax.tree_util import Partial
 from numpyro.distributions import Distribution, Normal, constraints
 
-from tilted_priors._compat import jax_in_transformation, numpyro_handler_stack
+from tilted_priors._compat import jax_in_transformation
 from tilted_priors._loc_scale import missing_energy_message
-from tilted_priors._validation import (check_loc_scale_shapes, check_protocol, check_sample_shape,
-                                       context_batch_shape, describe, energy_output_error, energy_signature_error)
+from tilted_priors._rng_keys import check_key, in_mcmc_potential, seed_key
+from tilted_priors._validation import check_protocol, check_sample_shape
 from tilted_priors.errors import ChainDivergenceError
-from tilted_priors.numpyro.normalizers import Contrastive, _check_key
+from tilted_priors.numpyro._distribution_checks import (as_loc_scale, call_energy, check_energy_base,
+                                                        register_normalizer)
+from tilted_priors.numpyro.normalizers import Contrastive
 from tilted_priors.numpyro.samplers import ShortRunLangevin, _is_array_pytree, _is_concrete
 
 __all__ = ["EnergyTilted", "EnergyTiltedNormal"]
 
 
-def _seed_key():
-    """A key from ``numpyro.prng_key()`` when a ``numpyro.handlers.seed`` is active, else ``None``."""
-    from numpyro.handlers import seed
-
-    if any(isinstance(handler, seed) for handler in numpyro_handler_stack()):
-        return numpyro.prng_key()
-    return None
-
-
-def _in_mcmc_potential() -> bool:
-    """Whether the model runs inside NumPyro MCMC's potential function: unseeded, under a ``substitute`` with a
-    ``substitute_fn`` (``numpyro.infer.util.potential_energy``), where the latents are given and only gradients
-    in them are taken."""
-    from numpyro.handlers import seed, substitute
-
-    stack = numpyro_handler_stack()
-    return (any(isinstance(h, substitute) and h.substitute_fn is not None for h in stack)
-            and not any(isinstance(h, seed) for h in stack))
-
-
 def _annealed_log_density(dist: "EnergyTilted", beta, z):
     """:math:`-\\beta E(z) + \\log q(z)` (up to a constant); module-level so that jit caches hit."""
     return dist._base_log_density(z) - beta * dist._energy(z)
-
-
-def _float_array(x):
-    x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float))
-
-
-def _as_param(name: str, value):
-    """``loc`` / ``scale`` as a floating array, or a ``TypeError`` naming the argument."""
-    if isinstance(value, (str, bytes)) or value is None:
-        raise TypeError(f"{name} must be an array of shape batch_shape + (d,) (or a number), got {describe(value)}")
-    try:
-        return _float_array(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be an array of shape batch_shape + (d,) (or a number), got "
-                        f"{describe(value)} ({type(value).__name__})") from err
-
-
-def _as_context(context):
-    """``context`` as a floating array with at least one dimension (the features), or a clear error."""
-    try:
-        context = _float_array(context)
-    except TypeError as err:
-        raise TypeError(f"context must be an array of shape batch_shape + (c,), got {type(context).__name__}"
-                        ) from err
-    if context.ndim < 1:
-        raise ValueError("context must have at least one dimension, the last holding the c covariates of a row "
-                         "(shape batch_shape + (c,)); for one covariate per row pass x[..., None]")
-    return context
-
-
-def _register_normalizer(normalizer, dist):
-    """Declare the normalizer's learned params (``register_params``, given ``dist`` when it takes an argument)."""
-    register = getattr(normalizer, "register_params", None)
-    if not callable(register):
-        return None
-    try:
-        takes_dist = len(inspect.signature(register).parameters) > 0
-    except (TypeError, ValueError):
-        takes_dist = False
-    return register(dist) if takes_dist else register()
 
 
 class EnergyTilted(Distribution):
@@ -182,19 +121,7 @@ class EnergyTilted(Distribution):
 
     def __init__(self, energy, base, *, context=None, normalizer=None, sampler=None, rng_key=None,
                  validate_args=None):
-        if not callable(energy):
-            raise TypeError(f"energy must be callable (..., d) -> (...), got {type(energy).__name__}")
-        if not isinstance(base, Distribution):
-            raise TypeError(f"base must be a NumPyro Distribution, e.g. dist.Normal(loc, scale).to_event(1), got "
-                            f"{describe(base)} ({type(base).__name__})")
-        if len(base.event_shape) != 1:
-            raise ValueError(f"base must have event shape (d,), got {tuple(base.event_shape)}; "
-                             "declare the last dimension as the event with .to_event(1)")
-        if context is not None:
-            context = _as_context(context)
-            batch_shape = context_batch_shape(tuple(base.batch_shape), tuple(context.shape))
-            if batch_shape != tuple(base.batch_shape):
-                base = base.expand(batch_shape)
+        base, context = check_energy_base(energy, base, context)
         self.context = context
         if _is_array_pytree(energy) and jax.tree_util.tree_leaves(energy):
             self._energy_data, self._energy_static = energy, None
@@ -205,12 +132,12 @@ class EnergyTilted(Distribution):
         self.sampler = ShortRunLangevin(60, "auto") if sampler is None else sampler
         check_protocol(self.normalizer, "normalizer", "term", "Contrastive() or Unnormalized()")
         check_protocol(self.sampler, "sampler", "run", "ShortRunLangevin(60, 'auto') or MALA(100, 0.1)")
-        self._rng_key = _seed_key() if rng_key is None else _check_key(rng_key, "rng_key")
-        self._in_potential = self._rng_key is None and _in_mcmc_potential()
+        self._rng_key = seed_key() if rng_key is None else check_key(rng_key, "rng_key")
+        self._in_potential = self._rng_key is None and in_mcmc_potential()
         self._log_normalizer = None
         self._created_in_trace = jax_in_transformation()
         super().__init__(tuple(base.batch_shape), tuple(base.event_shape), validate_args=validate_args)
-        self._normalizer_params = _register_normalizer(self.normalizer, self)
+        self._normalizer_params = register_normalizer(self.normalizer, self)
 
     @classmethod
     def tree_unflatten(cls, aux_data, params):
@@ -233,26 +160,7 @@ class EnergyTilted(Distribution):
     # --- densities -------------------------------------------------------------------------------------
     def _energy(self, z):
         """:math:`E(z)`, or :math:`E(z, x)` with the context broadcast to ``z``'s leading shape."""
-        context = self.__dict__.get("context")
-        try:
-            if context is None:
-                e = self.energy(z)
-            else:
-                shape = context_batch_shape(tuple(jnp.shape(z)[:-1]), tuple(jnp.shape(context)), what="z")
-                z = jnp.broadcast_to(z, shape + tuple(jnp.shape(z)[-1:]))
-                e = self.energy(z, jnp.broadcast_to(context, shape + tuple(jnp.shape(context)[-1:])))
-        except TypeError as err:  # explain a wrong signature (energy(z, x) without context, or the reverse)
-            error = energy_signature_error(self.energy, context is not None)
-            if error is None:
-                raise
-            raise error from err
-        try:
-            shape = jnp.shape(e)
-        except TypeError:  # not an array (None, a string): say so rather than fail later
-            raise energy_output_error("energy", tuple(jnp.shape(z)), e, expected="an array") from None
-        if shape != jnp.shape(z)[:-1]:
-            raise energy_output_error("energy", tuple(jnp.shape(z)), tuple(shape))
-        return e
+        return call_energy(self.energy, z, self.__dict__.get("context"))
 
     def _base_log_density(self, z):
         """The base's log density up to a constant, with no gradient to its parameters (for chains)."""
@@ -321,11 +229,11 @@ class EnergyTilted(Distribution):
         cached = self.__dict__.get("_log_normalizer")
         if cached is not None:
             return cached
-        key = _check_key(rng_key, "rng_key") if rng_key is not None else self.rng_key
+        key = check_key(rng_key, "rng_key") if rng_key is not None else self.rng_key
         if key is None and self.__dict__.get("_in_potential", False):
             return jnp.zeros(())  # inside MCMC's potential the term is constant in the latents: nothing to run
         if key is None:
-            key = _seed_key()
+            key = seed_key()
         term = self.normalizer.term(self, key)
         if _is_concrete(term) or self.__dict__.get("_created_in_trace", True):
             self._log_normalizer = term
@@ -386,7 +294,7 @@ class EnergyTilted(Distribution):
         if rng_key is None:
             raise ValueError(f"{type(self).__name__}.sample needs a PRNG key, e.g. jax.random.PRNGKey(0) "
                              "(inside a model, numpyro.sample provides it under numpyro.handlers.seed)")
-        _check_key(rng_key, "rng_key")
+        check_key(rng_key, "rng_key")
         sample_shape = check_sample_shape(sample_shape)
         check_protocol(sampler, "sampler", "run", "MALA(100, 0.1)")
         sample_tilted = getattr(sampler, "sample_tilted", None)
@@ -430,7 +338,7 @@ class EnergyTilted(Distribution):
         new = copy.copy(self)
         if normalizer is not None:
             new.normalizer = normalizer
-            new._normalizer_params = _register_normalizer(normalizer, new)
+            new._normalizer_params = register_normalizer(normalizer, new)
         if sampler is not None:
             new.sampler = sampler
         new._log_normalizer = None
@@ -510,16 +418,7 @@ class EnergyTiltedNormal(EnergyTilted):
 
     def __init__(self, energy, loc, scale, *, context=None, normalizer=None, sampler=None, rng_key=None,
                  validate_args=None):
-        loc, scale = _as_param("loc", loc), _as_param("scale", scale)
-        check_loc_scale_shapes(jnp.shape(loc), jnp.shape(scale))
-        loc, scale = jnp.broadcast_arrays(loc, scale)
-        if loc.ndim < 1:
-            raise ValueError("loc and scale must have at least one dimension: the last one is the event (d,); "
-                             "for a d-dimensional prior pass arrays of shape (d,)")
-        if context is not None:
-            context = _as_context(context)
-            shape = context_batch_shape(tuple(loc.shape[:-1]), tuple(context.shape)) + tuple(loc.shape[-1:])
-            loc, scale = jnp.broadcast_to(loc, shape), jnp.broadcast_to(scale, shape)
+        loc, scale, context = as_loc_scale(loc, scale, context)
         validate = type(self)._validate_args if validate_args is None else validate_args
         if validate:
             if _is_concrete(scale) and not bool(jnp.all(scale > 0)):

@@ -101,7 +101,7 @@ def _numpy_message(logdensity_fn, err: Exception) -> str:
         what = f"the energy {_describe_fn(energy)}"
     else:
         fn = getattr(logdensity_fn, "func", logdensity_fn)  # a jax.tree_util.Partial wraps the user's function
-        if args and getattr(fn, "__name__", "") == "_call":  # samplers._as_partial's wrapper of a pytree callable
+        if args and getattr(fn, "__name__", "") == "_call":  # _chain_checks.as_partial's wrapper of a pytree callable
             fn = args[0]
         what = f"the log density {_describe_fn(fn)}"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

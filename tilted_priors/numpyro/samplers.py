@@ -64,18 +64,21 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
-from jax.tree_util import Partial
 
 from tilted_priors import _adapt
 from tilted_priors._compat import jax_in_transformation
 from tilted_priors._persistent import PersistentBase
 from tilted_priors._validation import check_positive_int
 from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
-from tilted_priors.numpyro import langevin
+from tilted_priors.numpyro._chain_checks import (as_partial, base_loc_scale, check_init, is_array, is_array_pytree,
+                                                 is_concrete, range_scale, tilted_of)
+from tilted_priors.numpyro._chains import ChainResult, chain, lipschitz_jit, run_jit
 
 __all__ = ["SamplerInfo", "ShortRunLangevin", "MALA", "Persistent"]
+
+# The former names of helpers now in _chain_checks, for the modules that still import them from here
+# (distributions, normalizers, inference.numpyro.guides).
+_is_array, _is_array_pytree, _is_concrete = is_array, is_array_pytree, is_concrete
 
 
 class SamplerInfo(NamedTuple):
@@ -87,7 +90,7 @@ class SamplerInfo(NamedTuple):
     step_size: jax.Array | None = None
 
 
-# --- helpers shared with normalizers.py and distributions.py ----------------------------------------------
+# --- the settings base, shared with normalizers.py and sir.py ----------------------------------------------
 class _Frozen:
     """Immutable settings object: equal and hashed by ``_key()`` (safe as pytree aux data / jit cache key)."""
 
@@ -107,275 +110,6 @@ class _Frozen:
 
     def __hash__(self):
         return hash((type(self).__name__, self._key()))
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _is_array_pytree(obj) -> bool:
-    """Whether ``obj`` is a pytree (not a bare leaf) all of whose leaves are arrays."""
-    leaves = jax.tree_util.tree_leaves(obj)
-    if len(leaves) == 1 and leaves[0] is obj:
-        return False
-    return all(_is_array(leaf) for leaf in leaves)
-
-
-def _call(fn, z):
-    return fn(z)
-
-
-def _as_partial(log_density) -> Partial:
-    """Wrap a log density as a :class:`~jax.tree_util.Partial`: arrays dynamic, functions static (by identity)."""
-    if isinstance(log_density, Partial):
-        return log_density
-    if not callable(log_density):
-        raise TypeError(f"log_density must be a callable (..., d) -> (...), got {type(log_density).__name__}")
-    if _is_array_pytree(log_density) and jax.tree_util.tree_leaves(log_density):
-        return Partial(_call, log_density)
-    return Partial(log_density)
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_init(init) -> jax.Array:
-    """``init`` as an array of shape ``(..., d)`` and a floating dtype, or a clear error."""
-    try:
-        init = jnp.asarray(init)
-    except TypeError as e:
-        raise TypeError(f"init must be an array of shape (..., d), got {type(init).__name__}") from e
-    if init.ndim < 1:
-        raise ValueError("init must have shape (..., d), got a scalar")
-    if not jnp.issubdtype(init.dtype, jnp.floating):
-        kind = "boolean" if init.dtype == jnp.bool_ else "integer"
-        raise TypeError(f"init has {kind} dtype {init.dtype}; the chains move in real space: pass floats, e.g. "
-                        "init.astype(jnp.float32) (or jnp.asarray(init, float))")
-    return init
-
-
-class _ChainResult(NamedTuple):
-    position: jax.Array
-    acceptance_rate: jax.Array
-    logdensity: jax.Array
-    bad_step: jax.Array  # first 1-based step with a non-finite chain, 0 for the initial state, -1 for none
-    num_bad: jax.Array  # chains non-finite at that step
-    step_size: jax.Array  # the step size of the last steps (the adapted one for "auto")
-    range_ratio: jax.Array | None = None  # how far out the farthest final position is (see _range_ratio)
-    range_num: jax.Array | None = None  # chains beyond _adapt.RANGE_FACTOR of it
-
-
-def _tilted_of(log_density):
-    """The :class:`~tilted_priors.numpyro.EnergyTilted` whose ``annealed_log_density`` ``log_density`` is, else
-    ``None`` (that function is a :class:`~jax.tree_util.Partial` of the distribution's chain view)."""
-    from tilted_priors.numpyro.distributions import EnergyTilted  # distributions imports this module
-
-    args = getattr(log_density, "args", None) if isinstance(log_density, Partial) else None
-    return args[0] if args and isinstance(args[0], EnergyTilted) else None
-
-
-def _base_loc_scale(log_density):
-    """The mean and standard deviation of the base of an EnergyTilted's log density, or ``None``."""
-    dist = _tilted_of(log_density)
-    if dist is None:
-        return None
-    try:
-        return lax.stop_gradient(dist.base.mean), lax.stop_gradient(jnp.sqrt(dist.base.variance))
-    except (NotImplementedError, AttributeError):
-        return None
-
-
-def _origin(init) -> jax.Array:
-    """``1 + max|init|``: the scale of the initial positions in the range rule (see ``_adapt``)."""
-    init = lax.stop_gradient(init)
-    return 1.0 + jnp.max(jnp.abs(init), initial=0.0)
-
-
-def _range_ratio(log_density, origin, z) -> tuple[jax.Array, jax.Array]:
-    """How far out ``z`` is (the rule of ``_adapt``: ``|z - m| / s`` for a known base, else ``|z| / origin``): the
-    largest ratio over the chains and the number of chains beyond :data:`~tilted_priors._adapt.RANGE_FACTOR`."""
-    out = jnp.abs(z) / origin
-    base = _base_loc_scale(log_density)
-    if base is not None:
-        loc, scale = base
-        known = jnp.isfinite(loc) & jnp.isfinite(scale) & (scale > 0)
-        out = jnp.where(known, jnp.abs(z - loc) / jnp.where(known, scale, 1.0), out)
-    per_chain = jnp.max(out.reshape(-1, z.shape[-1]), axis=-1, initial=0.0)
-    per_chain = jnp.where(jnp.isnan(per_chain), 0.0, per_chain)
-    return jnp.max(per_chain, initial=0.0), jnp.sum(per_chain > _adapt.RANGE_FACTOR).astype(jnp.int32)
-
-
-def _first_bad(first, logdensity, step):
-    """Per chain: the first step at which its log density was non-finite (-1 while it has not been)."""
-    return jnp.where((first < 0) & ~jnp.isfinite(logdensity), step, first)
-
-
-def _chain(kind: str, steps: int, step_size, noise: bool, unroll: int, track: bool, rng_key, log_density,
-           init, origin=None) -> _ChainResult:
-    """``steps`` Langevin steps as one :func:`jax.lax.scan`, with the range of the final positions measured
-    (``origin``: the ``1 + max|z_0|`` of the range rule, default from ``init``; see :func:`_range_ratio`).
-
-    ``step_size`` is a float, or ``("auto", target_accept)`` for the adaptive chain (:func:`_adaptive_chain`).
-    With ``track`` each chain carries the first step at which its log density was non-finite (elementwise, so it
-    fuses with the step); the first step over all chains and the number of chains non-finite at it are read off
-    after the loop. Without it (the fast path, a few percent quicker) only the initial and the final states are
-    checked — non-finite states persist under Langevin dynamics (a nan position stays nan; MALA rejects
-    non-finite proposals) — and ``bad_step`` is ``steps`` when the final state is non-finite; the caller then
-    re-runs with ``track`` (the same keys give the same chain) to name the step.
-    """
-    init = jnp.asarray(init)
-    if isinstance(step_size, tuple):
-        res = _adaptive_chain(kind, steps, step_size[1], noise, unroll, track, rng_key, log_density, init)
-    else:
-        log_density = jax.tree_util.tree_map(lax.stop_gradient, log_density)
-        state = langevin.init(init, log_density)
-        first = _first_bad(jnp.full(state.logdensity.shape, -1, jnp.int32), state.logdensity, 0)
-        keys = jax.random.split(rng_key, steps)
-        idx = jnp.arange(1, steps + 1, dtype=jnp.int32)
-        state, acceptance, tracked = _fixed_steps(kind, step_size, noise, unroll, track, log_density, state, first,
-                                                  keys, idx)
-        res = _finish(kind, steps, steps, step_size, track, log_density, state, acceptance, tracked, first)
-    origin = _origin(init) if origin is None else jnp.asarray(origin, init.dtype)
-    ratio, num = _range_ratio(jax.tree_util.tree_map(lax.stop_gradient, log_density), origin, res.position)
-    return res._replace(range_ratio=ratio, range_num=num)
-
-
-def _fixed_steps(kind, step_size, noise, unroll, track, log_density, state, first, keys, idx):
-    """Langevin steps of a fixed ``step_size`` (a float, or a traced scalar after adaptation), one per key."""
-    adjusted = kind == "mala"
-
-    def body(carry, xs):
-        state, acceptance, first = carry  # acceptance / first are None when not needed (nothing extra carried)
-        key, i = xs
-        if adjusted:
-            state, info = langevin.mala_step(key, state, log_density, step_size)
-            acceptance = acceptance + info.acceptance_rate
-        else:
-            state, _ = langevin.ula_step(key, state, log_density, step_size, noise)
-        if track:
-            first = _first_bad(first, state.logdensity, i)
-        return (state, acceptance, first), None
-
-    acceptance = jnp.zeros_like(state.logdensity) if adjusted else None
-    carry = (state, acceptance, first if track else None)
-    (state, acceptance, tracked), _ = lax.scan(body, carry, (keys, idx), unroll=min(unroll, keys.shape[0]))
-    return state, acceptance, tracked
-
-
-def _finish(kind, steps, num_fixed, step_size, track, log_density, state, acceptance, tracked, first):
-    """The chain's result: acceptance averaged over the ``num_fixed`` fixed steps, the first non-finite step."""
-    logdensity = state.logdensity
-    if kind == "mala":
-        acceptance = acceptance / num_fixed
-    else:
-        acceptance = jnp.ones_like(logdensity)
-        if not track:
-            # ULA steps use only the gradient: evaluating the final log density once here lets XLA drop the
-            # per-step values from the loop (a few percent of the step's cost, as a hand-written loop does).
-            logdensity = lax.stop_gradient(log_density(state.position))
-    first = tracked if track else _first_bad(first, logdensity, steps)
-    diverged = first >= 0
-    bad_step = jnp.min(jnp.where(diverged, first, steps + 1), initial=steps + 1)
-    num_bad = jnp.sum(diverged & (first == bad_step)).astype(jnp.int32)
-    bad_step = jnp.where(bad_step > steps, -1, bad_step).astype(jnp.int32)
-    return _ChainResult(state.position, acceptance, logdensity, bad_step, num_bad,
-                        jnp.asarray(step_size, logdensity.dtype))
-
-
-def _lipschitz(rng_key, log_density, state: langevin.LangevinState) -> jax.Array:
-    r"""The largest ratio :math:`\|\nabla\log\pi(z+\delta) - \nabla\log\pi(z)\| / \|\delta\|` over the chains.
-
-    Two power-iteration probes per chain (the second :math:`\delta` along the first gradient difference, so the
-    ratio approaches the largest curvature), :math:`\|\delta\|` a hundredth of the chains' spread (see
-    :mod:`tilted_priors._adapt`). Chains whose probe is not finite are left out; 0 when none is finite.
-    """
-    z, grad = state.position, state.logdensity_grad
-    d = z.shape[-1]
-    flat = z.reshape(-1, d)
-    spread = jnp.sqrt(jnp.mean(jnp.var(flat, 0))) if flat.shape[0] > 1 else jnp.zeros((), z.dtype)
-    rms = jnp.sqrt(jnp.mean(z * z))
-    radius = _adapt.PROBE_RADIUS * jnp.maximum(jnp.where(spread > 0, spread, 1.0 + rms), 1e-3 * rms)
-    delta = radius * jax.random.normal(rng_key, z.shape, z.dtype)
-    best = jnp.zeros((), z.dtype)
-    for _ in range(2):
-        moved = z + delta
-        _, new_grad = langevin.value_and_grad(log_density, moved)
-        diff = new_grad - grad
-        norm_diff = jnp.linalg.norm(diff, axis=-1)
-        ratio = norm_diff / jnp.linalg.norm(moved - z, axis=-1)
-        best = jnp.maximum(best, jnp.max(jnp.where(jnp.isfinite(ratio), ratio, 0.0), initial=0.0))
-        scale = radius * jnp.sqrt(jnp.asarray(d, z.dtype)) / norm_diff
-        delta = jnp.where((jnp.isfinite(scale) & (norm_diff > 0))[..., None], diff * scale[..., None], delta)
-    return best
-
-
-def _initial_step(lipschitz, init, kind: str):
-    """``(log h0, log cap)`` of the adaptive chain: ``h0 = 1/sqrt(L)``, ``cap = c/sqrt(L)`` (see ``_adapt``)."""
-    flat = init.reshape(-1, init.shape[-1])
-    spread = jnp.sqrt(jnp.mean(jnp.var(flat, 0))) if flat.shape[0] > 1 else jnp.zeros((), init.dtype)
-    fallback = jnp.where(spread > 0, spread, 1.0)
-    known = jnp.isfinite(lipschitz) & (lipschitz > 0)
-    safe = jnp.where(known, lipschitz, 1.0)
-    log_h0 = jnp.where(known, -0.5 * jnp.log(safe), jnp.log(fallback))
-    log_cap = jnp.where(known, jnp.log(_adapt.STABILITY_CAP[kind]) - 0.5 * jnp.log(safe), jnp.inf)
-    log_h0 = jnp.minimum(log_h0, log_cap)
-    return log_h0.astype(init.dtype), log_cap.astype(init.dtype)
-
-
-def _adaptive_chain(kind: str, steps: int, target: float, noise: bool, unroll: int, track: bool, rng_key,
-                    log_density, init) -> _ChainResult:
-    """The chain of ``step_size="auto"`` (see :mod:`tilted_priors._adapt`): a probe of the curvature, a warm-up
-    scan adapting ``log h`` towards the acceptance ``target``, then :func:`_fixed_steps` with the last ``h``."""
-    log_density = jax.tree_util.tree_map(lax.stop_gradient, log_density)
-    state = langevin.init(init, log_density)
-    first = _first_bad(jnp.full(state.logdensity.shape, -1, jnp.int32), state.logdensity, 0)
-    keys = jax.random.split(rng_key, steps + 1)
-    log_h, log_cap = _initial_step(_lipschitz(keys[0], log_density, state), state.position, kind)
-    warm = _adapt.warmup_steps(steps)
-
-    def body(carry, xs):
-        state, log_h, first = carry
-        key, i = xs
-        h = jnp.exp(log_h)
-        key_proposal, key_accept = jax.random.split(key)
-        new = langevin.proposal(key_proposal, state, log_density, h, noise)
-        log_ratio = langevin.log_acceptance_ratio(state, new, h)
-        # Metropolis-adjusted for both kinds: while h is still being found, a move that the MH test rejects (a far
-        # start in a flat region probes a small curvature and takes a huge step) is not kept.
-        state, info = langevin.metropolis_accept(key_accept, state, new, log_ratio)
-        accept = info.acceptance_rate
-        mean = jnp.mean(accept)
-        error = jnp.where(mean > target, (mean - target) / (1.0 - target), (mean - target) / target)
-        log_h = jnp.minimum(log_h + error / jnp.sqrt(i.astype(log_h.dtype)), log_cap)
-        if track:
-            first = _first_bad(first, state.logdensity, i)
-        return (state, log_h, first), None
-
-    if warm:
-        idx = jnp.arange(1, warm + 1, dtype=jnp.int32)
-        (state, log_h, first), _ = lax.scan(body, (state, log_h, first), (keys[1:warm + 1], idx),
-                                            unroll=min(unroll, warm))
-    # The curvature where the warm-up has brought the chains (near the typical set) caps h again: a probe at
-    # far starting points can see much less curvature than the chains meet later.
-    _, log_cap_end = _initial_step(_lipschitz(jax.random.fold_in(keys[0], 1), log_density, state), state.position,
-                                   kind)
-    h = jnp.exp(jnp.minimum(log_h, log_cap_end))
-    idx = jnp.arange(warm + 1, steps + 1, dtype=jnp.int32)
-    state, acceptance, tracked = _fixed_steps(kind, h, noise, unroll, track, log_density, state, first,
-                                              keys[warm + 1:], idx)
-    return _finish(kind, steps, steps - warm, h, track, log_density, state, acceptance, tracked, first)
-
-
-def _lipschitz_at(rng_key, log_density, init) -> jax.Array:
-    """:func:`_lipschitz` at the starting points ``init`` (for the divergence message)."""
-    log_density = jax.tree_util.tree_map(lax.stop_gradient, log_density)
-    return _lipschitz(rng_key, log_density, langevin.init(init, log_density))
-
-
-#: The one compiled runner shared by all samplers; settings are static, the log density a pytree argument.
-_run_jit = jax.jit(_chain, static_argnums=(0, 1, 2, 3, 4, 5))
-_lipschitz_jit = jax.jit(_lipschitz_at)
 
 
 class _Langevin(_Frozen):
@@ -409,10 +143,10 @@ class _Langevin(_Frozen):
         """The static step-size argument of :func:`_chain`: the float, or ``("auto", target_accept)``."""
         return (_adapt.AUTO, self.target_accept) if self.step_size == _adapt.AUTO else self.step_size
 
-    def _chain(self, rng_key, log_density, init) -> _ChainResult:
+    def _chain(self, rng_key, log_density, init) -> ChainResult:
         """Run the chain inline (for use inside another traced loop, e.g. annealed importance sampling)."""
-        return _chain(self._kind, self.steps, self._step_setting, self._noise, self.unroll, True, rng_key,
-                      _as_partial(log_density), jnp.asarray(init))
+        return chain(self._kind, self.steps, self._step_setting, self._noise, self.unroll, True, rng_key,
+                     as_partial(log_density), jnp.asarray(init))
 
     def run(self, rng_key, log_density: Callable[[jax.Array], jax.Array], init, *, return_info: bool = False):
         """Run ``steps`` steps from ``init``; return the final positions (and a :class:`SamplerInfo`).
@@ -456,16 +190,16 @@ class _Langevin(_Frozen):
             if self._noise:
                 raise ValueError(f"{type(self).__name__}.run needs an rng_key, e.g. jax.random.PRNGKey(0)")
             rng_key = jax.random.PRNGKey(0)  # unused: no noise
-        init = _check_init(init)
-        log_density = _as_partial(log_density)
+        init = check_init(init)
+        log_density = as_partial(log_density)
         settings = (self._kind, self.steps, self._step_setting, self._noise, self.unroll)
         if jax_in_transformation(rng_key, log_density, init, origin):
-            res = _chain(*settings, False, rng_key, log_density, init, origin)  # nothing can be raised under a trace
+            res = chain(*settings, False, rng_key, log_density, init, origin)  # nothing can be raised under a trace
         else:
-            res = _run_jit(*settings, False, rng_key, log_density, init, origin)
+            res = run_jit(*settings, False, rng_key, log_density, init, origin)
             bad_step, ratio, num_out = jax.device_get((res.bad_step, res.range_ratio, res.range_num))
             if int(bad_step) >= 0:  # re-run the same chain tracking every step, to name the first bad one
-                tracked = _run_jit(*settings, True, rng_key, log_density, init, origin)
+                tracked = run_jit(*settings, True, rng_key, log_density, init, origin)
                 if int(tracked.bad_step) >= 0:
                     res = tracked
                 raise self._divergence(res, rng_key, log_density, init)
@@ -475,16 +209,16 @@ class _Langevin(_Frozen):
             return res.position, SamplerInfo(res.acceptance_rate, res.logdensity, res.step_size)
         return res.position
 
-    def _runaway(self, ratio: float, num_out: int, res: _ChainResult, rng_key, log_density, init, origin) -> None:
+    def _runaway(self, ratio: float, num_out: int, res: ChainResult, rng_key, log_density, init, origin) -> None:
         """Warn (``strict``: raise) about chains that ran away: finite, but out of range."""
         adapted = self.step_size == _adapt.AUTO
         name = type(self).__name__ + (" (step_size='auto')" if adapted else "")
-        if _base_loc_scale(log_density) is not None:
+        if base_loc_scale(tilted_of(log_density)) is not None:
             reference = "base standard deviations from the base's mean"
         else:
-            scale = float(_origin(init) if origin is None else origin)
+            scale = float(range_scale(init) if origin is None else origin)
             reference = f"times 1 + max|init| (= {scale:.3g}) from 0"
-        lipschitz = float(_lipschitz_jit(jax.random.fold_in(rng_key, 1), log_density, init))
+        lipschitz = float(lipschitz_jit(jax.random.fold_in(rng_key, 1), log_density, init))
         h = float(res.step_size)
         if self.strict:
             raise ChainDivergenceError(name, self.steps, h, num_out, lipschitz=lipschitz, adapted=adapted,
@@ -492,10 +226,10 @@ class _Langevin(_Frozen):
         warnings.warn(ChainRangeWarning(name, self.steps, ratio, num_out, step_size=h, reference=reference,
                                         lipschitz=lipschitz, adapted=adapted), stacklevel=4)
 
-    def _divergence(self, res: _ChainResult, rng_key, log_density, init) -> ChainDivergenceError:
+    def _divergence(self, res: ChainResult, rng_key, log_density, init) -> ChainDivergenceError:
         """The error for a diverged chain, with the Lipschitz constant measured at ``init`` (see ``_adapt``)."""
         step, adapted = int(res.bad_step), self.step_size == _adapt.AUTO
-        lipschitz = float(_lipschitz_jit(jax.random.fold_in(rng_key, 1), log_density, init)) if step > 0 else None
+        lipschitz = float(lipschitz_jit(jax.random.fold_in(rng_key, 1), log_density, init)) if step > 0 else None
         name = type(self).__name__ + (" (step_size='auto')" if adapted else "")
         return ChainDivergenceError(name, step, float(res.step_size), int(res.num_bad), lipschitz=lipschitz,
                                     adapted=adapted)
@@ -675,7 +409,7 @@ class Persistent(PersistentBase):
     True
     """
 
-    def _chain(self, rng_key, log_density, init) -> _ChainResult:
+    def _chain(self, rng_key, log_density, init) -> ChainResult:
         return self.sampler._chain(rng_key, log_density, init)
 
     def run(self, rng_key, log_density, init, *, return_info: bool = False):
@@ -684,11 +418,11 @@ class Persistent(PersistentBase):
         The range check of the wrapped sampler (see the module notes) measures against the ``init`` of the call
         that started the chains, so chains that drift away over many calls are reported too.
         """
-        init = _check_init(init)
+        init = check_init(init)
         start = self._start(init)
         if start is init or getattr(self, "_origin", None) is None:
-            origin = _origin(init)
-            self._origin = origin if _is_concrete(origin) else None
+            origin = range_scale(init)
+            self._origin = origin if is_concrete(origin) else None
         else:
             origin = self._origin
         if isinstance(self.sampler, _Langevin):
@@ -696,7 +430,7 @@ class Persistent(PersistentBase):
         else:
             out = self.sampler.run(rng_key, log_density, start.astype(init.dtype), return_info=return_info)
         position = out[0] if return_info else out
-        if _is_concrete(position):
+        if is_concrete(position):
             self.state = position
         return out
 

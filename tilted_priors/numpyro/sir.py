@@ -25,9 +25,9 @@ from jax import lax
 from jax.scipy.special import logsumexp
 
 from tilted_priors._compat import jax_in_transformation
+from tilted_priors._rng_keys import check_key as _check_key
 from tilted_priors._sir import bad_weights_message, check_tilted, needs_base_message
 from tilted_priors._validation import check_positive_int, check_sample_shape
-from tilted_priors.numpyro.normalizers import _check_key
 from tilted_priors.numpyro.samplers import _Frozen
 
 __all__ = ["SIR", "SIRInfo"]

@@ -10,64 +10,19 @@ element.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import torch
 from pyro.distributions import Normal, TorchDistribution, constraints
-from torch.distributions.utils import broadcast_all
 
 from tilted_priors._loc_scale import missing_energy_message
-from tilted_priors._validation import (check_loc_scale_shapes, check_protocol, check_sample_shape,
-                                       context_batch_shape, describe, energy_output_error, energy_signature_error)
+from tilted_priors._validation import check_protocol, check_sample_shape
 from tilted_priors.errors import ChainDivergenceError
-from tilted_priors.pyro.energies import _dtype_error
+from tilted_priors.pyro._distribution_checks import as_loc_scale, call_energy, check_energy_base, register_normalizer
 from tilted_priors.pyro.normalizers import Contrastive
 from tilted_priors.pyro.samplers import ShortRunLangevin
 
 __all__ = ["EnergyTilted", "EnergyTiltedNormal"]
-
-
-def _as_context(context) -> torch.Tensor:
-    """``context`` as a floating tensor with at least one dimension (the features), or a clear error."""
-    if not isinstance(context, torch.Tensor):
-        try:
-            context = torch.as_tensor(context)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"context must be a tensor of shape batch_shape + (c,), got {type(context).__name__}"
-                            ) from err
-    if not torch.is_floating_point(context):
-        context = context.to(torch.get_default_dtype())
-    if context.dim() < 1:
-        raise ValueError("context must have at least one dimension, the last holding the c covariates of a row "
-                         "(shape batch_shape + (c,)); for one covariate per row pass x[..., None]")
-    return context
-
-
-def _as_param(name: str, value) -> torch.Tensor | float:
-    """``loc`` / ``scale`` as given (a tensor or a number), a list or array converted; a clear error otherwise."""
-    if isinstance(value, (torch.Tensor, int, float)) and not isinstance(value, bool):
-        return value
-    if isinstance(value, (str, bytes, bool)) or value is None:
-        raise TypeError(f"{name} must be a tensor of shape batch_shape + (d,) (or a number), got {describe(value)}")
-    try:
-        return torch.as_tensor(value, dtype=torch.get_default_dtype())
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{name} must be a tensor of shape batch_shape + (d,) (or a number), got "
-                        f"{describe(value)}") from err
-
-
-def _register_normalizer(normalizer, dist) -> None:
-    """Declare the normalizer's learned params now, while the model runs (``register_params``, given ``dist`` when
-    it takes an argument): Pyro's ELBOs differentiate only when the model's trace holds a param site."""
-    register = getattr(normalizer, "register_params", None)
-    if not callable(register):
-        return
-    try:
-        takes_dist = len(inspect.signature(register).parameters) > 0
-    except (TypeError, ValueError):
-        takes_dist = False
-    register(dist) if takes_dist else register()
 
 
 class EnergyTilted(TorchDistribution):
@@ -131,19 +86,7 @@ class EnergyTilted(TorchDistribution):
     has_rsample = False
 
     def __init__(self, energy, base, *, context=None, normalizer=None, sampler=None, validate_args=None):
-        if not callable(energy):
-            raise TypeError(f"energy must be callable (..., d) -> (...), got {type(energy).__name__}")
-        if not isinstance(base, torch.distributions.Distribution):
-            raise TypeError(f"base must be a torch/Pyro Distribution, e.g. dist.Normal(loc, scale).to_event(1), got "
-                            f"{describe(base)} ({type(base).__name__})")
-        if len(base.event_shape) != 1:
-            raise ValueError(f"base must have event shape (d,), got {tuple(base.event_shape)}; "
-                             "declare the last dimension as the event with .to_event(1)")
-        if context is not None:
-            context = _as_context(context)
-            batch_shape = torch.Size(context_batch_shape(tuple(base.batch_shape), tuple(context.shape)))
-            if batch_shape != base.batch_shape:
-                base = base.expand(batch_shape)
+        base, context = check_energy_base(energy, base, context)
         self.context = context
         self.energy = energy
         self.base = base
@@ -153,30 +96,12 @@ class EnergyTilted(TorchDistribution):
         check_protocol(self.sampler, "sampler", "run", "ShortRunLangevin(60, 'auto') or MALA(100, 0.1)")
         self._log_normalizer: torch.Tensor | None = None
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
-        _register_normalizer(self.normalizer, self)
+        register_normalizer(self.normalizer, self)
 
     # --- densities -------------------------------------------------------------------------------------
     def _energy(self, z: torch.Tensor) -> torch.Tensor:
         """:math:`E(z)`, or :math:`E(z, x)` with the context broadcast to ``z``'s leading shape."""
-        context = None
-        try:
-            if self.context is None:
-                e = self.energy(z)
-            else:
-                shape = torch.Size(context_batch_shape(tuple(z.shape[:-1]), tuple(self.context.shape), what="z"))
-                z = z.expand(shape + z.shape[-1:])
-                context = self.context.expand(shape + self.context.shape[-1:])
-                e = self.energy(z, context)
-        except (RuntimeError, TypeError) as err:  # explain a wrong signature, or torch's dtype errors
-            error = (energy_signature_error(self.energy, self.context is not None) if isinstance(err, TypeError)
-                     else _dtype_error(self.energy, z=z, context=context))
-            if error is None:
-                raise
-            raise error from err
-        if not isinstance(e, torch.Tensor) or e.shape != z.shape[:-1]:
-            raise energy_output_error("energy", tuple(z.shape), tuple(e.shape) if isinstance(e, torch.Tensor) else e,
-                                      expected="a torch tensor")
-        return e
+        return call_energy(self.energy, z, self.context)
 
     def _base_log_density(self, z: torch.Tensor) -> torch.Tensor:
         """The base's log density up to a constant, with no gradient to its parameters (for chains)."""
@@ -217,7 +142,7 @@ class EnergyTilted(TorchDistribution):
         new.sampler = self.sampler if sampler is None else sampler
         new._log_normalizer = None
         if normalizer is not None:
-            _register_normalizer(normalizer, new)
+            register_normalizer(normalizer, new)
         return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -332,16 +257,7 @@ class EnergyTiltedNormal(EnergyTilted):
         return super().__new__(cls)
 
     def __init__(self, energy, loc, scale, *, context=None, normalizer=None, sampler=None, validate_args=None):
-        loc, scale = _as_param("loc", loc), _as_param("scale", scale)
-        check_loc_scale_shapes(getattr(loc, "shape", ()), getattr(scale, "shape", ()))
-        loc, scale = broadcast_all(loc, scale)
-        if loc.dim() < 1:
-            raise ValueError("loc and scale must have at least one dimension: the last one is the event (d,); "
-                             "for a d-dimensional prior pass tensors of shape (d,)")
-        if context is not None:
-            context = _as_context(context)
-            batch_shape = torch.Size(context_batch_shape(tuple(loc.shape[:-1]), tuple(context.shape)))
-            loc, scale = loc.expand(batch_shape + loc.shape[-1:]), scale.expand(batch_shape + loc.shape[-1:])
+        loc, scale, context = as_loc_scale(loc, scale, context)
         self.loc, self.scale = loc, scale
         base = Normal(loc, scale, validate_args=False).to_event(1)
         # Chains need the Gaussian term only up to a constant and without parameter gradients.

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -45,6 +44,9 @@ from tilted_priors._persistent import PersistentBase
 from tilted_priors._validation import check_positive_int
 from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro import langevin
+from tilted_priors.pyro._chain_checks import (base_loc_scale, check_energy_reaches_z, check_finite, check_init,
+                                              range_ratio, range_scale, tilted_of)
+from tilted_priors.pyro._chains import initial_step, lipschitz
 
 __all__ = ["SamplerInfo", "ShortRunLangevin", "MALA", "Persistent"]
 
@@ -56,143 +58,6 @@ class SamplerInfo(NamedTuple):
     acceptance_rate: torch.Tensor
     logdensity: torch.Tensor
     step_size: torch.Tensor | None = None
-
-
-def _check_finite(name: str, state: langevin.LangevinState, step: int, step_size) -> None:
-    # One reduction and one sync per step: a sum is non-finite iff some term is (or it overflows, which
-    # also means the chains have run away).
-    if not math.isfinite(state.logdensity.sum().item()):
-        num_bad = int((~torch.isfinite(state.logdensity)).sum())
-        raise ChainDivergenceError(name, step, step_size if isinstance(step_size, str) else float(step_size),
-                                   num_bad or None)
-
-
-def _check_init(init) -> torch.Tensor:
-    """``init`` as given, after checking that it is a floating tensor of shape ``(..., d)``."""
-    if not isinstance(init, torch.Tensor):
-        raise TypeError(f"init must be a torch.Tensor of shape (..., d), got {type(init).__name__}")
-    if not init.is_floating_point():
-        raise TypeError(f"init has {'integer' if init.dtype != torch.bool else 'boolean'} dtype {init.dtype}; "
-                        "the chains move in real space: pass floats, e.g. init.float() (or init.double())")
-    return init
-
-
-def _tilted_of(log_density):
-    """The :class:`~tilted_priors.pyro.EnergyTilted` whose ``annealed_log_density`` ``log_density`` is, else None.
-
-    That function is a closure over the distribution (``lambda z: self._base_log_density(z) - beta * ...``);
-    any other callable gives ``None`` (the checks then use ``init`` alone).
-    """
-    from tilted_priors.pyro.distributions import EnergyTilted  # distributions imports this module
-
-    for cell in getattr(log_density, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, EnergyTilted):
-            return value
-    return None
-
-
-_CHECKED: weakref.WeakSet = weakref.WeakSet()  # energies whose gradient was checked (see _check_energy_reaches_z)
-
-
-def _check_energy_reaches_z(dist, init: torch.Tensor) -> None:
-    """Warn, once per energy, when ``dist.energy`` does not depend on ``z`` through torch's graph (NumPy, detach)."""
-    energy = dist.energy
-    try:
-        if energy in _CHECKED:
-            return
-        _CHECKED.add(energy)
-    except TypeError:  # takes no weak reference: check every time (one energy evaluation per run)
-        pass
-    with torch.enable_grad():
-        z = init.detach().requires_grad_(True)
-        e = energy(z) if dist.context is None else dist._energy(z)
-        if not isinstance(e, torch.Tensor):
-            raise TypeError(langevin._not_a_tensor_message(f"the energy {langevin._describe_fn(energy)}", e,
-                                                           tuple(z.shape)))
-        reaches = e.requires_grad and torch.autograd.grad(e.sum(), z, allow_unused=True)[0] is not None
-    if not reaches:
-        langevin._warn_detached(energy, f"the energy of {type(dist).__name__}", stacklevel=5)
-
-
-def _base_loc_scale(dist) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The mean and standard deviation of ``dist``'s base (detached), or ``None`` when the base has none."""
-    if dist is None:
-        return None
-    try:
-        with torch.no_grad():
-            loc, scale = dist.base.mean.detach(), dist.base.stddev.detach()
-    except (NotImplementedError, AttributeError):
-        return None
-    return loc, scale
-
-
-def _range_ratio(z: torch.Tensor, origin: torch.Tensor, base) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per chain, how far out ``z`` is (see ``_adapt``: ``|z - m| / s`` for a known base, else
-    ``|z| / origin``, ``origin = 1 + max|z_0|``), as the largest ratio over the chains and the number of chains
-    beyond :data:`~tilted_priors._adapt.RANGE_FACTOR`; both still on the device."""
-    out = z.abs() / origin
-    if base is not None:
-        loc, scale = base
-        known = torch.isfinite(loc) & torch.isfinite(scale) & (scale > 0)
-        out = torch.where(known, (z - loc).abs() / torch.where(known, scale, torch.ones_like(scale)), out)
-    per_chain = out.reshape(-1, z.shape[-1]).amax(-1) if z.numel() else out.new_zeros(0)
-    per_chain = torch.where(torch.isnan(per_chain), torch.zeros_like(per_chain), per_chain)
-    worst = per_chain.max() if per_chain.numel() else z.new_zeros(())
-    return worst, (per_chain > _adapt.RANGE_FACTOR).sum()
-
-
-def _origin(init: torch.Tensor) -> torch.Tensor:
-    """``1 + max|init|``: the scale of the initial positions in the range rule (see ``_adapt``)."""
-    return 1.0 + init.detach().abs().amax() if init.numel() else init.new_ones(())
-
-
-def _spread(z: torch.Tensor) -> torch.Tensor:
-    """The chains' spread: root mean over dimensions of the variance over chains (0 for a single chain)."""
-    flat = z.reshape(-1, z.shape[-1])
-    return flat.var(0, unbiased=False).mean().sqrt() if flat.shape[0] > 1 else z.new_zeros(())
-
-
-def _lipschitz(log_density, state: langevin.LangevinState) -> torch.Tensor:
-    r"""The largest ratio :math:`\|\nabla\log\pi(z+\delta) - \nabla\log\pi(z)\| / \|\delta\|` over the chains.
-
-    Two power-iteration probes per chain (the second :math:`\delta` along the first gradient difference, so the
-    ratio approaches the largest curvature), :math:`\|\delta\|` a hundredth of the chains' spread (see
-    :mod:`tilted_priors._adapt`). Chains whose probe is not finite are left out; 0 when none is finite.
-    """
-    z, grad = state.position, state.logdensity_grad
-    spread, rms = _spread(z), z.square().mean().sqrt()
-    radius = _adapt.PROBE_RADIUS * torch.maximum(torch.where(spread > 0, spread, 1.0 + rms), 1e-3 * rms)
-    delta = radius * torch.randn_like(z)
-    best = z.new_zeros(())
-    for _ in range(2):
-        moved = z + delta
-        _, new_grad = langevin.value_and_grad(log_density, moved)
-        diff = new_grad - grad
-        norm_diff = diff.norm(dim=-1)
-        ratio = norm_diff / (moved - z).norm(dim=-1)
-        ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
-        best = torch.maximum(best, ratio.max() if ratio.numel() else best)
-        scale = radius * math.sqrt(z.shape[-1]) / norm_diff
-        ok = (torch.isfinite(scale) & (norm_diff > 0)).unsqueeze(-1)
-        delta = torch.where(ok, diff * scale.unsqueeze(-1), delta)
-    return best
-
-
-def _initial_step(lipschitz: torch.Tensor, init: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log h0, log cap)`` of the adaptive chain: ``h0 = 1/sqrt(L)``, ``cap = c/sqrt(L)`` (see ``_adapt``)."""
-    spread = _spread(init)
-    fallback = torch.where(spread > 0, spread, torch.ones_like(spread))
-    known = torch.isfinite(lipschitz) & (lipschitz > 0)
-    safe = torch.where(known, lipschitz, torch.ones_like(lipschitz))
-    log_h0 = torch.where(known, -0.5 * safe.log(), fallback.log())
-    log_cap = torch.where(known, math.log(_adapt.STABILITY_CAP[kind]) - 0.5 * safe.log(),
-                          torch.full_like(safe, math.inf))
-    log_h0 = torch.minimum(log_h0, log_cap)
-    return log_h0, log_cap
 
 
 class _Langevin:
@@ -249,14 +114,14 @@ class _Langevin:
 
     def _run(self, log_density, init, return_info: bool, origin: torch.Tensor | None = None):
         """``run``, with the scale ``origin`` of the range rule (``1 + max|z_0|``) given by a ``Persistent``."""
-        init = _check_init(init)
-        dist = _tilted_of(log_density)
+        init = check_init(init)
+        dist = tilted_of(log_density)
         if dist is not None:
-            _check_energy_reaches_z(dist, init)
+            check_energy_reaches_z(dist, init)
         adapted = self.step_size == _adapt.AUTO
         name = type(self).__name__ + (" (step_size='auto')" if adapted else "")
         state = langevin.init(init, log_density)
-        _check_finite(name, state, 0, self.step_size)
+        check_finite(name, state, 0, self.step_size)
         start = state
         try:
             if adapted:
@@ -264,19 +129,19 @@ class _Langevin:
             else:
                 step_size, first = self.step_size, 0
             out = self._run_fixed(name, state, log_density, step_size, first, return_info)
-            self._check_range(name, out[0] if return_info else out, _origin(init) if origin is None else origin,
-                              _base_loc_scale(dist), step_size, adapted, log_density, start)
+            self._check_range(name, out[0] if return_info else out, range_scale(init) if origin is None else origin,
+                              base_loc_scale(dist), step_size, adapted, log_density, start)
             return out
         except ChainDivergenceError as err:
             if err.step > 0:
                 err.adapted = adapted
-                err.add_context(lipschitz=float(_lipschitz(log_density, start)))
+                err.add_context(lipschitz=float(lipschitz(log_density, start)))
             raise
 
     def _check_range(self, name: str, position: torch.Tensor, origin: torch.Tensor, base, step_size,
                      adapted: bool, log_density, start: langevin.LangevinState) -> None:
         """Warn (``strict``: raise) when the final ``position`` is out of range: one reduction, one read."""
-        worst, num_bad = _range_ratio(position, origin.to(position), base)
+        worst, num_bad = range_ratio(position, origin.to(position), base)
         worst, num_bad = torch.stack([worst, num_bad.to(worst.dtype)]).tolist()
         if not worst > _adapt.RANGE_FACTOR:
             return
@@ -289,12 +154,12 @@ class _Langevin:
             raise ChainDivergenceError(name, self.steps, h, int(num_bad), adapted=adapted, ratio=worst,
                                        reference=reference)
         warnings.warn(ChainRangeWarning(name, self.steps, worst, int(num_bad), step_size=h, reference=reference,
-                                        lipschitz=float(_lipschitz(log_density, start)), adapted=adapted),
+                                        lipschitz=float(lipschitz(log_density, start)), adapted=adapted),
                       stacklevel=4)
 
     def _warm_up(self, state: langevin.LangevinState, log_density):
         """The adaptive first half of an ``"auto"`` run: ``(state, step size, steps done)``."""
-        log_h, log_cap = _initial_step(_lipschitz(log_density, state), state.position, self._kind)
+        log_h, log_cap = initial_step(lipschitz(log_density, state), state.position, self._kind)
         target = self.target_accept
         warm = _adapt.warmup_steps(self.steps)
         for t in range(1, warm + 1):
@@ -310,7 +175,7 @@ class _Langevin:
             log_h = torch.minimum(log_h + error / math.sqrt(t), log_cap)
         # The curvature where the warm-up has brought the chains (near the typical set) caps h again: a probe at
         # far starting points can see much less curvature than the chains meet later.
-        _, log_cap_end = _initial_step(_lipschitz(log_density, state), state.position, self._kind)
+        _, log_cap_end = initial_step(lipschitz(log_density, state), state.position, self._kind)
         return state, torch.minimum(log_h, log_cap_end).exp(), warm
 
     def _run_fixed(self, name: str, state: langevin.LangevinState, log_density, step_size, first: int,
@@ -320,7 +185,7 @@ class _Langevin:
         last = self.steps if (return_info or self._adjusted) else self.steps - 1
         for i in range(first, last):
             state, info = self._step(state, log_density, step_size)
-            _check_finite(name, state, i + 1, step_size)
+            check_finite(name, state, i + 1, step_size)
             if return_info:
                 acceptance = acceptance + info.acceptance_rate
         if last < self.steps:
@@ -488,9 +353,9 @@ class Persistent(PersistentBase):
         The range check of the wrapped sampler (see the module notes) measures against the ``init`` of the call
         that started the chains, so chains that drift away over many calls are reported too.
         """
-        start = self._start(_check_init(init))
+        start = self._start(check_init(init))
         if start is init or getattr(self, "_origin", None) is None:
-            self._origin = _origin(init)
+            self._origin = range_scale(init)
         if isinstance(self.sampler, _Langevin):
             out = self.sampler._run(log_density, start.to(init), return_info, self._origin)
         else:

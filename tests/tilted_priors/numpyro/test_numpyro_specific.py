@@ -18,7 +18,7 @@ from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro import (MALA, AnnealedImportance, Contrastive, EnergyMLP, EnergyTilted,
                                    EnergyTiltedNormal, Importance, Persistent, SelfNormalized, ShortRunLangevin,
                                    Unnormalized, langevin)
-from tilted_priors.numpyro.samplers import _run_jit
+from tilted_priors.numpyro._chains import run_jit as _run_jit
 
 KEY = jax.random.PRNGKey(0)
 
