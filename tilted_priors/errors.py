@@ -39,8 +39,8 @@ class ChainDivergenceError(FloatingPointError):
         Whether ``step_size`` was adapted (``step_size="auto"``): the advice is then to fix a smaller one.
     ratio : float, optional
         Set for chains that stayed finite but ran away (raised instead of a :class:`ChainRangeWarning` by a sampler
-        built with ``strict=True``): how far out they went, in units of ``reference`` (more than
-        :data:`~tilted_priors._adapt.RANGE_FACTOR`; see :mod:`tilted_priors._adapt` for the rule). ``step`` is
+        built with ``strict=True``): how far out they went, in units of ``reference`` (more than :math:`10^6`; see
+        :class:`ChainRangeWarning` for the rule). ``step`` is
         then the number of steps run.
     reference : str, optional
         What ``ratio`` is measured against, read after it (e.g. ``"times 1 + max|init| (= 2.9) from 0"``).
@@ -119,7 +119,7 @@ class ChainRangeWarning(UserWarning):
     the mode at every step; the chains can end at :math:`10^{10}` (or :math:`10^{100}` in float64) without ever
     becoming ``inf``, so no :class:`ChainDivergenceError` is raised, and the draws are finite but meaningless.
     Every sampler of :mod:`tilted_priors` (``ShortRunLangevin``, ``MALA``, ``Persistent``) checks its final
-    positions once per ``run`` against the rule of :mod:`tilted_priors._adapt` (:data:`RANGE_FACTOR`: more than
+    positions once per ``run`` against this rule (``tilted_priors._adapt.RANGE_FACTOR``: more than
     :math:`10^6` standard deviations of the tilted distribution's base from its mean, or else more than
     :math:`10^6 (1 + \max|z_0|)` from 0, :math:`z_0` the initial positions) and warns with this class; a sampler
     built with ``strict=True`` raises :class:`ChainDivergenceError` instead. The Langevin MCMC kernels of
