@@ -1,4 +1,5 @@
-"""PNG figures for the short-run versus long-run report: energy trajectories, marginals, rank and trace plots.
+"""PNG figures for the short-run versus long-run report: energy trajectories, marginals, rank and trace plots, the
+kernel Stein discrepancy and the coupling bound against the number of steps.
 
 Energy trajectories and marginal histograms are drawn with matplotlib's object API (no global state, no display
 needed); rank and trace plots are ArviZ's own (``az.plot_rank``, ``az.plot_trace``; ArviZ 0.2x or 1.x).
@@ -16,7 +17,8 @@ from tilted_priors.inference.diagnostics._arviz import arviz_major, arviz_module
 from tilted_priors.inference.diagnostics.arrays import _numeric
 from tilted_priors.inference.diagnostics.data import to_inference_data
 
-__all__ = ["plot_energy_trajectories", "plot_marginals", "plot_rank_short_long", "plot_trace"]
+__all__ = ["plot_energy_trajectories", "plot_marginals", "plot_rank_short_long", "plot_trace", "plot_ksd_paths",
+           "plot_coupling_bound"]
 
 _WHAT = "tilted_priors.inference.diagnostics.plots"
 
@@ -164,3 +166,40 @@ def plot_trace(chains: np.ndarray, path, max_chains: int = 8, max_dims: int = 4)
                          + ("; for one variable pass chains[..., None]" if chains.ndim == 2 else ""))
     chains = chains[:max_chains, :, :max_dims]
     return _arviz_plot("plot_trace", to_inference_data(chains), path)
+
+
+def plot_ksd_paths(runs: dict[str, tuple[np.ndarray, np.ndarray]], path) -> Path:
+    """The kernel Stein discrepancy of each run's states against the number of steps (log-log axes where
+    positive). ``runs`` maps a label to ``(steps (draw,), ksd (draw,))``."""
+    runs = _labelled(runs, "runs", "(steps, ksd)")
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    for label, (steps, ksd) in runs.items():
+        steps, ksd = np.asarray(steps, dtype=float), np.asarray(ksd, dtype=float)
+        if steps.shape != ksd.shape or steps.ndim != 1:
+            raise ValueError(f"runs[{label!r}] must be (steps, ksd), two arrays of shape (draw,), got "
+                             f"{steps.shape} and {ksd.shape}")
+        ax.plot(np.maximum(steps, 0.5), ksd, marker="o", ms=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("steps (0 plotted at 0.5)")
+    ax.set_ylabel("kernel Stein discrepancy")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_coupling_bound(bound, path) -> Path:
+    """The L-lag coupling bound on the total-variation distance to the stationary law against the number of
+    steps, with a band of two Monte Carlo standard errors. ``bound`` is a ``CouplingBound``."""
+    steps = np.asarray(bound.steps, dtype=float)
+    tv, se = np.asarray(bound.tv_bound, dtype=float), np.asarray(bound.tv_stderr, dtype=float)
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    ax.plot(steps, np.minimum(tv, 1.0), label=f"TV bound (lag {bound.lag}, {bound.num_pairs} pairs)")
+    ax.fill_between(steps, np.clip(tv - 2 * se, 0, 1), np.clip(tv + 2 * se, 0, 1), alpha=0.3)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("steps")
+    ax.set_ylabel("total variation to the stationary law (upper bound)")
+    ax.legend()
+    return _save(fig, path)
+

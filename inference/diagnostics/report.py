@@ -6,22 +6,25 @@ points for :math:`K` steps and for :math:`L \gg K` steps (a long, ideally exact 
 the final states: per-dimension means and standard deviations, the energy :math:`-\log\pi` (unnormalised), the
 energy distance between the two samples with a permutation p-value, R-hat of each run, R-hat between the two
 samples, and nested R-hat over super-chains of chains that share a start (Margossian et al. 2022: whether the
-chains have forgotten where they started). :func:`compare_chains` is the same comparison on arrays.
+chains have forgotten where they started). With the scores :math:`\nabla\log\pi` of the states (the backends'
+autodiff gives them), it adds the kernel Stein discrepancy of each run's states along the way and of the final
+states with its test (:mod:`~tilted_priors.inference.diagnostics.stein`): how far each run is from :math:`\pi`
+itself, which needs no reference run. :func:`compare_chains` is the same comparison on arrays.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tilted_priors.inference.diagnostics.arrays import (EnergyDistance, _numeric, as_chains, energy_distance,
-                                                       nested_rhat, rhat, to_numpy)
 from tilted_priors._validation import check_positive_int, check_probability
+from tilted_priors.inference.diagnostics.arrays import (EnergyDistance, _numeric, as_chains, energy_distance,
+                                                       nested_rhat, rhat)
+from tilted_priors.inference.diagnostics.running import sampler_backend, scores_along, trajectory
+from tilted_priors.inference.diagnostics.stein import SteinDiscrepancy, stein_discrepancy
 
-__all__ = ["ShortVsLong", "compare_chains", "short_vs_long", "trajectory", "markdown_table"]
+__all__ = ["ShortVsLong", "compare_chains", "short_vs_long", "markdown_table"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,15 @@ class ShortVsLong:
         Level of the verdict :attr:`differs`.
     figures : list of Path
         PNG files written.
+    ksd_short, ksd_long : SteinDiscrepancy or None
+        Kernel Stein discrepancy of each run's final states, with the bootstrap test at level ``alpha``
+        (``None`` without scores).
+    ksd_short_path, ksd_long_path : ndarray or None
+        The KSD (V-statistic) of each run's states at every recorded draw ``(draw,)``: the discrepancy against the
+        number of steps.
+    coupling : CouplingBound or None
+        The L-lag coupling bound on the total-variation distance of the short-run sampler's law to its own
+        stationary law, against the number of steps (``None`` when not computed).
     """
 
     short: np.ndarray
@@ -67,6 +79,11 @@ class ShortVsLong:
     nested_rhat_long: np.ndarray | None
     alpha: float = 0.01
     figures: list = field(default_factory=list)
+    ksd_short: SteinDiscrepancy | None = None
+    ksd_long: SteinDiscrepancy | None = None
+    ksd_short_path: np.ndarray | None = None
+    ksd_long_path: np.ndarray | None = None
+    coupling: object = None
 
     @property
     def differs(self) -> bool:
@@ -118,6 +135,16 @@ class ShortVsLong:
             lines.append(f"Nested R-hat (nR-hat) groups the chains by start; chains that have forgotten their "
                          f"start give about {self.nested_rhat_baseline:.3f} here (sqrt(1 + 1/M), M chains per "
                          "start); larger values mean the final states still depend on where the chains began.")
+        if self.ksd_short is not None and self.ksd_long is not None:
+            def verdict(r):
+                return (f"{r.ksd:.4g} (bootstrap p-value {r.p_value:.3g}: "
+                        f"{'not from the target' if r.reject else 'consistent with the target'})")
+            lines.append(f"Kernel Stein discrepancy of the final states against the target itself (IMQ kernel, "
+                         f"{self.ksd_short.n} chains, level {self.alpha:g}): short run {verdict(self.ksd_short)}, "
+                         f"long run {verdict(self.ksd_long)}. It needs no reference run: a long run that is itself "
+                         "stuck shows a large KSD too.")
+        if self.coupling is not None:
+            lines.append(coupling_sentence(self.coupling, int(self.short_steps[-1])))
         return "\n".join(lines)
 
 
@@ -142,13 +169,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def compare_chains(short, long, *, short_lp=None, long_lp=None, short_steps=None, long_steps=None,
-                   superchain_ids=None, alpha: float = 0.01, num_permutations: int = 200,
-                   seed: int = 0) -> ShortVsLong:
-    """Compare short-run and long-run trajectories ``(chain, draw, d)`` of the same chains (array layer).
+                   superchain_ids=None, alpha: float = 0.01, num_permutations: int = 200, seed: int = 0,
+                   short_scores=None, long_scores=None, coupling=None) -> ShortVsLong:
+    r"""Compare short-run and long-run trajectories ``(chain, draw, d)`` of the same chains (array layer).
 
     See :func:`short_vs_long`, which runs the samplers and calls this. Both runs need the same number of chains
     (the same starts); ``superchain_ids`` groups chains that share a start (for nested R-hat; each group needs
-    at least two chains).
+    at least two chains). ``short_scores`` and ``long_scores``, the scores :math:`\nabla\log\pi` at every state
+    ``(chain, draw, d)``, add the kernel Stein discrepancies; ``coupling`` (a ``CouplingBound``) is kept for the
+    report.
 
     Examples
     --------
@@ -192,8 +221,9 @@ def compare_chains(short, long, *, short_lp=None, long_lp=None, short_steps=None
         half = x[:, x.shape[1] // 2:]
         return rhat(half) if half.shape[1] >= 4 else np.full(x.shape[2], np.nan)
 
+    ksd = _stein(short, long, short_scores, long_scores, alpha, seed)
     return ShortVsLong(
-        short=short, long=long, short_lp=lps[0], long_lp=lps[1],
+        **ksd, coupling=coupling, short=short, long=long, short_lp=lps[0], long_lp=lps[1],
         short_steps=np.arange(short.shape[1]) if short_steps is None else np.asarray(short_steps),
         long_steps=np.arange(long.shape[1]) if long_steps is None else np.asarray(long_steps),
         superchain_ids=None if superchain_ids is None else np.asarray(superchain_ids),
@@ -202,94 +232,38 @@ def compare_chains(short, long, *, short_lp=None, long_lp=None, short_steps=None
         nested_rhat_short=nested[0], nested_rhat_long=nested[1], alpha=alpha)
 
 
-# --- running samplers of either backend -------------------------------------------------------------------
-def _with_steps(sampler, steps: int):
-    """A copy of ``sampler`` that runs ``steps`` steps (the samplers are immutable settings objects)."""
-    new = copy.copy(sampler)
-    object.__setattr__(new, "steps", steps)
-    if hasattr(new, "unroll"):
-        object.__setattr__(new, "unroll", min(new.unroll, steps))
-    return new
+def _stein(short: np.ndarray, long: np.ndarray, short_scores, long_scores, alpha: float, seed: int) -> dict:
+    """The Stein fields of :class:`ShortVsLong` (all ``None`` without both runs' scores)."""
+    if short_scores is None or long_scores is None:
+        return {}
+    out = {}
+    for name, x, sc in (("short", short, short_scores), ("long", long, long_scores)):
+        sc = _numeric(sc, f"{name}_scores", "(chain, draw, d)")
+        if sc.shape != x.shape:
+            raise ValueError(f"{name}_scores must have the shape of {name}, (chain, draw, d) = {x.shape}, one score "
+                             f"per state, got {sc.shape}")
+        path = np.moveaxis(x, 1, 0), np.moveaxis(sc, 1, 0)  # (draw, chain, d): one sample per recorded draw
+        out[f"ksd_{name}_path"] = np.asarray(stein_discrepancy(*path).ksd)
+        out[f"ksd_{name}"] = stein_discrepancy(x[:, -1], sc[:, -1], test=True, level=alpha, seed=seed)
+    return out
 
 
-def _backend(sampler, name: str = "sampler") -> str:
-    module = type(sampler).__module__
-    if type(sampler).__name__ == "Persistent":
-        raise TypeError("short_vs_long runs fresh chains from the given starts: pass the sampler a Persistent "
-                        "wraps (its .sampler), not the Persistent itself")
-    if isinstance(sampler, type) or not hasattr(sampler, "run") or not hasattr(sampler, "steps"):
-        raise TypeError(f"{name} must be a sampler instance with .steps and .run(...) (e.g. MALA(400, 0.8)), got "
-                        f"{sampler!r}")
-    for name in ("numpyro", "pyro"):
-        if f".{name}." in f".{module}.":
-            return name
-    return "numpy"
-
-
-def trajectory(sampler, log_density, starts, num_draws: int = 20, seed: int = 0):
-    """Run ``sampler`` from ``starts`` ``(chain, d)``, recording ``num_draws`` states along the way.
-
-    The run is cut into ``num_draws`` segments of (nearly) equal length, each a run of the same sampler with
-    fewer steps continuing from the last state — for a Markov chain the same process as one long run.
-    ``sampler`` is a sampler of either backend (``tilted_priors.pyro`` / ``.numpyro``; its log density and
-    arrays are that backend's, randomness from ``seed``) or any object with ``steps`` and
-    ``run(log_density, init)`` on numpy arrays.
-
-    Returns
-    -------
-    steps : ndarray (draw,)
-        The step of each recorded state (0 for the start).
-    positions : ndarray (chain, draw, d)
-    log_densities : ndarray (chain, draw)
-        ``log_density`` at each recorded state (unnormalised as given).
-    """
-    num_draws = check_positive_int("num_draws", num_draws)
-    backend = _backend(sampler)
-    if not callable(log_density):
-        raise TypeError(f"log_density must be a function (..., d) -> (...) on the sampler's arrays, got "
-                        f"{type(log_density).__name__}")
-    bounds = np.unique(np.linspace(0, sampler.steps, min(num_draws, sampler.steps) + 1).round().astype(int))
-    lengths = np.diff(bounds)
-    rng = contextlib.nullcontext()
-    if backend == "pyro":
-        import torch
-
-        x = torch.as_tensor(np.asarray(starts), dtype=torch.get_default_dtype())
-        rng = torch.random.fork_rng()  # seeded inside, the global generator left as it was
-        run = lambda s, z: s.run(log_density, z)  # noqa: E731
-    elif backend == "numpyro":
-        import jax
-        import jax.numpy as jnp
-
-        def segment_keys(key=jax.random.PRNGKey(seed)):
-            while True:
-                key, sub = jax.random.split(key)
-                yield sub
-
-        x, keys = jnp.asarray(np.asarray(starts)), segment_keys()
-        run = lambda s, z: s.run(next(keys), log_density, z)  # noqa: E731
-    else:
-        x = np.asarray(starts, dtype=float)
-        run = lambda s, z: s.run(log_density, z)  # noqa: E731
-
-    def record(z):
-        positions.append(np.array(to_numpy(z)))  # a copy: a numpy sampler may move its state in place
-        lps.append(to_numpy(log_density(z)))
-
-    positions, lps = [], []
-    with rng:
-        if backend == "pyro":
-            torch.manual_seed(seed)
-        record(x)
-        for m in lengths:
-            x = run(_with_steps(sampler, int(m)), x)
-            record(x)
-    return bounds, np.stack(positions, axis=1), np.stack(lps, axis=1)
+def coupling_sentence(bound, steps: int) -> str:
+    """One sentence of the report on a ``CouplingBound``: the TV bound after ``steps`` steps and the steps that
+    bring it under 0.1."""
+    at = np.searchsorted(bound.steps, steps)
+    tv = float(bound.tv_bound[min(at, len(bound.tv_bound) - 1)])
+    need = bound.steps_for(0.1)
+    needed = f"{need} steps bring it under 0.1" if need is not None else "no step within the budget brings it " \
+        "under 0.1"
+    return (f"Coupling bound ({bound.num_pairs} pairs of coupled chains, lag {bound.lag}): after {steps} steps the "
+            f"short-run sampler's law is within total variation {tv:.3g} of its own stationary law; {needed}.")
 
 
 def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_per_start: int = 4,
                   num_draws: int = 20, alpha: float = 0.01, seed: int = 0, out=None,
-                  prefix: str = "short_vs_long") -> ShortVsLong:
+                  prefix: str = "short_vs_long", stein: bool = True, score=None,
+                  coupling=None) -> ShortVsLong:
     r"""Run the same starts for :math:`K` steps (``sampler_short``) and :math:`L \gg K` (``sampler_long``) and
     compare what they reach.
 
@@ -298,7 +272,10 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
     compared by :func:`compare_chains`: per-dimension means and sds, the (unnormalised) energy
     :math:`-\log\pi`, the energy distance with a permutation p-value (the verdict
     :attr:`ShortVsLong.differs` at level ``alpha``), R-hat and nested R-hat. The long run is only a reference
-    when it has converged: check ``rhat_long`` (near 1) and use an exact sampler (MALA) for it.
+    when it has converged: check ``rhat_long`` (near 1) and use an exact sampler (MALA) for it. With ``stein``
+    (default), the kernel Stein discrepancy of both runs against :math:`\pi` itself, along the runs and for the
+    final states with its test, which does not trust the long run. With ``coupling``, the L-lag coupling bound
+    of the short-run sampler.
 
     Parameters
     ----------
@@ -313,7 +290,16 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
     num_draws : int
         States recorded along each run (for trajectories, trace plots and R-hat).
     out : path, optional
-        A directory: write ``<prefix>_energy.png``, ``_marginals.png``, ``_rank.png``, ``_trace.png`` there.
+        A directory: write ``<prefix>_energy.png``, ``_marginals.png``, ``_rank.png``, ``_trace.png`` there (and
+        ``_ksd.png``, ``_coupling.png`` with those diagnostics).
+    stein : bool
+        Compute the kernel Stein discrepancies (the scores by the backend's autodiff of ``log_density``; for
+        numpy samplers give ``score``).
+    score : callable, optional
+        ``score(z)``: :math:`\nabla\log\pi` at numpy points ``(..., d)`` (numpy samplers only need it).
+    coupling : CouplingBound, optional
+        A coupling bound of ``sampler_short`` computed beforehand (``coupling_bound`` of the sampler's backend),
+        shown in the report and plotted.
 
     Examples
     --------
@@ -331,7 +317,7 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
         raise ValueError(f"starts must have shape (n, d), got {starts_np.shape}")
     if not np.isfinite(starts_np).all():
         raise ValueError("starts hold non-finite values")
-    backends = {_backend(sampler_short, "sampler_short"), _backend(sampler_long, "sampler_long")}
+    backends = {sampler_backend(sampler_short, "sampler_short"), sampler_backend(sampler_long, "sampler_long")}
     if len(backends) > 1:
         raise TypeError(f"both samplers must come from one backend, got {sorted(backends)}")
     if not callable(log_density):
@@ -341,8 +327,13 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
     ids = np.repeat(np.arange(starts_np.shape[0]), chains_per_start) if chains_per_start > 1 else None
     s_steps, short, s_lp = trajectory(sampler_short, log_density, init, num_draws, seed)
     l_steps, long, l_lp = trajectory(sampler_long, log_density, init, num_draws, seed + 1)
+    scores = (None, None)
+    if stein:
+        backend = next(iter(backends))
+        scores = tuple(scores_along(backend, log_density, x, score) for x in (short, long))
     report = compare_chains(short, long, short_lp=s_lp, long_lp=l_lp, short_steps=s_steps, long_steps=l_steps,
-                            superchain_ids=ids, alpha=alpha, seed=seed)
+                            superchain_ids=ids, alpha=alpha, seed=seed, short_scores=scores[0],
+                            long_scores=scores[1], coupling=coupling)
     if out is not None:
         from tilted_priors.inference.diagnostics import plots
 
@@ -356,6 +347,12 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
             # one chain from each of up to 8 starts spread over them (the first chains would share a start)
             plots.plot_trace(long[_spread(starts_np.shape[0], 8) * chains_per_start], out / f"{prefix}_trace.png"),
         ])
+        if report.ksd_short_path is not None:
+            report.figures.append(plots.plot_ksd_paths({"short": (s_steps, report.ksd_short_path),
+                                                        "long": (l_steps, report.ksd_long_path)},
+                                                       out / f"{prefix}_ksd.png"))
+        if coupling is not None:
+            report.figures.append(plots.plot_coupling_bound(coupling, out / f"{prefix}_coupling.png"))
     return report
 
 

@@ -15,6 +15,7 @@ from tilted_priors.inference.numpyro.modules import register_module
 from tilted_priors.inference.numpyro.nce import NoiseContrastive
 from tilted_priors.inference.numpyro.posthoc import PosthocResult, posthoc_tilt
 from tilted_priors.inference.numpyro.reparam import FlowBackbone
+from tilted_priors.inference.numpyro.stein import stein_discrepancy, stein_scores
 from tilted_priors.inference.numpyro.train import FitResult, TrainingDiverged, TrainingHealth, fit
 from tilted_priors.inference.checkpoints import CheckpointError
 from tilted_priors.inference.files import RunFolderLocked
@@ -23,4 +24,4 @@ __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixt
            "fit_recursive", "NoiseContrastive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged",
            "TrainingHealth", "CheckpointError", "RunFolderLocked",
            "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate",
-           "posthoc_tilt", "PosthocResult"]
+           "posthoc_tilt", "PosthocResult", "stein_scores", "stein_discrepancy"]

@@ -34,6 +34,10 @@ def test_converged_short_chains_do_not_differ(backend):
     assert np.all(r.rhat_long < 1.05)
     final = r.long[:, -1]
     assert np.all(np.abs(final.mean(0) - case.mean) < 4 * case.sd / np.sqrt(len(final)))  # chains forgot starts
+    # the Stein discrepancy judges both runs against the target itself: neither rejected, and the path falls
+    assert not r.ksd_short.reject and not r.ksd_long.reject
+    assert r.ksd_short_path.shape == r.short_steps.shape and r.ksd_short_path[-1] < 0.5 * r.ksd_short_path[0]
+    assert "Kernel Stein discrepancy" in r.to_markdown()
 
 
 def test_ten_step_chains_on_a_bimodal_energy_differ(backend):
@@ -44,6 +48,7 @@ def test_ten_step_chains_on_a_bimodal_energy_differ(backend):
     assert r.rhat_between[0] > 1.1
     assert np.all(r.nested_rhat_short > r.nested_rhat_baseline + 0.3)
     assert r.short_steps.tolist() == list(range(11)) and r.long_steps[-1] == 600
+    assert r.ksd_short.reject and r.ksd_short.ksd > 2 * r.ksd_long.ksd  # no reference run needed to see it
 
 
 def test_samplers_of_two_backends_or_persistent_are_refused(backend):
