@@ -7,6 +7,7 @@ from tilted_priors._extras import require
 require("numpyro", "tilted_priors.inference.numpyro")
 
 from tilted_priors.inference.numpyro import handlers
+from tilted_priors.inference.numpyro.coupling import CouplingBound, coupling_bound
 from tilted_priors.inference.numpyro.guides import AmortizedGuide, RefinedGuide, ShortRunPosterior
 from tilted_priors.inference.numpyro.kernels import Langevin
 from tilted_priors.inference.numpyro.likelihood import LogLikelihoodEstimate, log_likelihood
@@ -24,4 +25,5 @@ __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide", "RecursiveMixt
            "fit_recursive", "NoiseContrastive", "FlowBackbone", "Langevin", "fit", "FitResult", "TrainingDiverged",
            "TrainingHealth", "CheckpointError", "RunFolderLocked",
            "handlers", "register_module", "log_likelihood", "LogLikelihoodEstimate",
-           "posthoc_tilt", "PosthocResult", "stein_scores", "stein_discrepancy"]
+           "posthoc_tilt", "PosthocResult", "stein_scores", "stein_discrepancy",
+           "coupling_bound", "CouplingBound"]
