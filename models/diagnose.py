@@ -104,6 +104,9 @@ def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
         result["prior"] = {"table": report.table(), "differs": report.differs,
                            "energy_distance": report.distance._asdict(), "mala_step_size": step,
                            "nested_rhat_baseline": report.nested_rhat_baseline}
+        if report.ksd_short is not None:  # the kernel Stein discrepancy of both runs' final states, with its test
+            result["prior"]["kernel_stein_discrepancy"] = {"short": report.ksd_short._asdict(),
+                                                           "long": report.ksd_long._asdict()}
     else:
         md += ["The prior is a standard Normal: sampled exactly, nothing to diagnose.", ""]
 

@@ -23,12 +23,14 @@ def test_diagnose_writes_the_report(tmp_path, backend):
     assert "## Prior: short run vs long run" in md and "## Posterior" in md
     result = json.loads((run / "diagnostics.json").read_text())
     assert [r["quantity"] for r in result["prior"]["table"]] == ["latent 0", "latent 1", "latent 2", "energy"]
+    ksd = result["prior"]["kernel_stein_discrepancy"]
+    assert ksd["short"]["ksd"] >= 0 and 0 <= ksd["long"]["p_value"] <= 1 and "Kernel Stein discrepancy" in md
     methods = [(r["image"], r["method"]) for r in result["posterior"]]
     assert methods == [(i, m) for i in range(2) for m in ("short-run guide", "MALA", "NUTS")]
     for r in result["posterior"]:
         assert np.isfinite(r["max mean diff / NUTS sd"])
         assert (r["method"] == "NUTS") == ("p vs NUTS" not in r)
-    for name in ("prior_energy", "prior_marginals", "prior_rank", "prior_trace", "posterior_0_marginals",
+    for name in ("prior_energy", "prior_marginals", "prior_rank", "prior_trace", "prior_ksd", "posterior_0_marginals",
                  "posterior_1_nuts_trace"):
         assert (run / f"{name}.png").stat().st_size > 1000
         assert f"({name}.png)" in md
