@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     dg.add_argument("--warmup", type=_positive(int), default=200)
     dg.add_argument("--samples", type=_positive(int), default=200)
     dg.add_argument("--max-tree-depth", type=_positive(int), default=6)
+    dg.add_argument("--coupling-steps", type=int, default=None,
+                    help="budget of the prior sampler's coupling bound (default: 10 x its steps; 0 skips it)")
     dg.add_argument("--seed", type=int, default=0)
 
     de = sub.add_parser("demo", help="LEBM on MNIST-5k for a few minutes (make demo)")
@@ -145,7 +147,7 @@ def _run(args) -> int:
         result = diagnose(args.run_dir, out=args.out, num_starts=args.starts, chains_per_start=args.chains_per_start,
                           long_steps=args.long_steps, num_images=args.images, short_chains=args.short_chains,
                           num_chains=args.chains, num_warmup=args.warmup, num_samples=args.samples,
-                          max_tree_depth=args.max_tree_depth, seed=args.seed)
+                          max_tree_depth=args.max_tree_depth, coupling_steps=args.coupling_steps, seed=args.seed)
     else:  # demo
         settings = {k: v for k, v in DEMO.items() if k not in ("method", "epochs")}
         result = runs.train(DEMO["method"], out=args.out, epochs=args.epochs, ll_size=100, **settings)

@@ -6,14 +6,19 @@ Two questions, answered for the run's own backend and written to ``RUN_DIR/diagn
 1. **Prior.** The trained tilted prior's own short-run sampler (LEBM: 60 x 0.4 ULA) against a long MALA run
    (``long_steps``, step size searched for an acceptance of at least 0.5) from the same N(0, I) starts:
    :func:`tilted_priors.inference.diagnostics.short_vs_long` (moments, energy, energy distance, R-hat, nested R-hat; energy
-   trajectories, marginals, rank and trace plots). Skipped for a Normal prior (``abp`` runs).
+   trajectories, marginals, rank and trace plots), the kernel Stein discrepancy of both runs against the tilted
+   prior itself (no long run needed), and the L-lag coupling bound of the short-run sampler: an upper bound on the
+   total variation between its law after :math:`t` steps and its own stationary law, with the steps that bring it
+   under 0.1. Skipped for a Normal prior (``abp`` runs).
 2. **Posterior.** For ``num_images`` test images: the short-run posterior guide that training used (20 x 0.1
    from noise, ``short_chains`` independent chains), long-run MALA (:class:`tilted_priors.inference.pyro.Langevin`, step size
    adapted in warm-up) and NUTS, both through the backend's own ``MCMC``. NUTS is the reference: for each image
    and method the table gives the largest difference of posterior means in units of NUTS's posterior sd, the
    median ratio of posterior sds, R-hat and bulk ESS of the MCMC chains, and the energy-distance p-value against
    NUTS's draws (MCMC draws thinned to about one per effective sample, so that the test's independence
-   assumption roughly holds).
+   assumption roughly holds). Every method's draws also get their kernel Stein discrepancy against the posterior
+   itself (scores of the unnormalised log joint in :math:`z`) with its test, on the same thinned draws: it needs
+   no reference, so it also judges NUTS.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tilted_priors.inference.diagnostics import energy_distance, short_vs_long, summary
+from tilted_priors.inference.diagnostics import energy_distance, short_vs_long, stein_discrepancy, summary
 from tilted_priors.inference.diagnostics.plots import plot_marginals, plot_trace
 from tilted_priors.inference.diagnostics.report import markdown_table
 from tilted_priors.inference.files import atomic_write
@@ -33,11 +38,16 @@ from tilted_priors.models import runs
 __all__ = ["diagnose"]
 
 
-def _thinned(draws: np.ndarray) -> np.ndarray:
-    """Draws ``(chain, draw, d)`` flattened to ``(n, d)`` keeping about one draw per effective sample."""
+def _stride(draws: np.ndarray) -> int:
+    """The thinning stride of draws ``(chain, draw, d)`` that keeps about one draw per effective sample."""
     if draws.shape[1] < 4:
-        return draws.reshape(-1, draws.shape[-1])
-    stride = max(1, int(round(draws.shape[0] * draws.shape[1] / float(np.min(summary(draws).ess_bulk)))))
+        return 1
+    return max(1, int(round(draws.shape[0] * draws.shape[1] / float(np.min(summary(draws).ess_bulk)))))
+
+
+def _thinned(draws: np.ndarray, stride: int | None = None) -> np.ndarray:
+    """Draws ``(chain, draw, d)`` flattened to ``(n, d)``, every ``stride``-th draw (default :func:`_stride`)."""
+    stride = _stride(draws) if stride is None else stride
     return draws[:, ::stride].reshape(-1, draws.shape[-1])
 
 
@@ -50,7 +60,7 @@ def _mala_step_size(backend, log_density, starts: np.ndarray, seed: int,
     return candidates[-1]
 
 
-def _posterior_rows(draws: dict[str, np.ndarray], seed: int) -> list[dict]:
+def _posterior_rows(draws: dict[str, np.ndarray], scores: dict[str, np.ndarray], seed: int) -> list[dict]:
     rows = []
     num_images = next(iter(draws.values())).shape[2]
     for i in range(num_images):
@@ -66,20 +76,40 @@ def _posterior_rows(draws: dict[str, np.ndarray], seed: int) -> list[dict]:
             if d.shape[1] >= 4:
                 s = summary(d)
                 row.update({"max R-hat": float(s.rhat.max()), "min ESS bulk": float(s.ess_bulk.min())})
+            stride = _stride(d)
+            ksd = stein_discrepancy(_thinned(d, stride), _thinned(scores[name][:, :, i], stride), test=True,
+                                    seed=seed)
+            row.update({"KSD": float(ksd.ksd), "KSD p": float(ksd.p_value)})
             if name != "NUTS":
-                row["p vs NUTS"] = energy_distance(_thinned(d), _thinned(ref), num_permutations=100,
+                row["p vs NUTS"] = energy_distance(_thinned(d, stride), _thinned(ref), num_permutations=100,
                                                    seed=seed).p_value
             rows.append(row)
     return rows
 
 
+def _coupling_json(bound, steps: int) -> dict:
+    """The coupling bound's summary for ``diagnostics.json``: the TV bound (with its standard error) after the
+    short run's ``steps`` and at twice as many, the steps for a bound of 0.1, the pairs that never met (with
+    any, the bounds are infinite and written as ``null``)."""
+    def number(v) -> float | None:
+        return float(v) if np.isfinite(v) else None
+
+    at = [t for t in (steps, 2 * steps) if t <= bound.max_steps]
+    return {"lag": bound.lag, "num_pairs": bound.num_pairs, "num_unmet": bound.num_unmet,
+            "max_steps": bound.max_steps, "steps_for_tv_0.1": bound.steps_for(0.1),
+            "tv_bound": {str(t): number(bound.tv_bound[t]) for t in at},
+            "tv_stderr": {str(t): number(bound.tv_stderr[t]) for t in at}}
+
+
 def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, num_starts: int = 100,
              chains_per_start: int = 4, long_steps: int = 2000, num_images: int = 4, short_chains: int = 200,
              num_chains: int = 2, num_warmup: int = 200, num_samples: int = 200, max_tree_depth: int = 6,
-             seed: int = 0) -> dict:
+             coupling_steps: int | None = None, seed: int = 0) -> dict:
     """Write the short-run versus long-run diagnostics of a trained run (see the module docstring).
 
-    Returns the numbers of ``diagnostics.json``; ``out`` defaults to ``run_dir``.
+    Returns the numbers of ``diagnostics.json``; ``out`` defaults to ``run_dir``. The coupling bound uses
+    ``num_starts`` pairs of chains from the same N(0, I) starts, a lag of the short run's length and a budget of
+    ``coupling_steps`` steps (default ten times the short run's length); ``coupling_steps=0`` skips it.
     """
     lvm, config, _ = runs.load(run_dir)
     backend = importlib.import_module(f"tilted_priors.models.{config['backend']}.diagnose")
@@ -96,8 +126,13 @@ def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
         starts = np.random.default_rng(seed).normal(size=(num_starts, d)).astype(np.float32)
         step = _mala_step_size(backend, log_density, starts, seed)
         short = prior.sampler
+        lag = int(getattr(short, "sampler", short).steps)
+        budget = 10 * lag if coupling_steps is None else coupling_steps
+        coupling = backend.prior_coupling(short, log_density, starts, lag=lag, max_steps=budget, seed=seed) \
+            if budget > lag else None
         report = short_vs_long(short, backend.MALA(long_steps, step), log_density, starts,
-                               chains_per_start=chains_per_start, seed=seed, out=out, prefix="prior")
+                               chains_per_start=chains_per_start, seed=seed, out=out, prefix="prior",
+                               coupling=coupling)
         md += [f"Short: the prior's own sampler, {short!r}. Long: MALA, {long_steps} steps of size {step:g}. "
                f"{num_starts} N(0, I) starts x {chains_per_start} chains.", "", report.to_markdown(), ""]
         md += [f"![{p.stem}]({p.name})" for p in report.figures] + [""]
@@ -107,6 +142,8 @@ def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
         if report.ksd_short is not None:  # the kernel Stein discrepancy of both runs' final states, with its test
             result["prior"]["kernel_stein_discrepancy"] = {"short": report.ksd_short._asdict(),
                                                            "long": report.ksd_long._asdict()}
+        if coupling is not None:
+            result["prior"]["coupling_bound"] = _coupling_json(coupling, lag)
     else:
         md += ["The prior is a standard Normal: sampled exactly, nothing to diagnose.", ""]
 
@@ -116,7 +153,8 @@ def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
                                     step_size=config["posterior_step_size"], num_chains=num_chains,
                                     num_warmup=num_warmup, num_samples=num_samples,
                                     max_tree_depth=max_tree_depth, seed=seed)
-    rows = _posterior_rows(draws, seed)
+    scores = {name: backend.posterior_scores(lvm, images, v) for name, v in draws.items()}
+    rows = _posterior_rows(draws, scores, seed)
     figures = []
     for i in range(len(images)):
         figures.append(plot_marginals({name: v[:, :, i].reshape(-1, d) for name, v in draws.items()},
@@ -125,7 +163,11 @@ def diagnose(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
     md += ["## Posterior: short-run guide vs long-run MALA vs NUTS", "",
            f"{len(images)} test images; short-run guide {config['posterior_steps']} x "
            f"{config['posterior_step_size']:g} from noise ({short_chains} chains); MALA and NUTS: {num_chains} "
-           f"chains x {num_samples} draws after {num_warmup} warm-up. NUTS is the reference.", "",
+           f"chains x {num_samples} draws after {num_warmup} warm-up. NUTS is the reference for the mean, sd and "
+           "energy-distance columns (p vs NUTS). KSD is the kernel Stein discrepancy of each method's draws "
+           "(thinned to about one per effective sample) against the posterior itself, from the scores of the "
+           "unnormalised log joint; KSD p is its bootstrap p-value (small: the draws are not from the posterior). "
+           "It needs no reference, so it judges NUTS too.", "",
            markdown_table(rows), ""]
     md += [f"![{p.stem}]({p.name})" for p in figures] + [""]
     result["posterior"] = rows

@@ -1,4 +1,5 @@
-"""The NumPyro side of ``python -m tilted_priors diagnose``: MALA's acceptance for the step search, posterior chains.
+"""The NumPyro side of ``python -m tilted_priors diagnose``: MALA's acceptance for the step search, the prior
+sampler's coupling bound, posterior chains and the posterior's scores.
 
 See :mod:`tilted_priors.models.diagnose` for what the report compares.
 """
@@ -7,14 +8,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 
-from tilted_priors.inference.numpyro import Langevin, ShortRunPosterior
+from tilted_priors.inference.diagnostics import CouplingBound
+from tilted_priors.inference.numpyro import Langevin, ShortRunPosterior, coupling_bound, stein_scores
 from tilted_priors.inference.numpyro.handlers import normalizer
 from tilted_priors.numpyro import MALA, Unnormalized
 
-__all__ = ["mala_acceptance", "posterior_draws", "MALA"]
+__all__ = ["mala_acceptance", "prior_coupling", "posterior_draws", "posterior_scores", "MALA"]
 
 
 def mala_acceptance(log_density, starts: np.ndarray, step_size: float, steps: int = 100, seed: int = 0) -> float:
@@ -22,6 +25,28 @@ def mala_acceptance(log_density, starts: np.ndarray, step_size: float, steps: in
     _, info = MALA(steps, step_size).run(jax.random.PRNGKey(seed), log_density, jnp.asarray(starts),
                                          return_info=True)
     return float(info.acceptance_rate.mean())
+
+
+def prior_coupling(sampler, log_density, starts: np.ndarray, *, lag: int, max_steps: int,
+                   seed: int = 0) -> CouplingBound:
+    """The L-lag coupling bound of ``sampler`` (a ``Persistent``'s inner sampler) from the points ``starts``."""
+    return coupling_bound(jax.random.PRNGKey(seed), getattr(sampler, "sampler", sampler), log_density,
+                          jnp.asarray(starts), lag=lag, max_steps=max_steps)
+
+
+def posterior_scores(lvm, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    r"""The posterior scores :math:`\nabla_z \log p(z \mid x_k)` at draws ``z`` ``(..., K, d)`` of the images
+    ``x`` ``(K, H, W, C)``: the gradient of :math:`\log \mathcal N(x_k; g(z), \sigma^2) - E(z) + \log
+    \mathcal N(z; 0, I)` (unnormalised; the prior's :math:`\log Z` is constant in :math:`z`)."""
+    images = jnp.asarray(x)
+    prior = lvm.prior(())
+    prior_lp = getattr(prior, "log_tilted", prior.log_prob)
+
+    def log_density(zz):
+        mean = lvm.decode(zz.reshape(-1, zz.shape[-1])).reshape(zz.shape[:-1] + images.shape[1:])
+        return dist.Normal(mean, lvm.likelihood_sd).to_event(3).log_prob(images) + prior_lp(zz)
+
+    return stein_scores(log_density, jnp.asarray(z, dtype=images.dtype))
 
 
 def posterior_draws(lvm, x: np.ndarray, *, short_chains: int, steps: int, step_size: float, num_chains: int,

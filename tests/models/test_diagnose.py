@@ -25,12 +25,16 @@ def test_diagnose_writes_the_report(tmp_path, backend):
     assert [r["quantity"] for r in result["prior"]["table"]] == ["latent 0", "latent 1", "latent 2", "energy"]
     ksd = result["prior"]["kernel_stein_discrepancy"]
     assert ksd["short"]["ksd"] >= 0 and 0 <= ksd["long"]["p_value"] <= 1 and "Kernel Stein discrepancy" in md
+    coupling = result["prior"]["coupling_bound"]
+    assert coupling["lag"] == 60 and coupling["max_steps"] == 600 and coupling["num_pairs"] == 6
+    assert coupling["num_unmet"] == 0 and 0 <= coupling["tv_bound"]["60"] <= 1 and "Coupling bound" in md
     methods = [(r["image"], r["method"]) for r in result["posterior"]]
     assert methods == [(i, m) for i in range(2) for m in ("short-run guide", "MALA", "NUTS")]
     for r in result["posterior"]:
-        assert np.isfinite(r["max mean diff / NUTS sd"])
+        assert np.isfinite(r["max mean diff / NUTS sd"]) and r["KSD"] >= 0 and 0 <= r["KSD p"] <= 1
         assert (r["method"] == "NUTS") == ("p vs NUTS" not in r)
-    for name in ("prior_energy", "prior_marginals", "prior_rank", "prior_trace", "prior_ksd", "posterior_0_marginals",
+    for name in ("prior_energy", "prior_marginals", "prior_rank", "prior_trace", "prior_ksd", "prior_coupling",
+                 "posterior_0_marginals",
                  "posterior_1_nuts_trace"):
         assert (run / f"{name}.png").stat().st_size > 1000
         assert f"({name}.png)" in md
