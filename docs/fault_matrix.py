@@ -81,6 +81,19 @@ def _mean_model(backend: str, used: bool = True):
     return model
 
 
+def _unbounded_model(backend: str):
+    """A loss of ``-theta^2``: falls without bound, step by step."""
+    if backend == "pyro":
+        import pyro
+        import torch
+
+        return lambda x: pyro.factor("runaway", pyro.param("theta", torch.ones(())) ** 2)
+    import jax.numpy as jnp
+    import numpyro
+
+    return lambda x: numpyro.factor("runaway", numpyro.param("theta", jnp.ones(())) ** 2)
+
+
 def _fit(backend: str):
     return _pyro_fit if backend == "pyro" else _numpyro_fit
 
@@ -122,6 +135,8 @@ def _run_folder(tmp: Path, **changes) -> Path:
 for _b in ("pyro", "numpyro"):
     case("Training", "learning rate far too large (the loss runs away, still finite)", _b, "the loss jumped")(
         lambda tmp, b=_b: _fit(b)(_mean_model(b), DATA, num_steps=30, lr=1e3, out=tmp, checkpoint_every=1))
+    case("Training", "a loss drifting without bound, step by step (never jumping)", _b, "the loss grew")(
+        lambda tmp, b=_b: _fit(b)(_unbounded_model(b), DATA, num_steps=2000, lr=1.0))
     case("Training", "a loss that does not depend on the parameters (they never change)", _b,
          "no trainable parameter changed")(
         lambda tmp, b=_b: _fit(b)(_mean_model(b, used=False), DATA, num_steps=250, lr=1e-2))
@@ -245,6 +260,9 @@ case("Checkpoints and run folders", "a run folder without its weights file", "bo
 # --- samplers ---------------------------------------------------------------------------------------------------
 def _sampler_run(b: str, sampler, log_density, init):
     if b == "pyro":
+        import pyro
+
+        pyro.set_rng_seed(0)  # the message quotes the draws: the same whatever ran before
         return sampler.run(log_density, init)
     import jax
 

@@ -26,6 +26,10 @@ class TrainingHealth:
     - **loss jump**: :math:`|\ell_t - m| > \text{loss\_jump} \cdot \max(|m|, s, 1)`: the loss moved by orders of
       magnitude against its running scale (a runaway, e.g. a learning rate far too large, or a normalizer whose
       estimate of :math:`\log Z` collapsed);
+    - **loss growth**, after ``min_history`` updates: :math:`|\ell_t| > \text{loss\_growth} \cdot \max(|m_0|, 1)`,
+      with :math:`m_0` the median of the first ``min_history`` losses of this run (or of this resumed part): a loss
+      that drifts to absurd values step by step, too slowly for the jump check (the classic case: an energy that
+      runs to :math:`-\infty` where the prior's negative samples do not reach, pulling the loss with it);
     - **gradient jump**, after ``min_history`` updates: the global gradient norm (before clipping) exceeds
       ``grad_jump`` times its running median; skipped when ``fit`` clips gradients (``clip_norm``), which is the
       remedy for rare large gradients;
@@ -40,6 +44,8 @@ class TrainingHealth:
     ----------
     loss_jump : float or None
         Factor of the loss-jump check (default ``1e3``: three orders of magnitude).
+    loss_growth : float or None
+        Factor of the loss-growth check (default ``1e4``).
     grad_jump : float or None
         Factor of the gradient-norm check (default ``1e3``).
     window : int
@@ -56,13 +62,14 @@ class TrainingHealth:
     """
 
     loss_jump: float | None = 1e3
+    loss_growth: float | None = 1e4
     grad_jump: float | None = 1e3
     window: int = 50
     min_history: int = 10
     stall_steps: int | None = 100
 
     def __post_init__(self):
-        for name in ("loss_jump", "grad_jump"):
+        for name in ("loss_jump", "loss_growth", "grad_jump"):
             value = getattr(self, name)
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 1:
@@ -102,6 +109,14 @@ class HealthMonitor:
     [None, None, None, None]
     >>> monitor.check_step(-4e6, 1.0)[:43]
     'the loss jumped to -4e+06 against a running'
+
+    A loss that drifts away step by step passes the jump check and is caught by the growth check:
+
+    >>> monitor = HealthMonitor(TrainingHealth(), clipped=False)
+    >>> reasons = [monitor.check_step(1000.0 - 10.0 * k ** 3, 1.0) for k in range(60)]
+    >>> step = next(k for k, r in enumerate(reasons) if r)
+    >>> step, reasons[step][:28]
+    (39, 'the loss grew to -5.922e+05,')
     """
 
     def __init__(self, settings: TrainingHealth | None, *, clipped: bool):
@@ -109,6 +124,7 @@ class HealthMonitor:
         self.clipped = clipped
         size = settings.window if settings is not None else 1
         self.losses: deque = deque(maxlen=size)
+        self.first_losses: list[float] = []
         self.norms: deque = deque(maxlen=size)
         self.fingerprint = None
         self.fingerprint_step = None
@@ -128,6 +144,13 @@ class HealthMonitor:
                           f"{len(history)} updates (more than {s.loss_jump:g} times its scale {scale:.3g}): the "
                           f"training is running away; {_FIX_LR}, or check the normalizer (Importance and "
                           "AnnealedImportance are meant for evaluation)")
+        if reason is None and s.loss_growth is not None and len(self.first_losses) >= s.min_history:
+            start = max(abs(float(np.median(self.first_losses))), 1.0)
+            if abs(loss) > s.loss_growth * start:
+                reason = (f"the loss grew to {loss:.4g}, more than {s.loss_growth:g} times its scale at the start of "
+                          f"training ({start:.3g}), step by step: the training is running away (for an energy-based "
+                          "model, typically an energy that falls without bound where the prior's sampler does not "
+                          f"reach); {_FIX_LR}, or give the prior's sampler more or larger steps")
         if reason is None and grad_norm is not None and math.isfinite(grad_norm) and s.grad_jump is not None \
                 and not self.clipped and len(self.norms) >= s.min_history:
             m = float(np.median(np.asarray(self.norms)))
@@ -135,6 +158,8 @@ class HealthMonitor:
                 reason = (f"the gradient norm jumped to {grad_norm:.4g}, more than {s.grad_jump:g} times its running "
                           f"median {m:.3g}; {_FIX_LR} (e.g. clip_norm={max(10 * m, 1e-3):.3g})")
         self.losses.append(float(loss))
+        if len(self.first_losses) < s.min_history and math.isfinite(loss):
+            self.first_losses.append(float(loss))
         if grad_norm is not None and math.isfinite(grad_norm):
             self.norms.append(float(grad_norm))
         return reason

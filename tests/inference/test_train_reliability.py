@@ -36,6 +36,16 @@ def test_runaway_loss_stops_training_while_finite(side, tmp_path):
     assert side.load(tmp_path / side.ckpt)["step"] == err.step - 1
 
 
+def test_a_loss_drifting_without_bound_stops_training(side):
+    from tilted_priors.inference._health import TrainingHealth
+
+    side.fresh()
+    with pytest.raises(TrainingDiverged, match="the loss grew to .* times its scale at the start") as info:
+        side.fit(side.unbounded_model(), None, _data(), num_steps=300, batch_size=BATCH, lr=1.0, progress=False,
+                 health=TrainingHealth(loss_growth=100))
+    assert 30 < info.value.step < 120  # -theta^2 with theta ~ step: past 100 x the first losses' median (~30)
+
+
 def test_health_checks_can_be_switched_off(side):
     from tilted_priors.inference._health import TrainingHealth
 

@@ -67,6 +67,15 @@ class PyroSide:
                 pyro.sample("obs", dist.Normal(a + b, 1.0), obs=x)
         return model, (lambda x: None), ("frozen_a", "moving_b")
 
+    def unbounded_model(self):
+        """A model whose loss, -theta^2, falls without bound: it drifts away step by step, never jumping."""
+        pyro = self.pyro
+
+        def model(x):
+            theta = pyro.param("theta", self.torch.ones(()))
+            pyro.factor("runaway", theta ** 2)
+        return model
+
     def unused_param_model(self):
         """A model whose loss does not depend on its parameter: training cannot move it."""
         pyro, dist, torch = self.pyro, self.dist, self.torch
@@ -126,6 +135,15 @@ class NumPyroSide:
             with numpyro.plate("data", x.shape[0]):
                 numpyro.sample("obs", dist.Normal(a + b, 1.0), obs=x)
         return model, (lambda x: None), ("frozen_a", "moving_b")
+
+    def unbounded_model(self):
+        """A model whose loss, -theta^2, falls without bound: it drifts away step by step, never jumping."""
+        numpyro = self.numpyro
+
+        def model(x):
+            theta = numpyro.param("theta", self.jnp.ones(()))
+            numpyro.factor("runaway", theta ** 2)
+        return model
 
     def unused_param_model(self):
         """A model whose loss does not depend on its parameter: training cannot move it."""
