@@ -192,6 +192,10 @@ class TrainerBackend(Protocol):
     def result(self) -> tuple[dict, Any]:
         """``(params as numpy, backend state or None)``."""
 
+    # Optional, for several processes: ``is_writer`` (bool, default True: this process writes checkpoints and the
+    # history and holds the run folder's lock) and ``prepare_save()`` (called by every process before a
+    # checkpoint is written by the writer).
+
 
 def _latest_checkpoint(path: Path, backend: TrainerBackend):
     """``(path, payload, meta)`` of the newest checkpoint of the run that can be used, or ``None`` when there is
@@ -223,7 +227,7 @@ def run_training(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
     :class:`~tilted_priors.inference.files.RunFolderLocked`) and the temporary files of interrupted writes are
     removed.
     """
-    if plan.out is None:
+    if plan.out is None or not getattr(backend, "is_writer", True):  # of several processes, the writer locks
         return _run(plan, backend)
     with run_lock(plan.out):
         return _run(plan, backend)
@@ -278,12 +282,16 @@ def _run(plan: TrainingPlan, backend: TrainerBackend) -> FitResult:
         nonlocal good_ckpt, good_step, own, ckpt_step
         meta = {"step": step, "epoch": step // plan.steps_per_epoch,
                 "elapsed": elapsed + (time.perf_counter() - t0), "history": history, "config": config}
-        if ckpt_step is not None and ckpt_step != step:
-            keep_backup(ckpt, ckpt_step, plan.keep_checkpoints)  # the previous checkpoint stays, as ckpt-<step>
-        atomic_write(ckpt, lambda f: backend.save(f, meta))
-        if not own:  # a new run: the folder's old checkpoints were another run's
-            keep_backup(ckpt, 0, 0)
-        write_history(plan.out / HISTORY_FILE, history, config)
+        prepare = getattr(backend, "prepare_save", None)
+        if prepare is not None:  # with several processes: a collective step, taken by all of them
+            prepare()
+        if getattr(backend, "is_writer", True):
+            if ckpt_step is not None and ckpt_step != step:
+                keep_backup(ckpt, ckpt_step, plan.keep_checkpoints)  # the previous checkpoint stays, as ckpt-<step>
+            atomic_write(ckpt, lambda f: backend.save(f, meta))
+            if not own:  # a new run: the folder's old checkpoints were another run's
+                keep_backup(ckpt, 0, 0)
+            write_history(plan.out / HISTORY_FILE, history, config)
         good_ckpt, good_step, own, ckpt_step = str(ckpt), step, True, step
 
     t0 = time.perf_counter()

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--seed", type=_nonnegative_int, help="default: 0 (with --resume: the run's)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its last checkpoint, with its settings")
+    tr.add_argument("--devices", type=_positive(int), default=None,
+                    help="NumPyro: train data-parallel on the first N of jax.devices() (default: one device). Pyro: "
+                         "run this command under `torchrun --nproc_per_node N -m tilted_priors train ...` instead")
     tr.add_argument("--checkpoint-every", type=_positive(int), default=200,
                     help="write a checkpoint every N updates (default: 200; the last 3 are kept)")
     tr.add_argument("--no-eval", action="store_true")
@@ -136,7 +139,7 @@ def _run(args) -> int:
                             num_steps=args.steps, batch_size=args.batch_size, latent_dim=args.latent_dim,
                             ngf=args.ngf, lr_energy=args.lr_energy, lr_generator=args.lr_generator, seed=args.seed,
                             resume=args.resume, progress=not args.quiet, evaluate_after=not args.no_eval,
-                            checkpoint_every=args.checkpoint_every)
+                            checkpoint_every=args.checkpoint_every, devices=args.devices)
     elif args.command == "sample":
         result = {"wrote": str(runs.sample(args.run_dir, args.n, out=args.out, seed=args.seed))}
     elif args.command == "evaluate":

@@ -99,7 +99,7 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
           latent_dim: int | None = None, ngf: int | None = None, lr_energy: float | None = None,
           lr_generator: float | None = None, seed: int | None = None, resume: bool = False, progress: bool = True,
           checkpoint_every: int = 200, evaluate_after: bool = True, eval_size: int = 500,
-          ll_size: int = 200) -> dict:
+          ll_size: int = 200, devices: int | None = None) -> dict:
     """Train ``method`` on ``data`` with ``backend``'s own SVI, save the run, and (by default) evaluate it.
 
     ``lebm``: :class:`~tilted_priors.inference.pyro.ShortRunPosterior` guide (20 x 0.1) with the tilted prior's contrastive
@@ -109,9 +109,18 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
     the minibatch order are refused before anything in the folder changes. The folder is locked while training
     (:class:`~tilted_priors.inference.files.RunFolderLocked` for a second writer). Returns the metrics (or ``{}``
     without evaluation).
+
+    Several workers: ``devices=N`` trains on the first N of ``jax.devices()`` (NumPyro); on Pyro, run the same
+    call in every process of ``torchrun --nproc_per_node N``: rank 0 writes the run folder and evaluates, the
+    others train their shard and return ``{}``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if _rank() > 0:  # another process of a torchrun: train its shard, leave the folder to rank 0
+        return _train(method, Path(out), resume, False, checkpoint_every, False, eval_size, ll_size,
+                      dict(backend=backend, data=data, batch_size=batch_size, latent_dim=latent_dim, ngf=ngf,
+                           seed=seed, lr_energy=lr_energy, lr_generator=lr_generator, epochs=epochs,
+                           num_steps=num_steps, method=method), devices, writer=False)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} exists and is not a folder")
@@ -121,16 +130,25 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
             return _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval_size, ll_size,
                           dict(backend=backend, data=data, batch_size=batch_size, latent_dim=latent_dim, ngf=ngf,
                                seed=seed, lr_energy=lr_energy, lr_generator=lr_generator, epochs=epochs,
-                               num_steps=num_steps, method=method))
+                               num_steps=num_steps, method=method), devices)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed new run leaves no empty folder
         raise
 
 
-def _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval_size, ll_size, given) -> dict:
+def _rank() -> int:
+    """This process's rank under ``torchrun`` (0 otherwise)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval_size, ll_size, given,
+           devices=None, writer: bool = True) -> dict:
     settings = _settings(out, resume, given)
     backend = settings["backend"]
+    if devices is not None and backend == "pyro" and devices > 1:
+        raise ValueError(f"devices={devices} is for the NumPyro backend; to train Pyro on {devices} processes, run "
+                         f"the same command under `torchrun --nproc_per_node {devices} -m tilted_priors train ...`")
     b = _backend(backend)
     x_train = _load_data(settings["data"], settings["seed"])[0].x
     ref = b.lebm.REFERENCE
@@ -150,11 +168,15 @@ def _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval
                                           step_size=config["posterior_step_size"])
     lr = {"energy": config["lr_energy"], "": config["lr_generator"]} if method == "lebm" else config["lr_generator"]
     start = time.perf_counter()
-    _write_json(out / "config.json", config)
+    parallel = {"devices": devices} if backend == "numpyro" and devices is not None and devices > 1 else {}
+    if writer:
+        _write_json(out / "config.json", config)
     result = b.inference.fit(lvm.model, guide, x_train, epochs=config["epochs"], num_steps=config["num_steps"],
                              batch_size=config["batch_size"], lr=lr, betas=tuple(ref["adam_betas"]),
                              lr_decay=ref["lr_decay_per_epoch"], seed=config["seed"], out=out,
-                             checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+                             checkpoint_every=checkpoint_every, resume=resume, progress=progress, **parallel)
+    if not writer:
+        return {}
     lvm = b.evaluate.trained(lvm, result)
     b.evaluate.save_params(lvm, out / WEIGHTS[backend], config=runfolder.network_config(config))
     config["train_seconds"] = time.perf_counter() - start

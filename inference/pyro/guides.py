@@ -212,11 +212,14 @@ class ShortRunPosterior:
         if index is None:
             raise ValueError("init='persistent' needs the batch's data indices: call the model and guide with "
                              "index=<indices> (fit(..., pass_index=True) does this)")
-        index = torch.as_tensor(index, dtype=torch.long)
+        # The chains' bookkeeping lives on the device of the latents (a checkpoint is read back on the CPU).
+        device = next(iter(values.values())).device
+        index = torch.as_tensor(index, dtype=torch.long, device=device)
         if index.dim() != 1 or (index.numel() and (index.min() < 0 or index.max() >= self.num_data)):
             raise ValueError(f"index must be a 1-d array of data indices in [0, {self.num_data}), got {index}")
         if self._seen is None:
-            self._seen = torch.zeros(self.num_data, dtype=torch.bool)
+            self._seen = torch.zeros(self.num_data, dtype=torch.bool, device=device)
+        self._seen = self._seen.to(device)
         seen = self._seen[index]
         for name, value in values.items():
             if value.shape[:1] != index.shape:
@@ -224,7 +227,8 @@ class ShortRunPosterior:
                                  f"dimension should index the batch of {index.numel()} data")
             store = self._chains.get(name)
             if store is None:
-                store = self._chains[name] = value.new_zeros((self.num_data,) + value.shape[1:])
+                store = value.new_zeros((self.num_data,) + value.shape[1:])
+            store = self._chains[name] = store.to(dtype=value.dtype, device=value.device)
             keep = seen.reshape((-1,) + (1,) * (value.dim() - 1))
             values[name] = torch.where(keep, store[index], value)
         return index
@@ -390,6 +394,8 @@ class _Site:
     event_dim: int
     frames: tuple[CondIndepStackFrame, ...]  # its vectorized plates
     support: constraints.Constraint
+    dtype: torch.dtype                       # of its value: what the guide's own tensors (mixing weights) take
+    device: torch.device
 
 
 @dataclass(frozen=True)
@@ -420,7 +426,9 @@ def _model_structure(model: Callable, args, kwargs) -> _Structure:
             elif frame.full_size is not None and frame.size != frame.full_size:
                 raise NotImplementedError(f"AmortizedGuide: site {name!r} is in the subsampled sequential plate "
                                           f"{frame.name!r}; use a vectorized plate (with pyro.plate(...):)")
-        sites[name] = _Site(node["value"].shape, node["fn"].event_dim, tuple(frames), node["fn"].support)
+        value = node["value"]
+        sites[name] = _Site(value.shape, node["fn"].event_dim, tuple(frames), node["fn"].support, value.dtype,
+                            value.device)
     if not sites:
         raise ValueError("AmortizedGuide found no latent sample site in the model")
     return _Structure(sites, plates, {n: trace.nodes[n]["value"] for n in given.names if n in plates})

@@ -6,6 +6,7 @@ models unchanged); so do ``az.from_pyro`` and ``MCMC.summary`` / ``MCMC.diagnost
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections import OrderedDict
@@ -236,8 +237,6 @@ class Langevin(MCMCKernel):
         return {n: v.reshape(s) for n, v, s in zip(self._names, flat.split(self._sizes), self._shapes)}
 
     def _flatten(self, params: Params) -> torch.Tensor:
-        if not self._names:
-            return torch.zeros(0)
         return torch.cat([params[n].detach().reshape(-1) for n in self._names])
 
     def _log_density(self, flat: torch.Tensor) -> torch.Tensor:
@@ -284,10 +283,12 @@ class Langevin(MCMCKernel):
     def _setup_adapter(self) -> None:
         """Configure the warm-up adapter for the sites of the chain: blocks, starting mass matrix, step size."""
         blocks = mass_matrix_blocks(self.dense_mass, dict(zip(self._names, self._sizes)))
-        like = self._state.position if self._state is not None else torch.zeros(())
+        # The adapter's tensors follow the chain's position (torch's defaults when no site moves).
+        like = self._state.position if self._state is not None else None
+        dtype, device = (torch.get_default_dtype(), None) if like is None else (like.dtype, like.device)
         self._adapter.configure(self._warmup_steps, initial_step_size=self._init_step_size,
                                 mass_matrix_shape=OrderedDict((b, (k, k) if dense else (k,)) for b, dense, k in blocks),
-                                options={"dtype": like.dtype, "device": like.device})
+                                options={"dtype": dtype, "device": device})
         given = self._given_inverse_mass_matrix
         if given is not None and blocks:
             check_mass_matrix_shapes({b: m.shape for b, m in given.items()} if isinstance(given, dict)
@@ -298,9 +299,9 @@ class Langevin(MCMCKernel):
                 for b, dense, _ in blocks}
         if self.adapt_step_size:
             self._adapter.reset_step_size_adaptation()
-        offsets = dict(zip(self._names, torch.tensor([0] + self._sizes).cumsum(0).tolist()))
+        offsets = dict(zip(self._names, itertools.accumulate([0] + self._sizes)))
         sizes = dict(zip(self._names, self._sizes))
-        self._block_index = [torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n]) for n in b]).to(like.device)
+        self._block_index = [torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n], device=device) for n in b])
                              for b, _, _ in blocks]
         self._factors = []
         self._update_factors()
@@ -374,7 +375,8 @@ class Langevin(MCMCKernel):
         if self._t <= warmup:
             n = self._t
             # Pyro's HMC schedule: step size every step (its average from the last one on), M^-1 per window.
-            self._adapter.step(self._t - 1, params, torch.tensor(accept_prob, dtype=torch.float64))
+            # A host scalar: Pyro's adapter only reads it back with .item().
+            self._adapter.step(self._t - 1, params, torch.tensor(accept_prob, dtype=torch.float64, device="cpu"))
             if self.adapt_step_size:
                 self._step_size = self._clamp(self._adapter.step_size)
             if self.adapt_mass_matrix:

@@ -24,6 +24,7 @@ from pyro.poutine.util import site_is_subsample
 
 from tilted_priors.inference._likelihood import LogLikelihoodEstimate, check_options, combined_stderr
 from tilted_priors.inference.pyro.handlers import find_tilted, map_tilted, normalizer, sampler
+from tilted_priors.pyro._distribution_checks import dtype_device
 from tilted_priors.pyro.normalizers import AnnealedImportance, LogZEstimate, Unnormalized, log_mean_exp_with_error
 
 __all__ = ["log_likelihood", "LogLikelihoodEstimate"]
@@ -93,8 +94,9 @@ def _log_z_estimates(tilted: dict, log_z) -> dict[str, LogZEstimate]:
                              "AnnealedImportance(500, 100))")
         out = {}
         for name, value in log_z.items():
-            if not isinstance(value, LogZEstimate):
-                value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+            if not isinstance(value, LogZEstimate):  # of the site's dtype and device
+                dtype, device = dtype_device(tilted[name])
+                value = torch.as_tensor(value, dtype=dtype, device=device)
                 value = LogZEstimate(value, torch.zeros_like(value), torch.full_like(value, math.inf))
             out[name] = value
     else:

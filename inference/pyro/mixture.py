@@ -38,11 +38,13 @@ def _check_barrier(barrier) -> float:
     return float(barrier)
 
 
-def _mixture_log_weights(logits: torch.Tensor | None, m: int, batch: torch.Size) -> torch.Tensor:
+def _mixture_log_weights(logits: torch.Tensor | None, m: int, site: _Site) -> torch.Tensor:
     r""":math:`\log \pi_k = \log e_k + \sum_{j=k+1}^m \log(1 - e_j)`, ``k = 1..m``, from the logits of
-    :math:`e_2, e_3, \dots` (the first ``m - 1`` are used); shape ``(*batch, m)``."""
+    :math:`e_2, e_3, \dots` (the first ``m - 1`` are used); shape ``(*batch, m)``, ``batch`` the site's batch shape
+    (for ``m = 1``, zeros of the site's dtype and device)."""
     if m == 1:
-        return torch.zeros(batch + (1,))
+        batch = site.shape[:len(site.shape) - site.event_dim]
+        return torch.zeros(batch + (1,), dtype=site.dtype, device=site.device)
     logits = logits[..., :m - 1]
     tail = torch.nn.functional.logsigmoid(-logits).flip(-1).cumsum(-1).flip(-1)  # sum_{j >= k} log(1 - e_j)
     log_e = torch.nn.functional.logsigmoid(logits)
@@ -184,7 +186,8 @@ class RecursiveMixtureGuide:
         shape = batch + (self.num_components - 1,)
         if self.mixing is None:
             m = self.num_components
-            logits = pyro.param(f"{self.name}.mixing", lambda: -torch.arange(1, m).to(torch.get_default_dtype()).log())
+            logits = pyro.param(f"{self.name}.mixing",
+                                lambda: -torch.arange(1, m, dtype=site.dtype, device=site.device).log())
             if logits.shape != (m - 1,):
                 raise ValueError(f"the param store holds {self.name}.mixing with shape {tuple(logits.shape)}, but "
                                  f"{m} components need shape ({m - 1},)")
@@ -203,10 +206,9 @@ class RecursiveMixtureGuide:
     def _log_weights(self, site: _Site, plates: dict, args, kwargs, m: int
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``log pi`` of ``Q_m`` and of ``Q_{m-1}`` (``None`` when ``m = 1``), shape ``(*batch, m)`` / ``m - 1``."""
-        batch = site.shape[:len(site.shape) - site.event_dim]
         logits = self._logits(site, plates, args, kwargs) if m > 1 else None
-        return (_mixture_log_weights(logits, m, batch),
-                _mixture_log_weights(logits, m - 1, batch) if m > 1 else None)
+        return (_mixture_log_weights(logits, m, site),
+                _mixture_log_weights(logits, m - 1, site) if m > 1 else None)
 
     def log_weights(self, *args, **kwargs) -> torch.Tensor:
         r"""The active components' log weights :math:`\log \pi_k(x)`, shape ``(*batch, num_active)``;

@@ -205,5 +205,6 @@ class NoiseContrastive(ELBO):
         if mask is not None:
             j = torch.where(mask, j, torch.zeros((), dtype=j.dtype, device=j.device))
         if site["mask"] is not None:
-            j = torch.where(torch.as_tensor(site["mask"], dtype=torch.bool), j, torch.zeros((), dtype=j.dtype))
+            j = torch.where(torch.as_tensor(site["mask"], dtype=torch.bool, device=j.device), j,
+                            torch.zeros((), dtype=j.dtype, device=j.device))
         return (site["scale"] * j).sum()

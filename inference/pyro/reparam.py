@@ -33,6 +33,7 @@ from torch.distributions.transforms import ComposeTransform, Transform
 from tilted_priors.inference._wrappers import map_wrapped
 from tilted_priors.inference.pyro.handlers import find_tilted
 from tilted_priors.pyro import EnergyTilted, EnergyTiltedNormal
+from tilted_priors.pyro._distribution_checks import dtype_device
 
 __all__ = ["FlowBackbone"]
 
@@ -251,10 +252,8 @@ class FlowBackbone(Reparam):
         else:
             # (b) any other base q, carried by T: the change of variables
             energy = _CarriedEnergy(tilted.energy, transform, tilted.base)
-            like = getattr(tilted, "loc", None)
-            if like is None:
-                like = torch.zeros((), dtype=torch.get_default_dtype())
-            zeros = torch.zeros(batch_shape + event_shape, dtype=like.dtype, device=like.device)
+            dtype, device = dtype_device(tilted)
+            zeros = torch.zeros(batch_shape + event_shape, dtype=dtype, device=device)
             u_dist = EnergyTiltedNormal(energy, zeros, torch.ones_like(zeros), **settings)
         return tilted._copy_settings(u_dist), transform
 

@@ -17,6 +17,7 @@ import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 from pyro.poutine.util import site_is_subsample
 
@@ -26,6 +27,7 @@ from tilted_priors.inference._training import (CHECKPOINT_FIX, FitResult, StepRe
                                                 warn_evaluation_normalizers)
 from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import flatten_state, unflatten_state
+from tilted_priors.inference.pyro._distributed import ProcessGroup, ShardScale, process_group, resolve_device
 from tilted_priors.inference.pyro.modules import warn_unregistered_modules
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "TrainingHealth"]
@@ -36,8 +38,8 @@ class _FitAdam(PyroOptim):
     from the parameter's prefix group and the step (so the schedule is a function of the step counter alone and
     survives a resume exactly), with optional clipping of the global gradient norm."""
 
-    def __init__(self, plan: TrainingPlan):
-        self.plan = plan
+    def __init__(self, plan: TrainingPlan, group: ProcessGroup | None = None):
+        self.plan, self.group = plan, group
         self.step_index = 0
         self.grad_norm: torch.Tensor | None = None  # global norm of the last update's gradients, before clipping
         super().__init__(torch.optim.Adam, self._args)
@@ -55,6 +57,8 @@ class _FitAdam(PyroOptim):
     def __call__(self, params, *args, **kwargs) -> None:
         store = pyro.get_param_store()
         params = sorted(params, key=store.param_name)  # a fixed order: the global norm sums in it
+        if self.group is not None:  # data parallel: the sum of every process's gradients, the same everywhere
+            self.group.all_reduce_grads(params)
         if self.plan.clip_norm is not None:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.plan.clip_norm)
         else:
@@ -147,8 +151,8 @@ def _as_numpy(value) -> np.ndarray | None:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else None
 
 
-def _derived_seed(seed: int) -> int:
-    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+def _derived_seed(seed: int, *more: int) -> int:
+    return int(np.random.SeedSequence([seed, 1, *more]).generate_state(1)[0])
 
 
 def _empty_guide(*args, **kwargs) -> None:
@@ -178,17 +182,27 @@ def _latent_sites(model, args: tuple, kwargs: dict) -> list[str]:
 
 
 class _PyroTrainer:
-    def __init__(self, model, guide, loss, plan: TrainingPlan):
+    def __init__(self, model, guide, loss, plan: TrainingPlan, group: ProcessGroup | None = None,
+                 device: torch.device | None = None):
         self.check_latents = guide is None
         guide = _empty_guide if guide is None else guide
         self.model, self.guide, self.loss, self.plan = model, guide, loss, plan
-        self.data = [torch.as_tensor(a, dtype=torch.get_default_dtype()) for a in plan.arrays]
-        self.optim = _FitAdam(plan)
+        self.group, self.device = group, device
+        self.is_writer = group is None or group.is_writer
+        self.data = [torch.as_tensor(a, dtype=torch.get_default_dtype(), device=device) for a in plan.arrays]
+        self.optim = _FitAdam(plan, group)
+        self.scale = None
+        if group is not None:  # each process's loss: its shard's terms and 1/W of the global ones
+            self.scale = ShardScale(local_size=plan.batch_size // group.world, world=group.world)
+            model, guide = self.scale(model), self.scale(guide)
         self.svi = SVI(model, guide, self.optim, loss=loss)
         self.names: list[str] = []
+        self._rng_ranks: list[torch.Tensor] | None = None
 
     def _kwargs(self, idx: np.ndarray) -> tuple[tuple, dict]:
-        index = torch.as_tensor(idx, dtype=torch.long)
+        if self.group is not None:
+            idx = self.group.shard(idx, self.plan.batch_size)
+        index = torch.as_tensor(idx, dtype=torch.long, device=self.device)
         args, kwargs = self.plan.call([a[index] for a in self.data])
         return args, ({**kwargs, "index": index} if self.plan.pass_index else kwargs)
 
@@ -216,19 +230,25 @@ class _PyroTrainer:
             if latents:
                 raise no_latents_error(latents)
         pyro.set_rng_seed(self.plan.seed)
+        model, guide = self.svi.model, self.svi.guide
         with _nonfinite_as_floating_point_error(), poutine.trace(param_only=True) as tr:
             if callable(getattr(self.loss, "loss", None)):
-                self.loss.loss(self.model, self.guide, *args, **kwargs)
+                self.loss.loss(model, guide, *args, **kwargs)
             else:
-                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-                poutine.replay(self.model, trace=guide_trace)(*args, **kwargs)
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                poutine.replay(model, trace=guide_trace)(*args, **kwargs)
         self.names = sorted(tr.trace.nodes)
+        if self.scale is not None:
+            self.scale.check_data_plate()
         with _nonfinite_as_floating_point_error():
             warn_evaluation_normalizers(_evaluation_normalizers(self.model, args, kwargs))
             warn_unregistered_modules(self.model, self.guide, args, kwargs)
         store = pyro.get_param_store()
         if payload is None:
-            pyro.set_rng_seed(_derived_seed(self.plan.seed))
+            if self.group is not None:  # the same start on every process (it is seeded alike; made sure)
+                unconstrained = dict(store.named_parameters())
+                self.group.broadcast([unconstrained[n] for n in self.names if n in unconstrained])
+            pyro.set_rng_seed(_derived_seed(self.plan.seed, *self._rank()))
             return self.names
         unconstrained = dict(store.named_parameters())
         missing = sorted(set(payload["params"]) - set(unconstrained))
@@ -249,19 +269,58 @@ class _PyroTrainer:
             if payload.get(key) is not None:
                 _load_extra_state(obj, payload[key])
         _set_rng_state(payload["rng"])
+        if self.group is not None:
+            ranks = payload.get("rng_ranks")
+            if ranks is not None and len(ranks) == self.group.world:
+                torch.set_rng_state(ranks[self.group.rank])
+            else:  # another number of processes wrote it: a fresh stream per process, from the step
+                pyro.set_rng_seed(_derived_seed(self.plan.seed, self.group.rank, int(payload["step"])))
         return self.names
+
+    def _rank(self) -> tuple[int, ...]:
+        """``(rank,)`` for processes other than rank 0 (their own random streams); ``()`` for one process."""
+        return (self.group.rank,) if self.group is not None and self.group.rank else ()
 
     def step(self, step: int, idx: np.ndarray) -> StepReport:
         self.optim.step_index = step
         args, kwargs = self._kwargs(idx)
-        with _nonfinite_as_floating_point_error(training=True):
-            loss = float(self.svi.step(*args, **kwargs))
+        if self.group is not None:
+            loss = self._step_together(args, kwargs)
+        else:
+            with _nonfinite_as_floating_point_error(training=True):
+                loss = float(self.svi.step(*args, **kwargs))
         params = list(self.optim.optim_objs)
         moments = [v for opt in self.optim.optim_objs.values() for state in opt.state.values()
                    for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim()]
         checks = torch.stack([torch.isfinite(t).all() for t in params + moments]).tolist() if params else []
         norm = None if self.optim.grad_norm is None else float(self.optim.grad_norm)
         return StepReport(loss, norm, all(checks[:len(params)]), all(checks[len(params):]))
+
+    def _step_together(self, args: tuple, kwargs: dict) -> float:
+        """``SVI.step`` for one of several processes: the loss and gradients on this process's shard, one
+        ``all_reduce`` that tells every process whether any failed (so that all stop together) and sums the loss,
+        then the update (whose gradients ``_FitAdam`` sums over the processes)."""
+        failure = None
+        with poutine.trace(param_only=True) as capture:
+            try:
+                with _nonfinite_as_floating_point_error(training=True):
+                    loss = float(self.svi.loss_and_grads(self.svi.model, self.svi.guide, *args, **kwargs))
+            except FloatingPointError as err:
+                failure, loss = err, float("nan")
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        num_failed, total = self.group.agree(failure is not None, loss, len(params))
+        if num_failed:
+            zero_grads(params)
+            raise failure if failure is not None else FloatingPointError(
+                f"{num_failed} of the {self.group.world} processes diverged in this step (see its message)")
+        self.optim(params)
+        zero_grads(params)
+        return total
+
+    def prepare_save(self) -> None:
+        """Collect every process's random state for the checkpoint (all processes call this together)."""
+        if self.group is not None:
+            self._rng_ranks = self.group.gather_rng(torch.get_rng_state())
 
     def fingerprint(self) -> str:
         store = pyro.get_param_store()
@@ -282,6 +341,8 @@ class _PyroTrainer:
         ckpt["params"] = {name: store[name].detach().cpu().clone() for name in self._param_names()}
         ckpt["optim"] = self.optim.full_state()
         ckpt["rng"] = _rng_state()
+        if self._rng_ranks is not None:
+            ckpt["rng_ranks"] = self._rng_ranks
         ckpt["guide_state"] = _module_extra_state(self.guide)
         ckpt["model_state"] = None if self.model is self.guide else _module_extra_state(self.model)
         manifest = make_manifest(ckpt, kind="checkpoint", backend="pyro", config=meta["config"],
@@ -329,8 +390,10 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
         lr_decay: float = 1.0, clip_norm: float | None = None, loss: Any = None, seed: int = 0,
         out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
         progress: bool = True, pass_index: bool = False, callback: Callable[[dict], Any] | None = None,
-        health: bool | TrainingHealth = True, keep_checkpoints: int = 3) -> FitResult:
-    """Train a Pyro model and guide with Pyro's ``SVI`` on minibatches of ``data``.
+        health: bool | TrainingHealth = True, keep_checkpoints: int = 3,
+        device: str | torch.device | None = None) -> FitResult:
+    """Train a Pyro model and guide with Pyro's ``SVI`` on minibatches of ``data``, on one process or data-parallel
+    on several (``torchrun``).
 
     Parameters
     ----------
@@ -393,6 +456,10 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
         :class:`~tilted_priors.inference.pyro.TrainingHealth`, ``False`` for none, or your own settings.
     keep_checkpoints : int
         How many checkpoints to keep: ``checkpoint.pt`` and the previous ones as ``checkpoint-<step>.pt``.
+    device : str or torch.device, optional
+        Where the data's minibatches go (e.g. ``"cuda"``); the model's own tensors and networks must be there too
+        (``net.to(device)`` before training). Default: torch's default device, or under ``torchrun`` with NCCL this
+        process's GPU, ``cuda:LOCAL_RANK``.
 
     Returns
     -------
@@ -420,6 +487,19 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
 
     Notes
     -----
+    **Several processes.** Run the same script with ``torchrun --nproc_per_node W script.py`` (or initialise
+    ``torch.distributed`` yourself): ``fit`` finds the process group (initialising it from ``torchrun``'s
+    environment if needed: NCCL for a CUDA ``device``, else gloo) and trains data-parallel. Every process takes its
+    contiguous ``batch_size / W`` of each global minibatch (``batch_size`` must be divisible by ``W``), in the same
+    global order as one process; its chains run on its shard; the gradients are summed over the processes by one
+    ``all_reduce`` per update, so every process applies the same update. A process's loss counts its data's terms
+    and ``1/W`` of the global ones (sites outside the plate whose size is the process's batch), so the sum over
+    the processes is one process's loss on the whole minibatch: without random draws (MAP, deterministic chains) the
+    parameters equal one process's to float error; with chains each process draws its own noise. Rank 0 alone
+    writes checkpoints and the history and shows the progress bar; on ``resume`` every process reads the
+    checkpoint, which keeps each process's random state. The data's sites must be inside a plate over the batch
+    (``ValueError`` otherwise). A divergence on one process stops all of them at the same step.
+
     Parameters live in Pyro's global param store, which ``fit`` does not clear; before the first update it runs
     the loss once (to create every parameter, also on resume). The checkpoint holds only tensors, numbers,
     strings, lists and dicts: ``torch.load(path, weights_only=True)`` reads it. Its ``params`` are the
@@ -444,9 +524,16 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     (80, True)
     """
     loss = Trace_ELBO() if loss is None else loss
+    group = process_group(device)
+    device = resolve_device(device, group)
+    writer = group is None or group.is_writer
     plan = make_plan(data, epochs=epochs, num_steps=num_steps, batch_size=batch_size, lr=lr, betas=betas,
                      lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
-                     resume=resume, progress=progress, pass_index=pass_index, callback=callback,
+                     resume=resume, progress=progress and writer, pass_index=pass_index, callback=callback,
                      loss_name=type(loss).__name__, backend="pyro", checkpoint_name="checkpoint.pt", health=health,
                      keep_checkpoints=keep_checkpoints)
-    return _trained(run_training(plan, _PyroTrainer(model, guide, loss, plan)), model, guide)
+    if group is not None and plan.batch_size % group.world:
+        raise ValueError(f"batch_size={plan.batch_size} cannot be split evenly over the {group.world} processes of "
+                         f"torch.distributed: give a batch_size divisible by {group.world} (e.g. "
+                         f"{plan.batch_size - plan.batch_size % group.world or group.world})")
+    return _trained(run_training(plan, _PyroTrainer(model, guide, loss, plan, group, device)), model, guide)

@@ -123,7 +123,7 @@ class NTEBM:
     def base(self) -> dist.Distribution:
         r""":math:`\mathcal N(0, I_d)` with event shape ``(d,)``."""
         p = next(self.energy.parameters())
-        return dist.Normal(torch.zeros(self.data_dim, dtype=p.dtype), 1.0).to_event(1)
+        return dist.Normal(torch.zeros(self.data_dim, dtype=p.dtype, device=p.device), 1.0).to_event(1)
 
     def flow_dist(self) -> dist.TransformedDistribution:
         r""":math:`q_T = T_\#\mathcal N(0, I)`."""

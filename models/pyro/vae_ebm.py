@@ -308,7 +308,9 @@ def log_likelihood(vae: VAEModel, x, *, num_samples: int = VAE_EBM["eval_importa
             log_z, log_z_se = float(est.log_z), float(est.stderr)
         else:
             log_z, log_z_se = 0.0, 0.0
-        base = dist.Normal(torch.zeros(vae.latent_dim), torch.ones(vae.latent_dim)).to_event(1)
+        like = next(vae.decoder.parameters())
+        zeros = torch.zeros(vae.latent_dim, dtype=like.dtype, device=like.device)
+        base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
         per_datum = []
         for xb in x.split(batch_size):
             q = dist.Normal(*vae.encoder(xb)).to_event(1) if proposal is None else proposal(xb)

@@ -16,7 +16,8 @@ from tilted_priors._validation import (check_loc_scale_shapes, context_batch_sha
                                        energy_signature_error)
 from tilted_priors.pyro.energies import _dtype_error
 
-__all__ = ["check_energy_base", "as_loc_scale", "call_energy", "register_normalizer"]
+__all__ = ["check_energy_base", "as_loc_scale", "call_energy", "register_normalizer", "reference_tensor",
+           "dtype_device"]
 
 
 def _as_context(context) -> torch.Tensor:
@@ -137,3 +138,59 @@ def register_normalizer(normalizer, dist) -> None:
     except (TypeError, ValueError):
         takes_dist = False
     register(dist) if takes_dist else register()
+
+
+def _floating_attribute(obj) -> torch.Tensor | None:
+    """The first floating tensor among ``obj``'s attributes (a distribution's parameters), else ``None``."""
+    try:
+        values = vars(obj).values()
+    except TypeError:  # no __dict__
+        return None
+    return next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+
+
+def reference_tensor(dist) -> torch.Tensor | None:
+    """The tensor whose dtype and device the tensors made for the tilted distribution ``dist`` follow: its ``loc``
+    (:class:`~tilted_priors.pyro.EnergyTiltedNormal`), else a parameter of its base (through ``Independent``,
+    expanded and transformed distributions: what the draws take), else a parameter or buffer of its energy (a torch
+    module), else its context; ``None`` when there is none (``dist`` is ``None``, or none of these holds a tensor).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tilted_priors.pyro import EnergyTiltedNormal
+    >>> d = EnergyTiltedNormal(lambda z: z.sum(-1), torch.zeros(2, dtype=torch.float64), torch.ones(2))
+    >>> reference_tensor(d).dtype
+    torch.float64
+    """
+    if dist is None:
+        return None
+    loc = getattr(dist, "loc", None)
+    if isinstance(loc, torch.Tensor) and loc.is_floating_point():
+        return loc
+    base = getattr(dist, "base", None)
+    while base is not None:
+        found = _floating_attribute(base)
+        if found is not None:
+            return found
+        base = getattr(base, "base_dist", None)
+    energy = getattr(dist, "energy", None)
+    if isinstance(energy, torch.nn.Module):
+        for t in list(energy.parameters()) + list(energy.buffers()):
+            if t.is_floating_point():
+                return t
+    context = getattr(dist, "context", None)
+    return context if isinstance(context, torch.Tensor) else None
+
+
+def dtype_device(dist) -> tuple[torch.dtype, torch.device | None]:
+    """``(dtype, device)`` of :func:`reference_tensor` of ``dist``; torch's default dtype and device (``None``) when it
+    has none.
+
+    Examples
+    --------
+    >>> dtype_device(None) == (torch.get_default_dtype(), None)
+    True
+    """
+    ref = reference_tensor(dist)
+    return (torch.get_default_dtype(), None) if ref is None else (ref.dtype, ref.device)

@@ -157,7 +157,7 @@ class AnnealedImportance:
         check_tilted(dist, "AnnealedImportance.estimate")
         with torch.no_grad():
             z = dist.base.sample((self.num_chains,))
-            log_w = torch.zeros(z.shape[:-1], dtype=z.dtype)
+            log_w = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
             for t in range(1, len(self.betas)):
                 log_w = log_w - (self.betas[t] - self.betas[t - 1]) * dist._energy(z)
                 if t < len(self.betas) - 1:

@@ -19,6 +19,7 @@ import pyro
 import torch
 
 from tilted_priors._validation import check_finite_number, check_name, check_positive_int, check_protocol, check_snl_b
+from tilted_priors.pyro._distribution_checks import dtype_device
 from tilted_priors.pyro._log_z import (AnnealedImportance, Importance, LogZEstimate, check_proposal,
                                        importance_log_weights, log_mean_exp_with_error, per_element)
 
@@ -96,13 +97,14 @@ class Contrastive:
 
     def term(self, dist) -> torch.Tensor:
         if not torch.is_grad_enabled():
-            return torch.zeros(())
+            dtype, device = dtype_device(dist)
+            return torch.zeros((), dtype=dtype, device=device)
         with torch.no_grad():
             probe_z = dist.base.sample()
         probe = dist.log_tilted(probe_z)
         leaves = _leaf_tensors(probe)
         if not leaves:
-            return torch.zeros(())
+            return torch.zeros((), dtype=probe.dtype, device=probe.device)
         shape = () if self.num_samples is None else (self.num_samples,)
 
         def mean_log_tilted() -> torch.Tensor:
@@ -149,7 +151,8 @@ class SelfNormalized:
         Name of the param :math:`b` (of the module's params, ``name$$$...``, for an amortised ``b``); give each
         tilted prior in a model its own.
     init : float
-        Starting value of :math:`b` (of each row's with ``"per_row"``; unused with an amortised ``b``).
+        Starting value of :math:`b` (of each row's with ``"per_row"``; unused with an amortised ``b``). The param
+        is created with the dtype and device of the distribution's base (its ``loc``, or its parameters).
     b : None, "per_row" or callable
         ``None``: one scalar param. ``"per_row"``: a param of the distribution's batch shape, one :math:`b` per
         row, for fixed rows (the same contexts in the same order at every step, as in SVI on a fixed batch;
@@ -200,14 +203,15 @@ class SelfNormalized:
         that the params are sites of the model's trace: Pyro's ELBOs differentiate only when the model or the guide
         has a param site, and ``log_prob`` (where the term is computed) runs after the model.
         """
+        dtype, device = dtype_device(dist)
         if self.b is None:
-            return {self.name: pyro.param(self.name, lambda: torch.tensor(self.init))}
+            return {self.name: pyro.param(self.name, lambda: torch.tensor(self.init, dtype=dtype, device=device))}
         if isinstance(self.b, str):  # "per_row"
             if dist is None:
                 raise ValueError("SelfNormalized(b='per_row').register_params needs the distribution (its batch "
                                  "shape is the shape of b)")
             batch_shape = dist.batch_shape
-            b = pyro.param(self.name, lambda: torch.full(batch_shape, self.init))
+            b = pyro.param(self.name, lambda: torch.full(batch_shape, self.init, dtype=dtype, device=device))
             if b.shape != batch_shape:
                 raise ValueError(f"SelfNormalized(b='per_row'): the param {self.name!r} has shape {tuple(b.shape)}, "
                                  f"the distribution's batch shape is {tuple(batch_shape)}: {_PER_ROW_HELP}, or a "
@@ -247,7 +251,8 @@ class SelfNormalized:
 
 
 class Unnormalized:
-    r"""No normalizer: term 0, ``log_prob`` is the **unnormalised** :math:`-E(z) + \log q(z)`.
+    r"""No normalizer: term 0 (of the distribution's dtype and device), ``log_prob`` is the **unnormalised**
+    :math:`-E(z) + \log q(z)`.
 
     Right inside MCMC over the latents, where :math:`\log Z` is constant; wrong for learning the energy (its
     gradient misses :math:`\nabla\log Z`).
@@ -259,7 +264,8 @@ class Unnormalized:
     """
 
     def term(self, dist) -> torch.Tensor:
-        return torch.zeros(())
+        dtype, device = dtype_device(dist)
+        return torch.zeros((), dtype=dtype, device=device)
 
     def __repr__(self) -> str:
         return "Unnormalized()"
@@ -283,7 +289,8 @@ class LearnedLogZ:
     name : str
         Name of the param :math:`c`; give each tilted distribution in a model its own.
     init : float
-        Starting value of :math:`c`.
+        Starting value of :math:`c`, a param of the dtype and device of the distribution's base (torch's default
+        when it is declared with no distribution).
 
     Examples
     --------
@@ -298,13 +305,15 @@ class LearnedLogZ:
     def __init__(self, name: str = "log_z", init: float = 0.0):
         self.name, self.init = check_name(name, "name"), check_finite_number(init, "init")
 
-    def register_params(self) -> dict:
-        """Declare :math:`c` with ``pyro.param`` (initialised at ``init``); returns ``{name: c}``."""
-        return {self.name: pyro.param(self.name, lambda: torch.tensor(self.init))}
+    def register_params(self, dist=None) -> dict:
+        """Declare :math:`c` with ``pyro.param`` (initialised at ``init``, with the dtype and device of ``dist``'s
+        base when given); returns ``{name: c}``."""
+        dtype, device = dtype_device(dist)
+        return {self.name: pyro.param(self.name, lambda: torch.tensor(self.init, dtype=dtype, device=device))}
 
     def term(self, dist) -> torch.Tensor:
         """:math:`c` (a scalar, the same for every batch element)."""
-        return self.register_params()[self.name]
+        return self.register_params(dist)[self.name]
 
     def __repr__(self) -> str:
         return f"LearnedLogZ(name={self.name!r})"

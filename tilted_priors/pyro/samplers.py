@@ -197,9 +197,10 @@ class _Langevin:
                                            int((~torch.isfinite(position)).any(-1).sum()) or None)
             return position
         if return_info:
-            dtype = state.logdensity.dtype
-            rate = torch.as_tensor(acceptance / (self.steps - first), dtype=dtype).expand_as(state.logdensity)
-            return state.position, SamplerInfo(rate, state.logdensity, torch.as_tensor(step_size, dtype=dtype))
+            dtype, device = state.logdensity.dtype, state.logdensity.device
+            rate = torch.as_tensor(acceptance / (self.steps - first), dtype=dtype, device=device)
+            return state.position, SamplerInfo(rate.expand_as(state.logdensity), state.logdensity,
+                                               torch.as_tensor(step_size, dtype=dtype, device=device))
         return state.position
 
     def _extra_repr(self) -> str:
