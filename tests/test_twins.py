@@ -49,7 +49,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "loads the torch twin's encoder/decoder/energy weights into the NNX modules (Pyro: load_state_dict)",
     ("tilted_priors.*.energies", "EnergyMLP.__init__", "param activation default: pyro GELU, numpyro _exact_gelu"):
         "the same exact GELU: a torch module class on Pyro, a JAX function on NumPyro",
-    ("tilted_priors.models.*.lebm", "Generator.__init__", "param param_dtype only on numpyro"):
+    ("tilted_priors.models.*.generators", "Generator.__init__", "param param_dtype only on numpyro"):
         "NNX fixes a module's parameter dtype when it is built; a torch module changes it later with .to(dtype)",
     ("tilted_priors.models.*", "*.with_params", "only on numpyro"):
         "NumPyro trains param sites in the SVI state, so trained weights go back into a copy of the model; "
@@ -58,6 +58,12 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("tilted_priors.*.samplers", "*.__init__", "param unroll only on numpyro"):
         "unrolling of the compiled jax.lax.scan chain; Pyro runs a Python loop",
     # --- inference ----------------------------------------------------------------------------------------------
+    ("tilted_priors.inference.*.train", "fit", "param device only on pyro"):
+        "Pyro places the data's minibatches on a torch device (one per process under torchrun); NumPyro places "
+        "arrays by sharding (devices=)",
+    ("tilted_priors.inference.*.train", "fit", "param devices only on numpyro"):
+        "NumPyro shards each minibatch over several devices in one process; Pyro runs one process per device "
+        "under torchrun, with the same fit call",
     ("tilted_priors.inference.*.guides", "ShortRunPosterior.__init__", "param name only on numpyro"):
         "NumPyro keeps persistent chains in a numpyro.mutable site of the SVI state, named by name",
     ("tilted_priors.inference.*.guides", "ShortRunPosterior.state_dict", "only on pyro"):
@@ -232,8 +238,9 @@ def _differences(pyro_name: str, numpyro_name: str) -> list[tuple[str, str]]:
     a, b = importlib.import_module(pyro_name), importlib.import_module(numpyro_name)
     out: list[tuple[str, str]] = []
     if hasattr(a, "__path__"):
-        subs_a = {m.name for m in pkgutil.iter_modules(a.__path__)}
-        subs_b = {m.name for m in pkgutil.iter_modules(b.__path__)}
+        # public modules only: a backend's private helpers (e.g. its process group or sharding) need no twin
+        subs_a = {m.name for m in pkgutil.iter_modules(a.__path__) if not m.name.startswith("_")}
+        subs_b = {m.name for m in pkgutil.iter_modules(b.__path__) if not m.name.startswith("_")}
         out += [("<submodules>", f"module {n} only on pyro") for n in sorted(subs_a - subs_b)]
         out += [("<submodules>", f"module {n} only on numpyro") for n in sorted(subs_b - subs_a)]
     all_a, all_b = list(getattr(a, "__all__", [])), list(getattr(b, "__all__", []))

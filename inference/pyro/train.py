@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,7 +16,6 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import zero_grads
-from pyro.optim import PyroOptim
 from pyro.poutine.util import site_is_subsample
 
 from tilted_priors.inference._health import TrainingHealth
@@ -26,133 +23,13 @@ from tilted_priors.inference._plan import TrainingPlan, make_plan, no_latents_er
 from tilted_priors.inference._training import (CHECKPOINT_FIX, FitResult, StepReport, TrainingDiverged, run_training,
                                                 warn_evaluation_normalizers)
 from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
-from tilted_priors.inference.files import flatten_state, unflatten_state
 from tilted_priors.inference.pyro._distributed import ProcessGroup, ShardScale, process_group, resolve_device
+from tilted_priors.inference.pyro._fit_state import (FitAdam, as_numpy, derived_seed, load_extra_state,
+                                                     module_extra_state, nonfinite_as_floating_point_error,
+                                                     rng_state, set_rng_state)
 from tilted_priors.inference.pyro.modules import warn_unregistered_modules
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "TrainingHealth"]
-
-
-class _FitAdam(PyroOptim):
-    """``torch.optim.Adam`` per parameter (Pyro's usual scheme) whose learning rate is set before every update
-    from the parameter's prefix group and the step (so the schedule is a function of the step counter alone and
-    survives a resume exactly), with optional clipping of the global gradient norm."""
-
-    def __init__(self, plan: TrainingPlan, group: ProcessGroup | None = None):
-        self.plan, self.group = plan, group
-        self.step_index = 0
-        self.grad_norm: torch.Tensor | None = None  # global norm of the last update's gradients, before clipping
-        super().__init__(torch.optim.Adam, self._args)
-
-    def _args(self, module_name, param_name):  # replaced by _get_optim_args; kept for PyroOptim's checks
-        return {}
-
-    def _get_optim_args(self, param):
-        return {"lr": self._lr(param), "betas": self.plan.betas}
-
-    def _lr(self, param) -> float:
-        name = pyro.get_param_store().param_name(param)
-        return self.plan.lr.rate(name) * self.plan.decay_factor(self.step_index)
-
-    def __call__(self, params, *args, **kwargs) -> None:
-        store = pyro.get_param_store()
-        params = sorted(params, key=store.param_name)  # a fixed order: the global norm sums in it
-        if self.group is not None:  # data parallel: the sum of every process's gradients, the same everywhere
-            self.group.all_reduce_grads(params)
-        if self.plan.clip_norm is not None:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.plan.clip_norm)
-        else:
-            norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
-            self.grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
-        for p in params:
-            optimizer = self.optim_objs.get(p)
-            if optimizer is None:
-                optimizer = self.optim_objs[p] = self._get_optim(p)
-                self.grad_clip[p] = None
-                waiting = self._state_waiting_to_be_consumed.pop(store.param_name(p), None)
-                if waiting is not None:
-                    optimizer.load_state_dict(waiting)
-            lr = self._lr(p)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step(*args, **kwargs)
-
-    def full_state(self) -> dict:
-        return {**self._state_waiting_to_be_consumed, **self.get_state()}
-
-
-def _module_extra_state(obj) -> dict | None:
-    """State that ``obj`` reports beyond the param store: ``state_dict()`` if it has one (buffers only for a
-    torch module, whose parameters are already in the param store)."""
-    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
-        return None
-    state = obj.state_dict()
-    if isinstance(obj, torch.nn.Module):
-        params = {name for name, _ in obj.named_parameters()}
-        params |= {name for name, _ in obj.named_parameters(remove_duplicate=False)}
-        state = {k: v for k, v in state.items() if k not in params}
-    flat = flatten_state(state)
-    out = {}
-    for key, value in flat.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.detach().cpu().clone()
-        elif isinstance(value, np.ndarray) or np.isscalar(value):
-            out[key] = torch.as_tensor(np.asarray(value)).clone()
-        else:
-            raise TypeError(f"{type(obj).__name__}.state_dict() must hold arrays only, got {key!r}: "
-                            f"{type(value).__name__}")
-    return out
-
-
-def _load_extra_state(obj, state: dict) -> None:
-    nested = unflatten_state(state)
-    if isinstance(obj, torch.nn.Module):
-        obj.load_state_dict(nested, strict=False)
-    else:
-        obj.load_state_dict(nested)
-
-
-def _rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)}}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-
-
-@contextmanager
-def _nonfinite_as_floating_point_error(training: bool = False):
-    """Pyro's distribution validation is how non-finite numbers usually surface in a Pyro model: turn its
-    ``ValueError`` about nan/inf values into a ``FloatingPointError`` (the divergence guard's signal). While
-    ``training`` (after the set-up run succeeded), any parameter a distribution refuses (e.g. a scale that
-    underflowed to 0) means the parameters drifted out of range: also a ``FloatingPointError``."""
-    try:
-        yield
-    except ValueError as err:
-        message = str(err)
-        if "found invalid values" in message and ("nan" in message or "inf" in message):
-            raise FloatingPointError("non-finite values reached a distribution: " + message.splitlines()[0]) \
-                from err
-        if training and "found invalid values" in message:
-            raise FloatingPointError("a distribution received values outside its support (the parameters drifted "
-                                     "out of range): " + message.splitlines()[0].rstrip(":")) from err
-        raise
-
-
-def _as_numpy(value) -> np.ndarray | None:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else None
-
-
-def _derived_seed(seed: int, *more: int) -> int:
-    return int(np.random.SeedSequence([seed, 1, *more]).generate_state(1)[0])
 
 
 def _empty_guide(*args, **kwargs) -> None:
@@ -190,7 +67,7 @@ class _PyroTrainer:
         self.group, self.device = group, device
         self.is_writer = group is None or group.is_writer
         self.data = [torch.as_tensor(a, dtype=torch.get_default_dtype(), device=device) for a in plan.arrays]
-        self.optim = _FitAdam(plan, group)
+        self.optim = FitAdam(plan, group)
         self.scale = None
         if group is not None:  # each process's loss: its shard's terms and 1/W of the global ones
             self.scale = ShardScale(local_size=plan.batch_size // group.world, world=group.world)
@@ -215,7 +92,7 @@ class _PyroTrainer:
             manifest = json.loads(ckpt["manifest"])
         except (TypeError, ValueError):
             raise CheckpointError(path, "its manifest is damaged", CHECKPOINT_FIX) from None
-        verify_manifest(path, ckpt["payload"], manifest, kind="checkpoint", backend="pyro", as_array=_as_numpy,
+        verify_manifest(path, ckpt["payload"], manifest, kind="checkpoint", backend="pyro", as_array=as_numpy,
                         require_finite=True)
         return ckpt["payload"], ckpt["payload"]
 
@@ -225,13 +102,13 @@ class _PyroTrainer:
         args, kwargs = self._kwargs(idx)
         if self.check_latents:  # seeded: params the model creates here start from the seed
             pyro.set_rng_seed(self.plan.seed)
-            with _nonfinite_as_floating_point_error():
+            with nonfinite_as_floating_point_error():
                 latents = _latent_sites(self.model, args, kwargs)
             if latents:
                 raise no_latents_error(latents)
         pyro.set_rng_seed(self.plan.seed)
         model, guide = self.svi.model, self.svi.guide
-        with _nonfinite_as_floating_point_error(), poutine.trace(param_only=True) as tr:
+        with nonfinite_as_floating_point_error(), poutine.trace(param_only=True) as tr:
             if callable(getattr(self.loss, "loss", None)):
                 self.loss.loss(model, guide, *args, **kwargs)
             else:
@@ -240,7 +117,7 @@ class _PyroTrainer:
         self.names = sorted(tr.trace.nodes)
         if self.scale is not None:
             self.scale.check_data_plate()
-        with _nonfinite_as_floating_point_error():
+        with nonfinite_as_floating_point_error():
             warn_evaluation_normalizers(_evaluation_normalizers(self.model, args, kwargs))
             warn_unregistered_modules(self.model, self.guide, args, kwargs)
         store = pyro.get_param_store()
@@ -248,7 +125,7 @@ class _PyroTrainer:
             if self.group is not None:  # the same start on every process (it is seeded alike; made sure)
                 unconstrained = dict(store.named_parameters())
                 self.group.broadcast([unconstrained[n] for n in self.names if n in unconstrained])
-            pyro.set_rng_seed(_derived_seed(self.plan.seed, *self._rank()))
+            pyro.set_rng_seed(derived_seed(self.plan.seed, *self._rank()))
             return self.names
         unconstrained = dict(store.named_parameters())
         missing = sorted(set(payload["params"]) - set(unconstrained))
@@ -267,14 +144,14 @@ class _PyroTrainer:
         self.optim.set_state(payload["optim"])
         for key, obj in (("guide_state", self.guide), ("model_state", self.model)):
             if payload.get(key) is not None:
-                _load_extra_state(obj, payload[key])
-        _set_rng_state(payload["rng"])
+                load_extra_state(obj, payload[key])
+        set_rng_state(payload["rng"])
         if self.group is not None:
             ranks = payload.get("rng_ranks")
             if ranks is not None and len(ranks) == self.group.world:
                 torch.set_rng_state(ranks[self.group.rank])
             else:  # another number of processes wrote it: a fresh stream per process, from the step
-                pyro.set_rng_seed(_derived_seed(self.plan.seed, self.group.rank, int(payload["step"])))
+                pyro.set_rng_seed(derived_seed(self.plan.seed, self.group.rank, int(payload["step"])))
         return self.names
 
     def _rank(self) -> tuple[int, ...]:
@@ -287,7 +164,7 @@ class _PyroTrainer:
         if self.group is not None:
             loss = self._step_together(args, kwargs)
         else:
-            with _nonfinite_as_floating_point_error(training=True):
+            with nonfinite_as_floating_point_error(training=True):
                 loss = float(self.svi.step(*args, **kwargs))
         params = list(self.optim.optim_objs)
         moments = [v for opt in self.optim.optim_objs.values() for state in opt.state.values()
@@ -299,11 +176,11 @@ class _PyroTrainer:
     def _step_together(self, args: tuple, kwargs: dict) -> float:
         """``SVI.step`` for one of several processes: the loss and gradients on this process's shard, one
         ``all_reduce`` that tells every process whether any failed (so that all stop together) and sums the loss,
-        then the update (whose gradients ``_FitAdam`` sums over the processes)."""
+        then the update (whose gradients ``FitAdam`` sums over the processes)."""
         failure = None
         with poutine.trace(param_only=True) as capture:
             try:
-                with _nonfinite_as_floating_point_error(training=True):
+                with nonfinite_as_floating_point_error(training=True):
                     loss = float(self.svi.loss_and_grads(self.svi.model, self.svi.guide, *args, **kwargs))
             except FloatingPointError as err:
                 failure, loss = err, float("nan")
@@ -340,13 +217,13 @@ class _PyroTrainer:
         ckpt = dict(meta)
         ckpt["params"] = {name: store[name].detach().cpu().clone() for name in self._param_names()}
         ckpt["optim"] = self.optim.full_state()
-        ckpt["rng"] = _rng_state()
+        ckpt["rng"] = rng_state()
         if self._rng_ranks is not None:
             ckpt["rng_ranks"] = self._rng_ranks
-        ckpt["guide_state"] = _module_extra_state(self.guide)
-        ckpt["model_state"] = None if self.model is self.guide else _module_extra_state(self.model)
+        ckpt["guide_state"] = module_extra_state(self.guide)
+        ckpt["model_state"] = None if self.model is self.guide else module_extra_state(self.model)
         manifest = make_manifest(ckpt, kind="checkpoint", backend="pyro", config=meta["config"],
-                                 as_array=_as_numpy)
+                                 as_array=as_numpy)
         torch.save({"manifest": json.dumps(manifest), "payload": ckpt}, f)
 
     def result(self):

@@ -4,20 +4,22 @@ r"""LEBM: a generator with a latent energy-based prior (Pang et al. 2020), for P
           x \mid z \sim \mathcal N\bigl(g_\beta(z), \sigma^2 I\bigr), \quad \sigma = 0.3,
 
 with :math:`E_\alpha` an MLP (:class:`~tilted_priors.pyro.EnergyMLP`) and :math:`g_\beta` a transposed-convolution
-:class:`Generator`. :func:`build` returns a :class:`LatentVariableModel` whose ``model`` is an ordinary Pyro
-program with one :class:`~tilted_priors.pyro.EnergyTiltedNormal` site ``"z"`` and an observed site ``"x"``; the
-method is chosen by the guide and the normalizer (LEBM: ``ShortRunPosterior`` and ``Contrastive``).
-``prior="gaussian"`` gives the alternating back-propagation baseline (Han et al. 2017): the same generator under a
-standard Normal prior.
+:class:`Generator` (defined in :mod:`tilted_priors.models.pyro.generators`; its layers are :func:`generator_plan`'s:
+the paper's SVHN network at 32x32, the CelebA network at 64x64, this project's own scaling at 28x28).
+:func:`build` returns a :class:`LatentVariableModel` whose ``model`` is an ordinary Pyro program with one
+:class:`~tilted_priors.pyro.EnergyTiltedNormal` site ``"z"`` and an observed site ``"x"``; the method is chosen by
+the guide and the normalizer (LEBM: ``ShortRunPosterior`` and ``Contrastive``). ``prior="gaussian"`` gives the
+alternating back-propagation baseline (Han et al. 2017): the same generator under a standard Normal prior.
 
 Images are channels-last, ``(N, H, W, C)``, scaled to ``[-1, 1]`` (the generator ends with ``tanh``).
 
 Hyper-parameters
 ----------------
-``REFERENCE``: the paper's settings (SVHN reference code, latent 100). ``MNIST``: this project's scaled-down
-choice for 28x28 digits on a CPU (latent 16, a narrower generator); keys not listed in ``MNIST`` are as in
-``REFERENCE``. Learning rates: Adam with ``betas=(0.5, 0.999)``, ``2e-5`` for the energy, ``1e-4`` for the
-generator (:func:`optimizer`), decayed by ``0.998`` per epoch (left to the training loop).
+``REFERENCE``: the paper's settings (the official SVHN code: latent 100, generator width ``ngf=64``). ``MNIST``: this
+project's scaled-down choice for 28x28 digits on a CPU (latent 16, its own 28x28 generator of width 32, not the
+paper's); keys not listed in ``MNIST`` are as in ``REFERENCE``. Learning rates: Adam with ``betas=(0.5, 0.999)``,
+``2e-5`` for the energy, ``1e-4`` for the generator (:func:`optimizer`), decayed by ``0.998`` per epoch (left to the
+training loop).
 
 Parameter names (what :func:`parameter_group` reads): the model registers ``pyro.module("energy", energy)`` and
 ``pyro.module("generator", generator)``, so the param store holds ``"energy$$$net.0.weight"``, ...,
@@ -43,71 +45,14 @@ from torch import nn
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors._validation import check_positive_int
 from tilted_priors.pyro import EnergyMLP, EnergyTiltedNormal, ShortRunLangevin
-from tilted_priors.models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape, generator_layers
+from tilted_priors.models.pyro.generators import Generator, generator_plan
+from tilted_priors.models.reference import LEBM, LEBM_MNIST, PRIOR_KINDS, check_image_shape
 
-__all__ = ["REFERENCE", "MNIST", "Generator", "LatentVariableModel", "latent_prior", "build", "parameter_group",
-           "optimizer"]
+__all__ = ["REFERENCE", "MNIST", "Generator", "generator_plan", "LatentVariableModel", "latent_prior", "build",
+           "parameter_group", "optimizer"]
 
 REFERENCE = LEBM  #: the paper's settings (see :mod:`tilted_priors.models.reference`)
 MNIST = LEBM_MNIST  #: this project's MNIST scaling
-
-class Generator(nn.Module):
-    r"""LEBM's generator :math:`g_\beta`: latent vectors to channels-last images in ``[-1, 1]``.
-
-    Four transposed convolutions (Pang et al. 2020's SVHN generator, scaled by the image size ``H``):
-
-    ==========================================  =======================  ====================
-    layer                                       kernel, stride, padding  output (H = 28 / 32)
-    ==========================================  =======================  ====================
-    ``net[0]``: d -> 4 ngf, LeakyReLU(0.2)      H/4, 1, 0                7x7 / 8x8
-    ``net[2]``: 4 ngf -> 2 ngf, LeakyReLU(0.2)  4, 2, 1                  14x14 / 16x16
-    ``net[4]``: 2 ngf -> ngf, LeakyReLU(0.2)    4, 2, 1                  28x28 / 32x32
-    ``net[6]``: ngf -> C, Tanh                  3, 1, 1                  28x28 / 32x32
-    ==========================================  =======================  ====================
-
-    With ``ngf=128`` and ``H=32`` this is the reference 100 -> 512 -> 256 -> 128 -> 3 network. Inputs
-    ``(..., d)`` map to ``(..., H, W, C)`` (torch's convolutions are channels-first; the permutation is inside).
-    Weights have torch's default initialisation. The JAX :class:`tilted_priors.models.numpyro.lebm.Generator` has the same
-    layers: its ``layers[i].kernel`` (``(k, k, out, in)``) is ``net[2 i].weight.permute(2, 3, 1, 0)`` and its
-    ``layers[i].bias`` is ``net[2 i].bias``, and the outputs agree to rounding
-    (``tilted_priors.models.numpyro.lebm.Generator.load_torch_state_dict`` copies them).
-
-    Parameters
-    ----------
-    latent_dim : int
-        :math:`d`.
-    image_shape : tuple of int
-        ``(H, W, C)`` with ``H == W`` in ``{28, 32}`` and ``C >= 1``.
-    ngf : int
-        Width: the hidden layers have ``4 ngf``, ``2 ngf`` and ``ngf`` channels (reference 128; 32 for MNIST).
-
-    Examples
-    --------
-    >>> import torch
-    >>> g = Generator(16, (28, 28, 1), ngf=8)
-    >>> g(torch.randn(5, 16)).shape
-    torch.Size([5, 28, 28, 1])
-    """
-
-    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int] = (28, 28, 1), ngf: int = 32):
-        super().__init__()
-        self.latent_dim = check_positive_int("latent_dim", latent_dim)
-        self.image_shape = check_image_shape(image_shape)
-        self.ngf = check_positive_int("ngf", ngf)
-        layers: list[nn.Module] = []
-        specs = generator_layers(self.latent_dim, self.image_shape, self.ngf)
-        for i, (c_in, c_out, k, s, p) in enumerate(specs):
-            layers.append(nn.ConvTranspose2d(c_in, c_out, k, s, p))
-            layers.append(nn.Tanh() if i == len(specs) - 1 else nn.LeakyReLU(0.2))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.shape[-1:] != (self.latent_dim,):
-            raise ValueError(f"Generator expects latents of shape (..., {self.latent_dim}), got {tuple(z.shape)}")
-        batch = z.shape[:-1]
-        x = self.net(z.reshape(-1, self.latent_dim, 1, 1))  # (B, C, H, W)
-        return x.permute(0, 2, 3, 1).reshape(*batch, *self.image_shape)
-
 
 def latent_prior(model, like: torch.Tensor, batch_shape=(), *, energy=None) -> dist.TorchDistribution:
     """The prior over ``z`` of a model with ``latent_dim``, ``prior_kind``, ``energy``, ``normalizer`` and
@@ -266,7 +211,7 @@ def build(image_shape: tuple[int, int, int] = (28, 28, 1), latent_dim: int = 16,
     Parameters
     ----------
     image_shape : tuple of int
-        ``(H, W, C)``, channels last; ``H == W`` in ``{28, 32}``, ``C >= 1``.
+        ``(H, W, C)``, channels last; ``H == W`` in ``{28, 32, 64}``, ``C >= 1``.
     latent_dim : int
         :math:`d` (reference 100 for SVHN, 16 for MNIST here).
     prior : {"ebm", "gaussian"}
@@ -274,7 +219,7 @@ def build(image_shape: tuple[int, int, int] = (28, 28, 1), latent_dim: int = 16,
         :class:`~tilted_priors.pyro.EnergyMLP` energy (``latent_dim -> energy_hidden x energy_depth -> 1``, GELU).
         ``"gaussian"``: a standard Normal (alternating back-propagation); ``energy`` is ``None``.
     ngf : int
-        Generator width (see :class:`Generator`): 32 for MNIST, 128 for the reference.
+        Generator width (see :func:`generator_plan`): 32 for MNIST, 64 for the reference (SVHN).
     energy_hidden, energy_depth : int
         The energy MLP's width and number of hidden layers.
     likelihood_sd : float

@@ -122,7 +122,7 @@ def _fast_sampler(be):
 
 
 # --- generator -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("image_shape", [(28, 28, 1), (32, 32, 3)])
+@pytest.mark.parametrize("image_shape", [(28, 28, 1), (32, 32, 3), (64, 64, 3)])
 def test_generator_output_shape_and_range(be, image_shape):
     g = be.generator(image_shape)
     x = be.numpy(g(4.0 * be.randn(2, N, LATENT)))
@@ -137,21 +137,28 @@ def test_generator_rejects_wrong_latent_size(be):
         g(be.randn(N, LATENT + 1))
 
 
-@pytest.mark.parametrize("image_shape", [(28, 28, 1), (32, 32, 3)])
+@pytest.mark.parametrize("image_shape", [(28, 28, 1), (32, 32, 3), (64, 64, 3)])
 def test_generator_layer_shapes_agree_across_backends(image_shape):
     from tilted_priors.models.numpyro.lebm import Generator as JaxGenerator
     from tilted_priors.models.pyro.lebm import Generator as TorchGenerator
+    from tilted_priors.models.reference import generator_plan
 
     torch_shapes = {k: tuple(v.shape) for k, v in TorchGenerator(LATENT, image_shape, NGF).state_dict().items()}
     state = JaxGenerator(LATENT, image_shape, NGF).torch_state_dict()
     jax_shapes = {k: v.shape for k, v in state.items()}
     assert torch_shapes == jax_shapes
     assert all(v.flags.writeable and v.flags.c_contiguous for v in state.values())  # torch.as_tensor takes them
-    assert torch_shapes["net.0.weight"] == (LATENT, 4 * NGF, image_shape[0] // 4, image_shape[0] // 4)
-    assert torch_shapes["net.6.weight"] == (NGF, image_shape[2], 3, 3)
+    plan = generator_plan(image_shape, LATENT, NGF)
+    expected = {}
+    for i, layer in enumerate(plan):
+        expected[f"net.{2 * i}.weight"] = (layer.in_channels, layer.out_channels, layer.kernel, layer.kernel)
+        expected[f"net.{2 * i}.bias"] = (layer.out_channels,)
+    assert torch_shapes == expected
+    assert torch_shapes["net.0.weight"][:2] == (LATENT, (4 if image_shape[0] == 28 else 8) * NGF)
+    assert torch_shapes[f"net.{2 * len(plan) - 2}.weight"][1] == image_shape[2]
 
 
-@pytest.mark.parametrize("image_shape", [(28, 28, 2), (32, 32, 3)])
+@pytest.mark.parametrize("image_shape", [(28, 28, 2), (32, 32, 3), (64, 64, 1)])
 def test_generator_outputs_and_gradients_agree_across_backends_in_float64(image_shape):
     import jax
     import jax.numpy as jnp
@@ -188,8 +195,8 @@ def test_generator_outputs_and_gradients_agree_across_backends_in_float64(image_
 
 
 # --- build: validation ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("image_shape", [(30, 30, 1), (28, 32, 1), (64, 64, 3), (28, 28, 0), (28, 28),
-                                         (28.0, 28, 1), "28x28", 28])
+@pytest.mark.parametrize("image_shape", [(30, 30, 1), (28, 32, 1), (48, 48, 3), (128, 128, 3), (28, 28, 0),
+                                         (28, 28), (28.0, 28, 1), "28x28", 28])
 def test_build_rejects_bad_image_shape(be, image_shape):
     with pytest.raises(ValueError, match="image_shape"):
         be.lebm.build(image_shape, LATENT, ngf=NGF)
@@ -210,6 +217,7 @@ def test_reference_hyperparameters_are_the_same_on_both_backends():
 
     assert tl.REFERENCE is jl.REFERENCE and tl.MNIST is jl.MNIST  # one backend-free definition
     assert tl.REFERENCE["latent_dim"] == 100 and tl.MNIST["latent_dim"] == 16
+    assert (tl.REFERENCE["ngf"], tl.MNIST["ngf"]) == (64, 32)  # the paper's SVHN width; this project's MNIST one
     assert (tl.REFERENCE["lr_energy"], tl.REFERENCE["lr_generator"]) == (2e-5, 1e-4)
 
 

@@ -333,18 +333,21 @@ class LearnedLogZ(_Frozen):
     def __reduce__(self):
         return (LearnedLogZ, (self.name, self.init))
 
-    def register_params(self) -> dict:
-        """Declare :math:`c` with ``numpyro.param`` (initialised at ``init``); returns ``{name: c}``.
+    def register_params(self, dist=None) -> dict:
+        """Declare :math:`c` with ``numpyro.param`` (initialised at ``init``, in the floating dtype of ``dist``'s
+        ``loc`` when it has one); returns ``{name: c}``.
 
         The distribution calls this when it is built, so that :math:`c` is part of the model's trace.
         """
-        return {self.name: numpyro.param(self.name, jnp.asarray(self.init))}
+        loc = getattr(dist, "loc", None)
+        dtype = loc.dtype if loc is not None and jnp.issubdtype(jnp.result_type(loc), jnp.floating) else None
+        return {self.name: numpyro.param(self.name, jnp.asarray(self.init, dtype=dtype))}
 
     def term(self, dist, rng_key=None):
         """:math:`c` as registered when ``dist`` was built (a scalar, the same for every batch element)."""
         registered = dist.__dict__.get("_normalizer_params") if dist is not None else None
         c = registered.get(self.name) if isinstance(registered, dict) else None
-        return self.register_params()[self.name] if c is None else c
+        return self.register_params(dist)[self.name] if c is None else c
 
     def __repr__(self) -> str:
         return f"LearnedLogZ(name={self.name!r})"
