@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 import warnings
 
 import numpy as np
 
 from tilted_priors.inference.diagnostics import nested_rhat, summary
 from tilted_priors.inference.diagnostics._arviz import arviz_major, arviz_module
+from timing import timed
 
 warnings.filterwarnings("ignore")
 
@@ -36,12 +36,6 @@ def arviz_summary(az, x: np.ndarray) -> None:
     az.ess(data, method="tail", **tail)
     az.mcse(data, method="mean")
     az.mcse(data, method="sd")
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
@@ -23,6 +21,7 @@ import torch
 
 import tilted_priors.numpyro as tn
 import tilted_priors.pyro as tt
+from timing import compare
 
 STEP = 0.4
 
@@ -73,27 +72,6 @@ def numpyro_pair(dim=16, batch=64, steps=100, hidden=200):
         return _hand(energy, next(keys)).block_until_ready()
 
     return library, hand
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def compare(a, b, rounds: int) -> dict:
-    """Alternate a and b; medians of each and of the per-round ratio a / b."""
-    for _ in range(3):  # warm up (and compile)
-        a(), b()
-    ta, tb, ratio = [], [], []
-    for i in range(rounds):
-        if i % 2:
-            x, y = timed(a), timed(b)
-        else:
-            y, x = timed(b), timed(a)
-        ta.append(x), tb.append(y), ratio.append(x / y)
-    return {"a_ms": 1e3 * statistics.median(ta), "b_ms": 1e3 * statistics.median(tb),
-            "ratio": statistics.median(ratio)}
 
 
 def main() -> None:

@@ -12,17 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 
 from tilted_priors.inference.diagnostics import stein_discrepancy
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from timing import timed
 
 
 def main() -> None:
