@@ -132,8 +132,10 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
                                seed=seed, lr_energy=lr_energy, lr_generator=lr_generator, epochs=epochs,
                                num_steps=num_steps, method=method), devices)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed new run leaves no empty folder
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {"config.json"}:
+            for p in out.iterdir():  # a new run that failed before its first checkpoint leaves no folder
+                p.unlink()
+            out.rmdir()
         raise
 
 

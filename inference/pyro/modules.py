@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 from pyro.util import get_rng_state, set_rng_state
 
-__all__ = ["register_module", "warn_unregistered_modules"]
+__all__ = ["register_module", "structure_trace", "warn_unregistered_modules"]
 
 
 def register_module(name: str, module: torch.nn.Module) -> torch.nn.Module:
@@ -53,8 +53,32 @@ def _energy_module(energy) -> torch.nn.Module | None:
     return owner if isinstance(owner, torch.nn.Module) else None
 
 
+def structure_trace(fn: Callable, args: tuple = (), kwargs: dict | None = None) -> poutine.Trace:
+    """One run of ``fn`` under :func:`pyro.poutine.trace`, for its structure: inside :func:`pyro.poutine.block`,
+    with every tilted prior's sampler replaced by one that returns its starting points (no chain runs), and the
+    random state restored afterwards. Params the run creates stay in the param store.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> def model():
+    ...     pyro.sample("z", dist.Normal(0.0, 1.0))
+    >>> [name for name in structure_trace(model).nodes if name.startswith("z")]
+    ['z']
+    """
+    from tilted_priors.inference.pyro.handlers import sampler  # handlers -> tilt -> this module
+
+    kwargs = {} if kwargs is None else kwargs
+    rng_state = get_rng_state()
+    try:
+        with poutine.block(), sampler(_NoChain()):
+            return poutine.trace(fn).get_trace(*args, **kwargs)
+    finally:
+        set_rng_state(rng_state)
+
+
 def warn_unregistered_modules(model: Callable, guide: Callable | None, args: tuple = (),
-                              kwargs: dict | None = None) -> list[str]:
+                              kwargs: dict | None = None, traces: list | None = None) -> list[str]:
     """Warn about tilted priors whose energy is a torch module that is not registered with ``pyro.module``.
 
     SVI trains what is in Pyro's param store; a module used as the energy of an
@@ -76,6 +100,9 @@ def warn_unregistered_modules(model: Callable, guide: Callable | None, args: tup
         The model and guide given to SVI (``guide`` may be ``None``).
     args, kwargs
         Their arguments.
+    traces : list of pyro.poutine.Trace, optional
+        The model's and guide's traces from :func:`structure_trace`, when the caller has them (then neither runs
+        again).
 
     Returns
     -------
@@ -94,26 +121,19 @@ def warn_unregistered_modules(model: Callable, guide: Callable | None, args: tup
     >>> warn_unregistered_modules(model, None)
     []
     """
-    from tilted_priors.inference.pyro.handlers import find_tilted, sampler  # handlers -> tilt -> this module
+    from tilted_priors.inference.pyro.handlers import find_tilted  # handlers -> tilt -> this module
 
-    kwargs = {} if kwargs is None else kwargs
-    rng_state = get_rng_state()
+    if traces is None:
+        traces = [structure_trace(fn, args, kwargs) for fn in (model, guide) if fn is not None]
     sites: dict[str, torch.nn.Module] = {}
-    try:
-        with poutine.block(), sampler(_NoChain()):
-            for fn in (model, guide):
-                if fn is None:
-                    continue
-                trace = poutine.trace(fn).get_trace(*args, **kwargs)
-                for name, site in trace.nodes.items():
-                    if site["type"] != "sample":
-                        continue
-                    tilted = find_tilted(site["fn"])
-                    module = None if tilted is None else _energy_module(tilted.energy)
-                    if module is not None and name not in sites:
-                        sites[name] = module
-    finally:
-        set_rng_state(rng_state)
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            tilted = find_tilted(site["fn"])
+            module = None if tilted is None else _energy_module(tilted.energy)
+            if module is not None and name not in sites:
+                sites[name] = module
     stored = {id(t) for _, t in pyro.get_param_store().named_parameters()}
     warned = []
     for name, module in sites.items():

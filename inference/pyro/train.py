@@ -27,7 +27,7 @@ from tilted_priors.inference.pyro._distributed import ProcessGroup, ShardScale, 
 from tilted_priors.inference.pyro._fit_state import (FitAdam, as_numpy, derived_seed, load_extra_state,
                                                      module_extra_state, nonfinite_as_floating_point_error,
                                                      rng_state, set_rng_state)
-from tilted_priors.inference.pyro.modules import warn_unregistered_modules
+from tilted_priors.inference.pyro.modules import structure_trace, warn_unregistered_modules
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "TrainingHealth"]
 
@@ -37,12 +37,11 @@ def _empty_guide(*args, **kwargs) -> None:
     return None
 
 
-def _evaluation_normalizers(model, args: tuple, kwargs: dict) -> dict:
-    """The model's tilted sites whose normalizer is meant for evaluation: ``{site: class name}``."""
+def _evaluation_normalizers(trace: poutine.Trace) -> dict:
+    """The traced model's tilted sites whose normalizer is meant for evaluation: ``{site: class name}``."""
     from tilted_priors.inference.pyro.handlers import find_tilted
     from tilted_priors.pyro import AnnealedImportance, Importance
 
-    trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(*args, **kwargs)
     found = {}
     for name, site in trace.nodes.items():
         tilted = find_tilted(site["fn"]) if site["type"] == "sample" else None
@@ -51,8 +50,7 @@ def _evaluation_normalizers(model, args: tuple, kwargs: dict) -> dict:
     return found
 
 
-def _latent_sites(model, args: tuple, kwargs: dict) -> list[str]:
-    trace = poutine.trace(model).get_trace(*args, **kwargs)
+def _latent_sites(trace: poutine.Trace) -> list[str]:
     return [name for name, site in trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
             and not site["infer"].get("is_auxiliary")]
@@ -100,12 +98,13 @@ class _PyroTrainer:
         # Run the loss once so that every parameter exists (AutoGuides and pyro.module create them lazily);
         # a resumed run then overwrites them in place and restores the optimizer state and the RNGs.
         args, kwargs = self._kwargs(idx)
+        model_trace = None
         if self.check_latents:  # seeded: params the model creates here start from the seed
             pyro.set_rng_seed(self.plan.seed)
             with nonfinite_as_floating_point_error():
-                latents = _latent_sites(self.model, args, kwargs)
-            if latents:
-                raise no_latents_error(latents)
+                model_trace = structure_trace(self.model, args, kwargs)
+            if _latent_sites(model_trace):
+                raise no_latents_error(_latent_sites(model_trace))
         pyro.set_rng_seed(self.plan.seed)
         model, guide = self.svi.model, self.svi.guide
         with nonfinite_as_floating_point_error(), poutine.trace(param_only=True) as tr:
@@ -117,9 +116,11 @@ class _PyroTrainer:
         self.names = sorted(tr.trace.nodes)
         if self.scale is not None:
             self.scale.check_data_plate()
-        with nonfinite_as_floating_point_error():
-            warn_evaluation_normalizers(_evaluation_normalizers(self.model, args, kwargs))
-            warn_unregistered_modules(self.model, self.guide, args, kwargs)
+        with nonfinite_as_floating_point_error():  # the structure, without chains: one more run of each
+            traces = [model_trace or structure_trace(self.model, args, kwargs),
+                      structure_trace(self.guide, args, kwargs)]
+        warn_evaluation_normalizers(_evaluation_normalizers(traces[0]))
+        warn_unregistered_modules(self.model, self.guide, traces=traces)
         store = pyro.get_param_store()
         if payload is None:
             if self.group is not None:  # the same start on every process (it is seeded alike; made sure)

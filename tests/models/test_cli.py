@@ -59,6 +59,14 @@ def test_bad_input(tmp_path, tiny_npz, capsys):
         main(["train", "lebm", "--data", str(bad), "--out", str(tmp_path), "--steps", "1", "--debug"])
 
 
+@pytest.mark.parametrize("backend, says", [("numpyro", "XLA_FLAGS"), ("pyro", "torchrun")])
+def test_devices_beyond_what_is_there_are_refused_before_anything_is_left(tmp_path, tiny_npz, capsys, backend, says):
+    out = tmp_path / "run"
+    assert main(["train", "lebm", "--backend", backend, "--devices", "64", "--data", str(tiny_npz), "--out", str(out),
+                 "--steps", "1", "--batch-size", "64", "--ngf", "2", "--latent-dim", "3", "--quiet"]) == 2
+    assert says in capsys.readouterr().err and not out.exists()
+
+
 def test_pyro_runs_do_not_inherit_an_earlier_models_parameters(tmp_path, tiny_npz):
     """Two Pyro runs in one process: the second starts from its own initial weights, not the first's."""
     import pyro
