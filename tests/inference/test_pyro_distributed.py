@@ -1,5 +1,6 @@
-"""Pyro's ``fit`` under ``torchrun``: two gloo processes train as one process does, a killed two-process run
-resumes, and with stochastic chains the processes stay in step (CPU; marked slow: each launch starts Python twice)."""
+"""Pyro's ``fit`` on devices and under ``torchrun``: ``device=`` places the minibatches; two gloo processes train as
+one process does, a killed two-process run resumes, and with stochastic chains the processes stay in step (CPU;
+the multi-process tests are marked slow: each launch starts Python twice)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent('''
     import json, os, signal, sys
@@ -88,6 +87,7 @@ def _assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path):
     _run(tmp_path, tmp_path / "one", "deterministic", "6", "0", "0", processes=1)
     _run(tmp_path, tmp_path / "two", "deterministic", "6", "0", "0")
@@ -98,6 +98,7 @@ def test_two_processes_train_as_one(tmp_path):
         sorted(p.name for p in (tmp_path / "one").glob("checkpoint*"))   # rank 0 alone writes
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes(tmp_path):
     out = tmp_path / "run"
     died = _run(tmp_path, out, "deterministic", "6", "0", "3", check=False)
@@ -108,7 +109,31 @@ def test_a_killed_two_process_run_resumes(tmp_path):
     assert len(json.loads((out / "history.json").read_text())["history"]) == 6
 
 
+@pytest.mark.slow
 def test_processes_stay_in_step_with_stochastic_chains(tmp_path):
     _run(tmp_path, tmp_path / "lebm", "lebm", "4", "0", "0")
     a, b = _result(tmp_path / "lebm", 0), _result(tmp_path / "lebm", 1)
     assert a == b and all(np.isfinite(np.asarray(v, dtype=float)).all() for v in a["params"].values())
+
+
+def test_fit_places_minibatches_on_the_given_device():
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from tilted_priors.inference.pyro import fit
+
+    seen = []
+
+    def model(x):
+        seen.append(x.device)
+        mu = pyro.param("device_mu", torch.zeros(()))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    pyro.clear_param_store()
+    data = np.zeros(8, dtype=np.float32)
+    result = fit(model, None, data, num_steps=2, batch_size=4, lr=0.1, progress=False, device="cpu")
+    assert result.steps == 2 and set(seen) == {torch.device("cpu")}
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        fit(model, None, data, num_steps=1, batch_size=4, progress=False, device="warp-drive")
