@@ -34,7 +34,7 @@ $(AZ1_STAMP): pyproject.toml .ci/constraints.txt
 	$(AZ1_VENV)/bin/python -m pip install -q -c .ci/constraints.txt -e . "arviz==1.*" pytest
 	touch $(AZ1_STAMP)
 
-# The whole suite: tests and doctests (two pytest-xdist workers, one per core; tests/conftest.py gives each one XLA
+# The suite: tests and doctests (all but those marked slow, which `make test-slow` and CI run) (two pytest-xdist workers, one per core; tests/conftest.py gives each one XLA
 # and torch thread), the diagnostics under ArviZ 1.x, and the documentation site (tutorials executed, quick mode).
 test: test-suite docs-quick
 ifneq ($(PY312),)
@@ -44,7 +44,12 @@ else
 endif
 
 test-suite: $(STAMP)
-	$(VENV)/bin/pytest -q -n 2 tests
+	$(VENV)/bin/pytest -q -n 2 -m "not slow" --durations=10 tests
+
+# The tests marked slow (multi-process training and its kills and resumes, long statistical runs): CI runs them
+# after `make test`.
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -n 2 -m slow tests
 
 test-arviz1: $(AZ1_STAMP)
 	$(AZ1_VENV)/bin/pytest -q -p no:cacheprovider tests/inference/test_diagnostics.py tests/test_doctests.py \

@@ -70,8 +70,7 @@ def run(backend: str, n: int, steps: int, warmup: int) -> dict:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] \
             if n > 1 else [sys.executable]
     else:
-        env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false "
-                            "intra_op_parallelism_threads=1")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"
         launcher = [sys.executable]
     done = subprocess.run(launcher + me, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode:

@@ -6,9 +6,13 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # ``make test`` runs the suite in two pytest-xdist workers on the two cores: one compute thread each (XLA's and
     # torch's), so that the workers do not oversubscribe the cores. Set before anything imports JAX or torch.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                               " intra_op_parallelism_threads=1").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# JAX's persistent compilation cache, shared by the workers, the tests' subprocesses and later runs: a program that
+# several tests compile (the same model, sampler or update) is compiled once. Under the checkout (ignored by git).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 from helpers import BACKENDS, QuadraticCase, make_case
 

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole benchmark scripts, in subprocesses
+
 pytest.importorskip("numpyro")
 pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+FLAGS = "--xla_cpu_multi_thread_eigen=false"
 
 
 def run_quick(script: str, *extra: str) -> str:

@@ -146,6 +146,7 @@ class ShortRunPosterior:
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
         self._warned = False  # the chain-did-not-move warning is given once per guide
+        self._checked = False  # whether the check has run on concrete values
         self.per_datum = bool(per_datum)
         # Fully unrolled: through a convolutional generator XLA's CPU loop is 4-5x slower (see ShortRunLangevin).
         self.sampler = ShortRunLangevin(steps, step_size, unroll=True) if sampler is None else sampler
@@ -308,8 +309,10 @@ class ShortRunPosterior:
         return result
 
     def _check_moved(self, start, end) -> None:
-        """Warn (once per guide) when the chain's displacement is negligible against its starting points' spread;
-        under a trace the check runs as a :func:`jax.debug.callback` on every call until it has warned."""
+        """Warn (once per guide) when the chain's displacement is negligible against its starting points' spread.
+        On concrete values (e.g. ``svi.init``) the check runs at once; under a trace, until one concrete check has
+        passed, it runs as a :func:`jax.debug.callback` (a program with a host callback is not kept by JAX's
+        persistent compilation cache, so a checked guide compiles without one)."""
         if self._warned:
             return
         start, end = jax.lax.stop_gradient(start), jax.lax.stop_gradient(end)
@@ -319,8 +322,9 @@ class ShortRunPosterior:
         displacement = jnp.sqrt(jnp.mean((end - start) ** 2))
         if _is_concrete(displacement) and _is_concrete(scale):
             self._warn_if_stuck(displacement, scale)
-        else:
-            jax.debug.callback(self._warn_if_stuck, displacement, scale)
+            self._checked = True
+        elif not self._checked:  # once checked on concrete values (e.g. by svi.init), compiled code has no callback,
+            jax.debug.callback(self._warn_if_stuck, displacement, scale)  # so that JAX's compilation cache keeps it
 
     def _warn_if_stuck(self, displacement, scale) -> None:
         if self._warned:

@@ -17,7 +17,7 @@ from flax import nnx, traverse_util
 from numpyro import handlers
 from numpyro.contrib.module import nnx_module
 
-__all__ = ["register_module", "warn_unregistered_modules"]
+__all__ = ["register_module", "structure_trace", "warn_unregistered_modules"]
 
 
 def register_module(name: str, module: nnx.Module) -> nnx.Module:
@@ -120,8 +120,29 @@ def _energy_module(energy) -> nnx.Module | None:
     return owner if isinstance(owner, nnx.Module) else None
 
 
+def structure_trace(fn: Callable, args: tuple = (), kwargs: dict | None = None) -> dict:
+    """One run of ``fn`` under ``handlers.trace``, for its structure: hidden by :func:`numpyro.handlers.block`,
+    seeded with 0, with every tilted prior's sampler replaced by one that returns its starting points (no chain
+    runs) and every param site given a fresh copy of its initial value (as SVI gives the values it trains).
+
+    Examples
+    --------
+    >>> import numpyro, numpyro.distributions as dist
+    >>> def model():
+    ...     numpyro.sample("z", dist.Normal(0.0, 1.0))
+    >>> list(structure_trace(model))
+    ['z']
+    """
+    from tilted_priors.inference.numpyro.handlers import sampler  # handlers -> tilt -> this module
+
+    kwargs = {} if kwargs is None else kwargs
+    with handlers.block():
+        traced = handlers.substitute(handlers.seed(sampler(fn, _NoChain()), 0), substitute_fn=_fresh_param)
+        return handlers.trace(traced).get_trace(*args, **kwargs)
+
+
 def warn_unregistered_modules(model: Callable, guide: Callable | None, args: tuple = (),
-                              kwargs: dict | None = None) -> list[str]:
+                              kwargs: dict | None = None, traces: list | None = None) -> list[str]:
     """Warn about tilted priors whose energy is a Flax NNX module that is not registered as a param site.
 
     SVI trains the model's param sites; a :class:`flax.nnx.Module` used as the energy of an
@@ -145,6 +166,9 @@ def warn_unregistered_modules(model: Callable, guide: Callable | None, args: tup
         The model and guide given to SVI (``guide`` may be ``None``).
     args, kwargs
         Their arguments.
+    traces : list of dict, optional
+        The model's and guide's traces from :func:`structure_trace`, when the caller has them (then neither runs
+        again).
 
     Returns
     -------
@@ -162,17 +186,13 @@ def warn_unregistered_modules(model: Callable, guide: Callable | None, args: tup
     >>> warn_unregistered_modules(model, None)
     []
     """
-    from tilted_priors.inference.numpyro.handlers import find_tilted, sampler  # handlers -> tilt -> this module
+    from tilted_priors.inference.numpyro.handlers import find_tilted  # handlers -> tilt -> this module
 
-    kwargs = {} if kwargs is None else kwargs
+    if traces is None:
+        traces = [structure_trace(fn, args, kwargs) for fn in (model, guide) if fn is not None]
     sites: dict[str, nnx.Module] = {}
     registered: set[int] = set()
-    for fn in (model, guide):
-        if fn is None:
-            continue
-        with handlers.block():
-            traced = handlers.substitute(handlers.seed(sampler(fn, _NoChain()), 0), substitute_fn=_fresh_param)
-            trace = handlers.trace(traced).get_trace(*args, **kwargs)
+    for trace in traces:
         for name, site in trace.items():
             if site["type"] == "param":
                 registered.update(id(leaf) for leaf in jax.tree.leaves(site["value"]))

@@ -25,7 +25,7 @@ from tilted_priors.inference._training import (CHECKPOINT_FIX, FitResult, StepRe
 from tilted_priors.inference.checkpoints import CheckpointError, make_manifest, read_file, verify_manifest
 from tilted_priors.inference.files import flatten_state, unflatten_state
 from tilted_priors.inference.numpyro._sharding import DataParallel, data_parallel
-from tilted_priors.inference.numpyro.modules import warn_unregistered_modules
+from tilted_priors.inference.numpyro.modules import structure_trace, warn_unregistered_modules
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "TrainingHealth"]
 
@@ -128,22 +128,11 @@ def _empty_guide(*args, **kwargs) -> None:
     return None
 
 
-def _evaluation_normalizers(model, rng_key, args: tuple, kwargs: dict) -> dict:
-    """The model's tilted sites whose normalizer is meant for evaluation: ``{site: class name}``. The model runs
-    once with every latent site set to zeros (no chain runs: only the distributions are looked at)."""
+def _evaluation_normalizers(trace: dict) -> dict:
+    """The traced model's tilted sites whose normalizer is meant for evaluation: ``{site: class name}``."""
     from tilted_priors.inference.numpyro.handlers import find_tilted
     from tilted_priors.numpyro import AnnealedImportance, Importance
 
-    def zeros(site):
-        if site["type"] != "sample" or site["is_observed"]:
-            return None
-        return jnp.zeros(site["fn"].shape(site["kwargs"].get("sample_shape", ())), dtype=jnp.result_type(float))
-
-    try:
-        trace = handlers.trace(handlers.substitute(handlers.seed(model, rng_key), substitute_fn=zeros)).get_trace(
-            *args, **kwargs)
-    except Exception:  # the model cannot run on zeros: the warning is best effort, training will tell
-        return {}
     found = {}
     for name, site in trace.items():
         tilted = find_tilted(site["fn"]) if site["type"] == "sample" else None
@@ -152,8 +141,7 @@ def _evaluation_normalizers(model, rng_key, args: tuple, kwargs: dict) -> dict:
     return found
 
 
-def _latent_sites(model, rng_key, args: tuple, kwargs: dict) -> list[str]:
-    trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*args, **kwargs)
+def _latent_sites(trace: dict) -> list[str]:
     return [name for name, site in trace.items()
             if site["type"] == "sample" and not site["is_observed"] and not site["infer"].get("is_auxiliary")]
 
@@ -216,12 +204,11 @@ class _NumPyroTrainer:
 
     def setup(self, idx: np.ndarray, payload) -> list[str]:
         args, kwargs = self._kwargs(idx)
-        if self.check_latents:
-            latents = _latent_sites(self.model, jax.random.PRNGKey(self.plan.seed), args, kwargs)
-            if latents:
-                raise no_latents_error(latents)
-        warn_evaluation_normalizers(_evaluation_normalizers(self.model, jax.random.PRNGKey(self.plan.seed), args,
-                                                            kwargs))
+        # The model's structure, without chains: its latents, its normalizers, later its registered modules.
+        model_trace = structure_trace(self.model, args, kwargs)
+        if self.check_latents and _latent_sites(model_trace):
+            raise no_latents_error(_latent_sites(model_trace))
+        warn_evaluation_normalizers(_evaluation_normalizers(model_trace))
         # A fresh state from the seed: the run's initial state, or on resume the template whose tree structure
         # receives the checkpoint's leaves.
         state = self.svi.init(jax.random.PRNGKey(self.plan.seed), *args, **kwargs)
@@ -229,7 +216,9 @@ class _NumPyroTrainer:
             init_params = _nest_params(self.init_params, self.svi.get_params(state))
             state = self.svi.init(jax.random.PRNGKey(self.plan.seed), *args, init_params=init_params, **kwargs)
         names = sorted(self.svi.optim.get_params(state.optim_state))
-        warn_unregistered_modules(self.model, self.guide, args, kwargs)
+        # the guide's after svi.init: an autoguide sets itself up on its first run, which must be svi.init's
+        guide_trace = structure_trace(self.guide, args, kwargs)
+        warn_unregistered_modules(self.model, self.guide, traces=[model_trace, guide_trace])
         if payload is not None:
             leaves, treedef = jax.tree_util.tree_flatten(state)
             saved = sorted((k for k in payload if k.startswith(_STATE)), key=lambda k: int(k[len(_STATE):]))

@@ -322,6 +322,7 @@ def bind(name, module):
     return nnx.merge(graphdef, state, rest)
 
 
+@pytest.mark.slow  # trains the model with each guide
 def test_one_model_many_guides():
     energy, decoder = EnergyMLP(LATENT, 8, rngs=0), Decoder(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(decoder, nnx.Param)))

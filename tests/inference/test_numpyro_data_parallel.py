@@ -70,7 +70,7 @@ def report(**results):  # as JSON: a fit result as its parameters, losses and st
 
 def run_script(body: str, timeout: float = 120) -> dict:
     """Run ``MODEL + body`` in a fresh Python with two virtual CPU devices; its last line of output, as JSON."""
-    # first: XLA stops reading its flags at a word it does not parse (conftest's "intra_op_parallelism_threads=1")
+    # the device count first, whatever else the environment's XLA_FLAGS hold
     flags = ("--xla_force_host_platform_device_count=2 " + os.environ.get("XLA_FLAGS", "")).strip()
     env = {**os.environ, "XLA_FLAGS": flags, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", MODEL + textwrap.dedent(body)], env=env, capture_output=True,
@@ -88,6 +88,7 @@ def assert_same_params(got: dict, want: dict, what: str) -> None:
     np.testing.assert_allclose(got["losses"], want["losses"], rtol=RTOL, err_msg=f"{what}: losses")
 
 
+@pytest.mark.slow  # a fresh Python with two devices, compiling
 def test_two_devices_train_as_one():
     """5 updates of the LEBM on two devices (each takes 4 of the 8 data of a batch) give the parameters of one
     device; the state stays replicated on both, and a batch size the devices do not divide is refused."""
@@ -109,6 +110,7 @@ def test_two_devices_train_as_one():
     assert "batch_size=7" in out["error"] and "2 devices" in out["error"] and "multiple of 2" in out["error"]
 
 
+@pytest.mark.slow  # a fresh Python with two devices, compiling
 @pytest.mark.parametrize("first, then", [(2, None), (None, 2)], ids=["two-devices-then-one", "one-device-then-two"])
 def test_resume_across_device_counts(tmp_path, first, then):
     """3 updates on two devices resumed to 6 on one (and the other way) equal a run of 6 that was never interrupted
@@ -124,6 +126,7 @@ def test_resume_across_device_counts(tmp_path, first, then):
     assert out["history"] == 6
 
 
+@pytest.mark.slow  # a fresh Python with two devices, compiling
 def test_mcmc_chains_in_parallel_across_devices():
     """Two Langevin chains, one per device (``chain_method="parallel"``), draw what they draw one after the other."""
     out = run_script("""

@@ -10,7 +10,7 @@ TINY = ["--starts", "6", "--chains-per-start", "2", "--long-steps", "40", "--ima
         "--chains", "2", "--warmup", "20", "--samples", "20", "--max-tree-depth", "4"]
 
 
-@pytest.mark.parametrize("backend", ["pyro", "numpyro"])
+@pytest.mark.parametrize("backend", ["pyro", pytest.param("numpyro", marks=pytest.mark.slow)])  # NumPyro: compiles NUTS
 def test_diagnose_writes_the_report(tmp_path, backend):
     rng = np.random.default_rng(0)
     data = tmp_path / "tiny.npz"
