@@ -23,10 +23,12 @@ __all__ = ["ProcessGroup", "ShardScale", "process_group", "resolve_device"]
 
 @dataclass(frozen=True)
 class ProcessGroup:
-    """This process's place in the default ``torch.distributed`` group: ``rank`` of ``world`` processes."""
+    """This process's place in the default ``torch.distributed`` group: ``rank`` of ``world`` processes, and the
+    device its collectives' tensors live on (``None``: the CPU, gloo; NCCL needs this process's GPU)."""
 
     rank: int
     world: int
+    device: torch.device | None = None
 
     @property
     def is_writer(self) -> bool:
@@ -53,14 +55,13 @@ class ProcessGroup:
             p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
 
-    def agree(self, failed: bool, loss: float, num_params: int, like: torch.Tensor | None = None) -> tuple[int, float]:
+    def agree(self, failed: bool, loss: float, num_params: int) -> tuple[int, float]:
         """One ``all_reduce`` after the loss: ``(processes that failed, the summed loss)``. Raises when the
         processes updated different numbers of parameters (their model took different paths)."""
         import torch.distributed as dist
 
-        device = like.device if like is not None else torch.device("cpu")
         values = torch.tensor([float(failed), 0.0 if failed else loss, num_params, num_params ** 2],
-                              dtype=torch.float64, device=device)
+                              dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         num_failed, total, n, n2 = values.tolist()
         if n2 * self.world != n * n:
@@ -81,9 +82,10 @@ class ProcessGroup:
         """Every process's torch RNG state (a byte tensor), in rank order."""
         import torch.distributed as dist
 
+        state = state.to(self.device) if self.device is not None else state
         out = [torch.empty_like(state) for _ in range(self.world)]
         dist.all_gather(out, state)
-        return out
+        return [s.cpu() for s in out]
 
 
 def process_group(device: torch.device | None = None) -> ProcessGroup | None:

@@ -404,6 +404,8 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     loss = Trace_ELBO() if loss is None else loss
     group = process_group(device)
     device = resolve_device(device, group)
+    if group is not None and device is not None:  # the collectives' own tensors go where the gradients are
+        group = dataclasses.replace(group, device=device)
     writer = group is None or group.is_writer
     plan = make_plan(data, epochs=epochs, num_steps=num_steps, batch_size=batch_size, lr=lr, betas=betas,
                      lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
