@@ -7,22 +7,8 @@ r"""L-lag coupling bounds for the Langevin samplers (torch): how many steps does
 :math:`t` up to the budget (Biswas, Jacob and Vanetti 2019; the formulas and the treatment of pairs that did not
 meet are in :mod:`tilted_priors.inference.diagnostics.coupling`).
 
-**The coupled kernel.** Both samplers propose :math:`z' \sim \mathcal N(\mu(z), h^2 I)`,
-:math:`\mu(z) = z + \tfrac{h^2}{2}\nabla\log\pi(z)`. The two chains' proposals are drawn from the
-reflection-maximal coupling of :math:`\mathcal N(\mu(x), h^2 I)` and :math:`\mathcal N(\mu(y), h^2 I)`
-(Bou-Rabee, Eberle and Zimmer 2020; Jacob, O'Leary and Atchadé 2020, section 4.1): with
-:math:`\zeta = (\mu(x) - \mu(y))/h`, :math:`e = \zeta / \|\zeta\|`, draw :math:`\xi \sim \mathcal N(0, I)` and
-:math:`U \sim \mathcal U(0, 1)`; :math:`x' = \mu(x) + h\xi`, and :math:`y' = x'` (the very same numbers) when
-:math:`U \varphi(\xi) \le \varphi(\xi + \zeta)`, else :math:`y' = \mu(y) + h(\xi - 2 (e^\top \xi) e)`. Each chain
-keeps its own law; the proposals coincide with the largest probability any coupling allows. MALA then accepts
-both proposals with one common uniform, so that two equal proposals are accepted or rejected together. Once a
-pair has met (:math:`X_s = Y_{s-L}`, bit for bit) it stays together: the follower is set to the leader from then
-on.
-
-**What is bounded.** For MALA, the distance to the target :math:`\pi` (its stationary law). For
-``ShortRunLangevin`` (ULA) the distance to ULA's *own* stationary law, which differs from :math:`\pi` by
-:math:`O(h^2)`: the bound says how long the chain takes to forget its start, not how biased it is (compare with
-MALA, or :func:`~tilted_priors.inference.diagnostics.short_vs_long`, for that).
+**The coupled kernel and what is bounded** (the distance to the target for MALA, to ULA's own biased
+stationary law for ``ShortRunLangevin``): see :mod:`tilted_priors.inference.diagnostics.coupling`.
 
 **Cost.** Up to ``num_pairs * (2 * max_steps - lag)`` evaluations of the log density and its gradient, batched
 over the pairs (one batch per chain and step), and ``num_pairs * (max_steps + 1)`` stored distances; the loop
