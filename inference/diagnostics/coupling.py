@@ -26,8 +26,8 @@ longer runs); a lag about the number of steps one means to run is a good start.
 **The coupled kernel.** The Langevin samplers of both backends (``MALA``, ``ShortRunLangevin``) propose
 :math:`z' \sim \mathcal N(\mu(z), h^2 I)`, :math:`\mu(z) = z + \tfrac{h^2}{2}\nabla\log\pi(z)`. The two
 chains' proposals are drawn from the reflection-maximal coupling of :math:`\mathcal N(\mu(x), h^2 I)` and
-:math:`\mathcal N(\mu(y), h^2 I)` (Bou-Rabee, Eberle and Zimmer 2020; Jacob, O'Leary and Atchadé 2020, section 4.1): with
-:math:`\zeta = (\mu(x) - \mu(y))/h`, :math:`e = \zeta / \|\zeta\|`, draw :math:`\xi \sim \mathcal N(0, I)` and
+:math:`\mathcal N(\mu(y), h^2 I)` (Bou-Rabee, Eberle and Zimmer 2020; Jacob, O'Leary and Atchadé 2020,
+section 4.1): with :math:`\zeta = (\mu(x) - \mu(y))/h`, :math:`e = \zeta / \|\zeta\|`, draw :math:`\xi \sim \mathcal N(0, I)` and
 :math:`U \sim \mathcal U(0, 1)`; :math:`x' = \mu(x) + h\xi`, and :math:`y' = x'` (the very same numbers) when
 :math:`U \varphi(\xi) \le \varphi(\xi + \zeta)`, else :math:`y' = \mu(y) + h(\xi - 2 (e^\top \xi) e)`. Each chain
 keeps its own law; the proposals coincide with the largest probability any coupling allows. MALA then accepts
