@@ -23,17 +23,16 @@ never is), and the bound holds for the expectation, so read it with its standard
 and reaches 0 at :math:`t = \max\tau - L`. A larger lag gives a tighter bound for large :math:`t` (at the cost of
 longer runs); a lag about the number of steps one means to run is a good start.
 
-**The coupled kernel.** The Langevin samplers of both backends (``MALA``, ``ShortRunLangevin``) propose
-:math:`z' \sim \mathcal N(\mu(z), h^2 I)`, :math:`\mu(z) = z + \tfrac{h^2}{2}\nabla\log\pi(z)`. The two
-chains' proposals are drawn from the reflection-maximal coupling of :math:`\mathcal N(\mu(x), h^2 I)` and
-:math:`\mathcal N(\mu(y), h^2 I)` (Bou-Rabee, Eberle and Zimmer 2020; Jacob, O'Leary and Atchadé 2020,
-section 4.1): with :math:`\zeta = (\mu(x) - \mu(y))/h`, :math:`e = \zeta / \|\zeta\|`, draw :math:`\xi \sim \mathcal N(0, I)` and
-:math:`U \sim \mathcal U(0, 1)`; :math:`x' = \mu(x) + h\xi`, and :math:`y' = x'` (the very same numbers) when
-:math:`U \varphi(\xi) \le \varphi(\xi + \zeta)`, else :math:`y' = \mu(y) + h(\xi - 2 (e^\top \xi) e)`. Each chain
-keeps its own law; the proposals coincide with the largest probability any coupling allows. MALA then accepts
-both proposals with one common uniform, so that two equal proposals are accepted or rejected together. Once a
-pair has met (:math:`X_s = Y_{s-L}`, bit for bit) it stays together: the follower is set to the leader from then
-on.
+**The coupled kernel.** The Langevin samplers of both backends (``MALA``, ``ShortRunLangevin``) propose :math:`z'
+\sim \mathcal N(\mu(z), h^2 I)`, :math:`\mu(z) = z + \tfrac{h^2}{2}\nabla\log\pi(z)`. The two chains' proposals are
+drawn from the reflection-maximal coupling of :math:`\mathcal N(\mu(x), h^2 I)` and :math:`\mathcal N(\mu(y), h^2
+I)` (Bou-Rabee, Eberle and Zimmer 2020; Jacob, O'Leary and Atchadé 2020, section 4.1): with :math:`\zeta = (\mu(x) -
+\mu(y))/h`, :math:`e = \zeta / \|\zeta\|`, draw :math:`\xi \sim \mathcal N(0, I)` and :math:`U \sim \mathcal U(0,
+1)`; :math:`x' = \mu(x) + h\xi`, and :math:`y' = x'` (the very same numbers) when :math:`U \varphi(\xi) \le
+\varphi(\xi + \zeta)`, else :math:`y' = \mu(y) + h(\xi - 2 (e^\top \xi) e)`. Each chain keeps its own law; the
+proposals coincide with the largest probability any coupling allows. MALA then accepts both proposals with one
+common uniform, so that two equal proposals are accepted or rejected together. Once a pair has met (:math:`X_s =
+Y_{s-L}`, bit for bit) it stays together: the follower is set to the leader from then on.
 
 **What is bounded.** For MALA, the distance to the target :math:`\pi` (its stationary law). For
 ``ShortRunLangevin`` (ULA) the distance to ULA's *own* stationary law, which differs from :math:`\pi` by
