@@ -38,11 +38,13 @@ from tilted_priors.models import runs
 __all__ = ["diagnose"]
 
 
-def _stride(draws: np.ndarray) -> int:
-    """The thinning stride of draws ``(chain, draw, d)`` that keeps about one draw per effective sample."""
+def _stride(draws: np.ndarray, ess_bulk: np.ndarray | None = None) -> int:
+    """The thinning stride of draws ``(chain, draw, d)`` that keeps about one draw per effective sample
+    (``ess_bulk``: their bulk ESS, when already computed)."""
     if draws.shape[1] < 4:
         return 1
-    return max(1, int(round(draws.shape[0] * draws.shape[1] / float(np.min(summary(draws).ess_bulk)))))
+    ess = summary(draws).ess_bulk if ess_bulk is None else ess_bulk
+    return max(1, int(round(draws.shape[0] * draws.shape[1] / float(np.min(ess)))))
 
 
 def _thinned(draws: np.ndarray, stride: int | None = None) -> np.ndarray:
@@ -67,21 +69,24 @@ def _posterior_rows(draws: dict[str, np.ndarray], scores: dict[str, np.ndarray],
         ref = draws["NUTS"][:, :, i]
         ref_flat = ref.reshape(-1, ref.shape[-1])
         ref_mean, ref_sd = ref_flat.mean(0), ref_flat.std(0, ddof=1)
+        ref_thinned = _thinned(ref)
         for name, all_draws in draws.items():
             d = all_draws[:, :, i]
             flat = d.reshape(-1, d.shape[-1])
             row = {"image": i, "method": name, "draws": flat.shape[0],
                    "max mean diff / NUTS sd": float(np.max(np.abs(flat.mean(0) - ref_mean) / ref_sd)),
                    "median sd / NUTS sd": float(np.median(flat.std(0, ddof=1) / ref_sd))}
+            ess = None
             if d.shape[1] >= 4:
                 s = summary(d)
+                ess = s.ess_bulk
                 row.update({"max R-hat": float(s.rhat.max()), "min ESS bulk": float(s.ess_bulk.min())})
-            stride = _stride(d)
+            stride = _stride(d, ess)
             ksd = stein_discrepancy(_thinned(d, stride), _thinned(scores[name][:, :, i], stride), test=True,
                                     seed=seed)
             row.update({"KSD": float(ksd.ksd), "KSD p": float(ksd.p_value)})
             if name != "NUTS":
-                row["p vs NUTS"] = energy_distance(_thinned(d, stride), _thinned(ref), num_permutations=100,
+                row["p vs NUTS"] = energy_distance(_thinned(d, stride), ref_thinned, num_permutations=100,
                                                    seed=seed).p_value
             rows.append(row)
     return rows

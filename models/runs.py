@@ -116,11 +116,11 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    given = dict(backend=backend, data=data, batch_size=batch_size, latent_dim=latent_dim, ngf=ngf, seed=seed,
+                 lr_energy=lr_energy, lr_generator=lr_generator, epochs=epochs, num_steps=num_steps, method=method)
     if _rank() > 0:  # another process of a torchrun: train its shard, leave the folder to rank 0
-        return _train(method, Path(out), resume, False, checkpoint_every, False, eval_size, ll_size,
-                      dict(backend=backend, data=data, batch_size=batch_size, latent_dim=latent_dim, ngf=ngf,
-                           seed=seed, lr_energy=lr_energy, lr_generator=lr_generator, epochs=epochs,
-                           num_steps=num_steps, method=method), devices, writer=False)
+        return _train(method, Path(out), resume, False, checkpoint_every, False, eval_size, ll_size, given,
+                      devices, writer=False)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} exists and is not a folder")
@@ -128,9 +128,7 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
     try:
         with run_lock(out):
             return _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval_size, ll_size,
-                          dict(backend=backend, data=data, batch_size=batch_size, latent_dim=latent_dim, ngf=ngf,
-                               seed=seed, lr_energy=lr_energy, lr_generator=lr_generator, epochs=epochs,
-                               num_steps=num_steps, method=method), devices)
+                          given, devices)
     except BaseException:
         if created and out.is_dir() and {p.name for p in out.iterdir()} <= {"config.json"}:
             for p in out.iterdir():  # a new run that failed before its first checkpoint leaves no folder
