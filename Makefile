@@ -34,9 +34,11 @@ $(AZ1_STAMP): pyproject.toml .ci/constraints.txt
 	$(AZ1_VENV)/bin/python -m pip install -q -c .ci/constraints.txt -e . "arviz==1.*" pytest
 	touch $(AZ1_STAMP)
 
-# The suite: tests and doctests (all but those marked slow, which `make test-slow` and CI run) (two pytest-xdist workers, one per core; tests/conftest.py gives each one XLA
-# and torch thread), the diagnostics under ArviZ 1.x, and the documentation site (tutorials executed, quick mode).
-test: test-suite docs-quick
+# The suite: tests and doctests (all but those marked slow, which `make test-slow` and CI run) and the documentation
+# site in quick mode (tests/docs/test_site.py: the build, tutorials executed), in two pytest-xdist workers, one per
+# core (tests/conftest.py gives each one XLA and torch thread); work stealing lets one worker build the site while
+# the other runs the rest. Then the diagnostics under ArviZ 1.x.
+test: test-suite
 ifneq ($(PY312),)
 	$(MAKE) test-arviz1
 else
@@ -44,12 +46,12 @@ else
 endif
 
 test-suite: $(STAMP)
-	$(VENV)/bin/pytest -q -n 2 -m "not slow" --durations=10 tests
+	$(VENV)/bin/pytest -q -n 2 --dist worksteal -m "not slow" --durations=10 tests
 
 # The tests marked slow (multi-process training and its kills and resumes, long statistical runs): CI runs them
 # after `make test`.
 test-slow: $(STAMP)
-	$(VENV)/bin/pytest -q -n 2 -m slow tests
+	$(VENV)/bin/pytest -q -n 2 --dist worksteal -m slow tests
 
 test-arviz1: $(AZ1_STAMP)
 	$(AZ1_VENV)/bin/pytest -q -p no:cacheprovider tests/inference/test_diagnostics.py tests/test_doctests.py \
@@ -61,7 +63,7 @@ check-install: $(STAMP)
 	TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) $(PY) .ci/check_install.py
 
 # The documentation site, offline, warnings as errors, the tutorials executed at build time: `make docs` in full
-# mode, as the site shows them (docs/_build/html); `make docs-quick` in quick mode, the test suite's check.
+# mode, as the site shows them (docs/_build/html); `make docs-quick` in quick mode, the build the test suite runs.
 docs: $(STAMP)
 	TILTED_PRIORS_QUICK=0 $(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 

@@ -1,6 +1,7 @@
-"""Smoke runs of the SNL reproductions (``benchmarks/tabular_density.py``, ``benchmarks/ebm_regression.py``) with
-``--quick``: each script runs end to end in a subprocess (one compute thread) and prints its markdown table with a
-finite number in every trained model's row."""
+"""Smoke runs with ``--quick`` of the SNL reproductions (``benchmarks/tabular_density.py``,
+``benchmarks/ebm_regression.py``) and of the update-overhead benchmark (``benchmarks/update_overhead.py``): each
+script runs end to end in a subprocess (one compute thread) and prints its markdown table with a finite number in
+every row."""
 from __future__ import annotations
 
 import os
@@ -59,3 +60,16 @@ def test_ebm_regression_quick():
         assert NUMBER.match(nll_is) and NUMBER.match(nll_bound), (label, table[label])
     nll_is, nll_bound = (float(c.split(" ")[0]) for c in table["EBM, SNL (amortised b(x))"][:2])
     assert nll_bound >= nll_is - 0.001  # the bound on the NLL is above the estimate
+
+
+def test_update_overhead_quick():
+    out = run_quick("update_overhead.py")
+    table = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+             if line.startswith("| ") and not line.startswith(("| ---", "| model"))]
+    assert {(row[0], row[1]) for row in table} == {("factor", "pyro"), ("factor", "numpyro"), ("digits", "pyro"),
+                                                   ("digits", "numpyro"), ("svhn", "pyro")}
+    for row in table:
+        library_ms, hand_ms, ratio = (float(c) for c in row[2:5])
+        assert library_ms > 0 and hand_ms > 0 and 0 < ratio < 10, row
+        if row[1] == "numpyro":  # compile times: init + first update, and the hand-written update's
+            assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", row[5]) and float(row[6]) > 0, row

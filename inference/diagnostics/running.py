@@ -20,7 +20,7 @@ def with_steps(sampler, steps: int):
     """A copy of ``sampler`` that runs ``steps`` steps (the samplers are immutable settings objects)."""
     new = copy.copy(sampler)
     object.__setattr__(new, "steps", steps)
-    if hasattr(new, "unroll"):
+    if isinstance(getattr(new, "unroll", None), int):
         object.__setattr__(new, "unroll", min(new.unroll, steps))
     return new
 

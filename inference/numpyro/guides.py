@@ -104,8 +104,8 @@ class ShortRunPosterior:
     model : callable
         The NumPyro model; the guide is called with the model's arguments.
     steps, step_size : int, float or "auto"
-        Of the default ULA sampler (LEBM: 20 x 0.1; default 20 x ``"auto"``), a fully unrolled loop
-        (``unroll=True``).
+        Of the default ULA sampler (LEBM: 20 x 0.1; default 20 x ``"auto"``), its loop unrolled when the model
+        calls a convolution (``unroll="auto"``, see :class:`~tilted_priors.numpyro.ShortRunLangevin`).
     init : {"noise", "prior", "persistent"} or callable
         ``"noise"``: tilted sites from their base (LEBM), other latents from their prior; ``"prior"``: from the
         prior (the tilted prior's own sampler); a guide: from its sample; ``"persistent"``: per-datum chains
@@ -148,8 +148,9 @@ class ShortRunPosterior:
         self._warned = False  # the chain-did-not-move warning is given once per guide
         self._checked = False  # whether the check has run on concrete values
         self.per_datum = bool(per_datum)
-        # Fully unrolled: through a convolutional generator XLA's CPU loop is 4-5x slower (see ShortRunLangevin).
-        self.sampler = ShortRunLangevin(steps, step_size, unroll=True) if sampler is None else sampler
+        # Unrolled through a convolutional generator (XLA's CPU loop is 4-5x slower), rolled for MLPs (compiles
+        # about twice as fast): see ShortRunLangevin's unroll.
+        self.sampler = ShortRunLangevin(steps, step_size, unroll="auto") if sampler is None else sampler
         if isinstance(self.sampler, type) or not callable(getattr(self.sampler, "run", None)):
             raise TypeError(f"sampler must be a sampler instance with .run(rng_key, log_density, init) (e.g. "
                             f"MALA(20, 0.1)), got {self.sampler!r}")
@@ -691,7 +692,7 @@ class RefinedGuide:
     r"""An amortised guide whose sample is refined by a few Langevin steps on the true posterior (Hoffman 2017).
 
     On each call the encoder guide draws :math:`z_0 \sim q_\phi(z \mid x)`; a short chain (default
-    ``ShortRunLangevin(steps, step_size, unroll=True)``) then runs from :math:`z_0` on the model's **unnormalised**
+    ``ShortRunLangevin(steps, step_size, unroll="auto")``) then runs from :math:`z_0` on the model's **unnormalised**
     joint :math:`\log \tilde p(x, z)` (every tilted prior's normalizer off) and its final state :math:`z_K` is
     recorded as ``Delta`` sites inside the model's plates, as :class:`ShortRunPosterior` does. With ``Trace_ELBO``
     the two parts learn from different objectives:

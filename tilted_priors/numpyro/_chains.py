@@ -14,10 +14,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from tilted_priors import _adapt
+from tilted_priors._validation import check_positive_int
 from tilted_priors.numpyro import langevin
 from tilted_priors.numpyro._chain_checks import base_loc_scale, range_ratio, range_scale, tilted_of
 
-__all__ = ["ChainResult", "chain", "lipschitz", "initial_step", "run_jit", "lipschitz_jit"]
+__all__ = ["ChainResult", "chain", "check_unroll", "lipschitz", "initial_step", "run_jit", "lipschitz_jit"]
+
+# Primitives after which a rolled loop is slow on XLA's CPU backend (see check_unroll).
+_UNROLL_PRIMITIVES = frozenset({"conv_general_dilated"})
 
 
 class ChainResult(NamedTuple):
@@ -32,6 +36,45 @@ class ChainResult(NamedTuple):
     step_size: jax.Array  # the step size of the last steps (the adapted one for "auto")
     range_ratio: jax.Array | None = None  # how far out the farthest final position is (see range_ratio)
     range_num: jax.Array | None = None  # chains beyond _adapt.RANGE_FACTOR of it
+
+
+def check_unroll(unroll, steps: int) -> int | str:
+    """The ``unroll`` setting of a sampler of ``steps`` steps: ``True`` -> ``steps``, ``False`` -> 1, an int in
+    ``[1, steps]`` (larger ones are cut to ``steps``) or ``"auto"`` (resolved per log density by
+    :func:`_resolve_unroll`)."""
+    if isinstance(unroll, str):
+        if unroll != "auto":
+            raise ValueError(f"unroll must be an int, True, False or 'auto', got {unroll!r}")
+        return unroll
+    if unroll is True:
+        return steps
+    if unroll is False:
+        return 1
+    return min(check_positive_int("unroll", unroll), steps)
+
+
+def _calls(jaxpr, names: frozenset) -> bool:
+    """Whether ``jaxpr`` (or any jaxpr nested in its equations' parameters) has an equation of a primitive in
+    ``names``."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(inner, "eqns") and _calls(inner, names):
+                    return True
+    return False
+
+
+def _resolve_unroll(unroll, steps: int, log_density, init) -> int:
+    """``unroll="auto"``: all ``steps`` when the log density calls a convolution (XLA's CPU backend runs it several
+    times slower inside a rolled loop), else 1 (an unrolled loop only lengthens compilation)."""
+    if unroll != "auto":
+        return unroll
+    spec = jax.ShapeDtypeStruct(init.shape, init.dtype)
+    jaxpr = jax.make_jaxpr(lambda f, z: f(z))(log_density, spec).jaxpr
+    return steps if _calls(jaxpr, _UNROLL_PRIMITIVES) else 1
 
 
 def _first_bad(first, logdensity, step):
@@ -54,6 +97,7 @@ def chain(kind: str, steps: int, step_size, noise: bool, unroll: int, track: boo
     re-runs with ``track`` (the same keys give the same chain) to name the step.
     """
     init = jnp.asarray(init)
+    unroll = _resolve_unroll(unroll, steps, log_density, init)
     if isinstance(step_size, tuple):
         res = _adaptive_chain(kind, steps, step_size[1], noise, unroll, track, rng_key, log_density, init)
     else:

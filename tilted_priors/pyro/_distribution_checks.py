@@ -7,6 +7,7 @@ parameters.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -133,11 +134,26 @@ def register_normalizer(normalizer, dist) -> None:
     register = getattr(normalizer, "register_params", None)
     if not callable(register):
         return
-    try:
-        takes_dist = len(inspect.signature(register).parameters) > 0
-    except (TypeError, ValueError):
-        takes_dist = False
+    func = getattr(register, "__func__", None)  # a method: its signature is looked up once per function
+    takes_dist = _method_takes_argument(func) if func is not None else _takes_argument(register)
     register(dist) if takes_dist else register()
+
+
+def _takes_argument(fn) -> bool:
+    try:
+        return len(inspect.signature(fn).parameters) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=256)
+def _method_takes_argument(func) -> bool:
+    """Whether the method ``func`` (``self`` aside) takes an argument. Cached: the chains of a model re-run it, and
+    so rebuild its distributions, at every step, and ``inspect.signature`` is slow."""
+    try:
+        return len(inspect.signature(func).parameters) > 1
+    except (TypeError, ValueError):
+        return False
 
 
 def _floating_attribute(obj) -> torch.Tensor | None:

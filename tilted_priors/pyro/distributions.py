@@ -263,11 +263,13 @@ class EnergyTiltedNormal(EnergyTilted):
         # Chains need the Gaussian term only up to a constant and without parameter gradients.
         self._loc_c = loc.detach()
         self._inv_scale_c = scale.detach().reciprocal()
-        self._standard = bool((self._loc_c == 0).all() and (self._inv_scale_c == 1).all())
+        self._standard: bool | None = None  # whether the base is N(0, I): read on the first chain step
         super().__init__(energy, base, context=context, normalizer=normalizer, sampler=sampler,
                          validate_args=validate_args)
 
     def _base_log_density(self, z: torch.Tensor) -> torch.Tensor:
+        if self._standard is None:
+            self._standard = bool((self._loc_c == 0).all() and (self._inv_scale_c == 1).all())
         u = z if self._standard else (z - self._loc_c) * self._inv_scale_c
         return -0.5 * (u * u).sum(-1)
 
@@ -277,7 +279,20 @@ class EnergyTiltedNormal(EnergyTilted):
         return -self._energy(z) - 0.5 * (u * u).sum(-1) - self.scale.log().sum(-1) - 0.5 * d * math.log(2 * math.pi)
 
     def expand(self, batch_shape, _instance=None):
-        shape = torch.Size(batch_shape) + self.event_shape
-        new = EnergyTiltedNormal(self.energy, self.loc.expand(shape), self.scale.expand(shape), context=self.context,
-                                 normalizer=self.normalizer, sampler=self.sampler, validate_args=False)
-        return self._copy_settings(new)
+        batch_shape = torch.Size(batch_shape)
+        shape = batch_shape + self.event_shape
+        if self.context is not None:  # the context's shape takes part: rebuild with its checks
+            new = EnergyTiltedNormal(self.energy, self.loc.expand(shape), self.scale.expand(shape),
+                                     context=self.context, normalizer=self.normalizer, sampler=self.sampler,
+                                     validate_args=False)
+            return self._copy_settings(new)
+        # A copy with expanded views (a data plate expands the prior at every model run, so at every chain step).
+        torch.broadcast_shapes(self.loc.shape, shape)  # raises for a batch shape that does not broadcast
+        new = copy.copy(self)
+        new.loc, new.scale = self.loc.expand(shape), self.scale.expand(shape)
+        new._loc_c, new._inv_scale_c = self._loc_c.expand(shape), self._inv_scale_c.expand(shape)
+        new.base = self.base.expand(batch_shape)
+        new._batch_shape = batch_shape
+        new._log_normalizer = None
+        register_normalizer(new.normalizer, new)
+        return new

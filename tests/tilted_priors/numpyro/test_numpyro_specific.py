@@ -89,6 +89,41 @@ def test_samplers_and_normalizers_are_hashable_immutable_settings():
         MALA(10, -1.0)
 
 
+def _scan_unrolls(fn, *args) -> list:
+    """The ``unroll`` of every scan in ``fn``'s program."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                found.append(eqn.params["unroll"])
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_unroll_auto_unrolls_a_convolutional_log_density_only():
+    kernel = jnp.ones((3, 3, 1, 1)) / 9.0
+
+    def conv(z):  # a 4 x 4 image per chain, smoothed
+        image = z.reshape(z.shape[:-1] + (4, 4, 1))
+        out = jax.lax.conv_general_dilated(image, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return -0.5 * jnp.sum(out.reshape(z.shape) ** 2, -1) - 0.5 * jnp.sum(z ** 2, -1)
+
+    sampler = ShortRunLangevin(6, 0.1, unroll="auto")
+    z0 = jnp.zeros((3, 16))
+    assert _scan_unrolls(lambda z: sampler.run(KEY, conv, z), z0) == [6]
+    assert _scan_unrolls(lambda z: sampler.run(KEY, gaussian, z), z0) == [1]
+    assert repr(sampler).endswith("unroll='auto')") and pickle.loads(pickle.dumps(sampler)) == sampler
+    with pytest.raises(ValueError, match="unroll must be"):
+        ShortRunLangevin(6, 0.1, unroll="full")
+
+
 # --- divergence ----------------------------------------------------------------------------------------------
 def test_divergence_raises_eagerly_with_first_step_and_chain_count():
     # Gradient ascent (no noise) on log pi(z) = z moves every chain by h^2/2 = 0.5 per step; the log density is
