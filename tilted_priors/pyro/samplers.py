@@ -184,10 +184,13 @@ class _Langevin:
         acceptance = 0.0
         last = self.steps if (return_info or self._adjusted) else self.steps - 1
         for i in range(first, last):
-            state, info = self._step(state, log_density, step_size)
+            if return_info or self._adjusted:
+                state, info = self._step(state, log_density, step_size)
+                if return_info:
+                    acceptance = acceptance + info.acceptance_rate
+            else:  # an unadjusted step keeps its proposal: no step information is built
+                state = langevin.proposal(None, state, log_density, step_size, self.noise)
             check_finite(name, state, i + 1, step_size)
-            if return_info:
-                acceptance = acceptance + info.acceptance_rate
         if last < self.steps:
             # The last unadjusted step only moves: its log density and gradient would go unused (as in a
             # hand-written loop), so only the position is checked.
