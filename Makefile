@@ -81,4 +81,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/diagnostics.py
 
 clean:
-	rm -rf $(VENV) $(AZ1_VENV) demo-output .pytest_cache docs/_build
+	rm -rf $(VENV) $(AZ1_VENV) demo-output prior-demo-output .pytest_cache docs/_build

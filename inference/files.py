@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-__all__ = ["atomic_write", "flatten_state", "unflatten_state", "run_lock", "RunFolderLocked",
+__all__ = ["atomic_write", "usual_mode", "flatten_state", "unflatten_state", "run_lock", "RunFolderLocked",
            "remove_stale_temporaries"]
 
 
@@ -35,7 +35,7 @@ def atomic_write(path, write: Callable[[Any], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a new file gets the usual permissions
+        os.chmod(tmp, usual_mode())  # mkstemp makes it 0600; a new file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -55,10 +55,21 @@ def atomic_write(path, write: Callable[[Any], None]) -> None:
         os.close(dir_fd)
 
 
-def _umask() -> int:
+def usual_mode(folder: bool = False) -> int:
+    """The permissions a new file (``0o666``) or folder (``0o777``) gets from ``open`` / ``mkdir`` under the
+    process's umask; what the files this package writes through temporary files (made ``0o600`` / ``0o700``) are
+    given.
+
+    Examples
+    --------
+    >>> old = os.umask(0o022)
+    >>> oct(usual_mode()), oct(usual_mode(folder=True))
+    ('0o644', '0o755')
+    >>> _ = os.umask(old)
+    """
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def flatten_state(state: Mapping, prefix: str = "") -> dict:

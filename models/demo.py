@@ -45,7 +45,6 @@ def run_demo(out: str | os.PathLike, num: int = 2000, seed: int = 0) -> dict:
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     prior = tp.EnergyTiltedNormal(ring_energy, jnp.zeros(2), jnp.ones(2))
     short = np.asarray(prior.sample_with(k1, tp.ShortRunLangevin(60, 0.4), (num,)))  # LEBM's prior chain
@@ -75,6 +74,7 @@ def run_demo(out: str | os.PathLike, num: int = 2000, seed: int = 0) -> dict:
         ax.set_aspect("equal")
     fig.suptitle(f"AIS log Z = {summary['log_z_ais']:.3f} ± {summary['log_z_ais_stderr']:.3f} (exact 0)")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
+    out.mkdir(parents=True, exist_ok=True)  # only once everything is computed: a failed run leaves no folder
     fig.savefig(out / "prior_samples.png", dpi=110)
     plt.close(fig)
     (out / "prior_summary.json").write_text(json.dumps(summary, indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,11 +18,12 @@ from types import SimpleNamespace
 import numpy as np
 
 from tilted_priors.inference.checkpoints import CheckpointError
-from tilted_priors.inference.files import atomic_write, run_lock
+from tilted_priors.inference.files import atomic_write, run_lock, usual_mode
 from tilted_priors.models import data as datasets
 from tilted_priors.models import metrics, runfolder
 
-__all__ = ["METHODS", "BACKENDS", "DEFAULTS", "train", "evaluate", "sample", "save_grid", "load"]
+__all__ = ["METHODS", "BACKENDS", "DEFAULTS", "EVALUATION", "train", "evaluate", "evaluation_folder", "sample",
+           "save_grid", "save_pairs", "load"]
 
 METHODS = ("lebm", "abp")  # LEBM, and its generator with a Normal prior (alternating back-propagation)
 BACKENDS = ("pyro", "numpyro")
@@ -68,7 +70,28 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int = 8) -> Pat
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = im
     path = Path(path)
     plt.imsave(path, grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    os.chmod(path, usual_mode())
     return path
+
+
+def save_pairs(x: np.ndarray, x_hat: np.ndarray, path: str | os.PathLike, ncol: int = 8) -> Path:
+    """Images and their reconstructions as one PNG: rows of up to ``ncol`` images, each row followed by the row of
+    their reconstructions (a short last row is padded with white), so each reconstruction sits under its image
+    for any number of images."""
+    n = len(x)
+    if n == 0 or len(x_hat) != n:
+        raise ValueError(f"save_pairs needs as many reconstructions as images (at least one), got {n} and "
+                         f"{len(x_hat)}")
+    ncol = min(ncol, n)
+    pad = np.ones(((-n) % ncol,) + x.shape[1:], dtype=np.float32)
+    x, x_hat = np.concatenate([x, pad]), np.concatenate([x_hat, pad])
+    rows = [np.concatenate([x[i:i + ncol], x_hat[i:i + ncol]]) for i in range(0, len(x), ncol)]
+    return save_grid(np.concatenate(rows), path, ncol=ncol)
+
+
+#: Defaults of :func:`evaluate`: test images for the reconstruction error and for the log-likelihood, importance
+#: samples per image, annealed-importance chains for the prior's log Z, prior samples for the Fréchet distance.
+EVALUATION = {"eval_size": 500, "ll_size": 200, "importance_samples": 64, "log_z_chains": 500, "num_samples": 1000}
 
 
 #: Defaults of :func:`train` for a new run (a resumed run takes the settings it was trained with).
@@ -98,8 +121,9 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
           epochs: int | None = None, num_steps: int | None = None, batch_size: int | None = None,
           latent_dim: int | None = None, ngf: int | None = None, lr_energy: float | None = None,
           lr_generator: float | None = None, seed: int | None = None, resume: bool = False, progress: bool = True,
-          checkpoint_every: int = 200, evaluate_after: bool = True, eval_size: int = 500,
-          ll_size: int = 200, devices: int | None = None) -> dict:
+          checkpoint_every: int = 200, evaluate_after: bool = True, eval_size: int = EVALUATION["eval_size"],
+          ll_size: int = EVALUATION["ll_size"], importance_samples: int = EVALUATION["importance_samples"],
+          log_z_chains: int = EVALUATION["log_z_chains"], devices: int | None = None) -> dict:
     """Train ``method`` on ``data`` with ``backend``'s own SVI, save the run, and (by default) evaluate it.
 
     ``lebm``: :class:`~tilted_priors.inference.pyro.ShortRunPosterior` guide (20 x 0.1) with the tilted prior's contrastive
@@ -116,10 +140,12 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    evaluation = dict(eval_size=eval_size, ll_size=ll_size, importance_samples=importance_samples,
+                      log_z_chains=log_z_chains)
     given = dict(backend=backend, data=data, batch_size=batch_size, latent_dim=latent_dim, ngf=ngf, seed=seed,
                  lr_energy=lr_energy, lr_generator=lr_generator, epochs=epochs, num_steps=num_steps, method=method)
     if _rank() > 0:  # another process of a torchrun: train its shard, leave the folder to rank 0
-        return _train(method, Path(out), resume, False, checkpoint_every, False, eval_size, ll_size, given,
+        return _train(method, Path(out), resume, False, checkpoint_every, False, evaluation, given,
                       devices, writer=False)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -127,7 +153,7 @@ def train(method: str = "lebm", *, backend: str | None = None, data: str | None 
     created = not out.exists()
     try:
         with run_lock(out):
-            return _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval_size, ll_size,
+            return _train(method, out, resume, progress, checkpoint_every, evaluate_after, evaluation,
                           given, devices)
     except BaseException:
         if created and out.is_dir() and {p.name for p in out.iterdir()} <= {"config.json"}:
@@ -142,7 +168,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
-def _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval_size, ll_size, given,
+def _train(method, out, resume, progress, checkpoint_every, evaluate_after, evaluation, given,
            devices=None, writer: bool = True) -> dict:
     settings = _settings(out, resume, given)
     backend = settings["backend"]
@@ -182,7 +208,7 @@ def _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval
     config["train_seconds"] = time.perf_counter() - start
     config["steps"] = result.steps
     _write_json(out / "config.json", config)
-    return evaluate(out, eval_size=eval_size, ll_size=ll_size) if evaluate_after else {}
+    return evaluate(out, **evaluation, progress=progress) if evaluate_after else {}
 
 
 def _build(b: SimpleNamespace, config: dict):
@@ -214,46 +240,149 @@ def load(run_dir: str | os.PathLike):
     return b.evaluate.load_params(_build(b, config), weights, config=runfolder.network_config(config)), config, b
 
 
-def evaluate(run_dir: str | os.PathLike, *, eval_size: int = 500, ll_size: int = 200, num_samples: int = 1000,
-             cache_dir: str | os.PathLike | None = None) -> dict:
-    """Samples, reconstructions and metrics of a trained run; writes the PNGs and ``metrics.json``.
+def evaluation_folder(run_dir: str | os.PathLike, *, eval_size: int = EVALUATION["eval_size"],
+                      ll_size: int = EVALUATION["ll_size"], importance_samples: int = EVALUATION["importance_samples"],
+                      log_z_chains: int = EVALUATION["log_z_chains"],
+                      num_samples: int = EVALUATION["num_samples"]) -> Path:
+    """Where ``tilted-priors evaluate`` writes by default: ``RUN/evaluations/<settings>``, one folder per setting
+    (``test500-ll200-is64-ais500-prior1000``), so an evaluation never overwrites the run's own ``metrics.json`` or
+    another evaluation's numbers.
 
-    Metrics: reconstruction MSE of ``eval_size`` test images (short-run posterior, LEBM's inference), the
-    Fréchet distance between ``num_samples`` prior samples and test images in the feature space of a classifier
-    trained on the labelled training split (MNIST; none for unlabelled user data) (:func:`tilted_priors.models.metrics.train_feature_net`, cached), and the importance-sampled
-    test log-likelihood (nats per image; :func:`tilted_priors.models.pyro.evaluate.log_likelihood`) of ``ll_size`` test images.
+    Examples
+    --------
+    >>> evaluation_folder("runs/lebm", ll_size=100).as_posix()
+    'runs/lebm/evaluations/test500-ll100-is64-ais500-prior1000'
     """
+    name = f"test{eval_size}-ll{ll_size}-is{importance_samples}-ais{log_z_chains}-prior{num_samples}"
+    return Path(run_dir) / "evaluations" / name
+
+
+def evaluate(run_dir: str | os.PathLike, *, eval_size: int = EVALUATION["eval_size"],
+             ll_size: int = EVALUATION["ll_size"], num_samples: int = EVALUATION["num_samples"],
+             importance_samples: int = EVALUATION["importance_samples"],
+             log_z_chains: int = EVALUATION["log_z_chains"], out: str | os.PathLike | None = None,
+             progress: bool = False, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Samples, reconstructions and metrics of a trained run; writes ``samples.png``, ``reconstructions.png`` and
+    ``metrics.json`` into ``out`` (default: the run folder, what training's own evaluation writes; the command
+    line's ``evaluate`` writes into :func:`evaluation_folder` instead).
+
+    Metrics: reconstruction MSE of ``eval_size`` test images (short-run posterior, LEBM's inference; pixels in
+    [-1, 1]), the Fréchet distance between ``num_samples`` prior samples and test images in the feature space of a
+    classifier trained on the labelled training split (MNIST; none for unlabelled user data)
+    (:func:`tilted_priors.models.metrics.train_feature_net`, cached), and the importance-sampled test
+    log-likelihood (nats per image; :func:`tilted_priors.models.pyro.evaluate.log_likelihood`) of ``ll_size`` test
+    images with ``importance_samples`` samples each and the prior's log Z from ``log_z_chains`` AIS chains.
+    ``metrics.json`` describes itself (its ``"description"``: units, methods, sample sizes, the quantiles of the
+    per-image log-likelihoods). ``progress`` shows a progress bar over the evaluation's stages.
+    """
+    for name, value in (("eval_size", eval_size), ("ll_size", ll_size), ("num_samples", num_samples),
+                        ("importance_samples", importance_samples), ("log_z_chains", log_z_chains)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     run_dir = Path(run_dir)
     runfolder.read_config(run_dir / "config.json")  # a run folder (checked before the lock would create one)
+    out = run_dir if out is None else Path(out)
+    settings = {"eval_size": int(eval_size), "ll_size": int(ll_size), "num_samples": int(num_samples),
+                "importance_samples": int(importance_samples), "log_z_chains": int(log_z_chains)}
     with run_lock(run_dir):
-        return _evaluate(run_dir, eval_size, ll_size, num_samples, cache_dir)
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            return _evaluate(run_dir, out, settings, progress, cache_dir)
+        except BaseException:
+            if created:  # an evaluation that fails leaves no folder of its own behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
-def _evaluate(run_dir: Path, eval_size: int, ll_size: int, num_samples: int, cache_dir) -> dict:
+_STAGES = ("prior samples", "reconstructions", "Fréchet distance", "log-likelihood (AIS log Z, importance sampling)")
+
+
+def _evaluate(run_dir: Path, out: Path, settings: dict, progress: bool, cache_dir) -> dict:
+    from tqdm.auto import tqdm
+
     lvm, config, b = load(run_dir)
     seed = config["seed"]
     train, test = _load_data(config["data"], seed)
     x_test = test.x
-    x_eval = x_test[:eval_size]
+    x_eval = x_test[:settings["eval_size"]]
+    num_samples = settings["num_samples"]
+    stages = [s for s in _STAGES if train.y is not None or s != "Fréchet distance"]
+    bar = tqdm(total=len(stages), desc="evaluate", unit="stage", disable=not progress, leave=False)
     t0 = time.perf_counter()
-    samples = b.evaluate.sample_images(lvm, max(num_samples, 64), seed=seed)
-    save_grid(samples[:64], run_dir / "samples.png")
-    recon = b.evaluate.reconstruct(lvm, x_eval, seed=seed)
-    save_grid(np.concatenate([x_eval[:32], recon[:32]]), run_dir / "reconstructions.png")
-    result = {"mse": metrics.reconstruction_mse(x_eval, recon)}
-    if train.y is not None:  # a labelled data set: the feature classifier of the Fréchet distance can be trained
-        net = metrics.train_feature_net(train.x, train.y, seed=0,
-                                        cache_dir=cache_dir or Path.home() / ".cache" / "tilted-priors")
-        result["frechet_distance"] = metrics.frechet_distance(x_test[:num_samples], samples[:num_samples], net)
-        result["feature_net_test_accuracy"] = net.accuracy(x_test, test.y)
-    ll = b.evaluate.log_likelihood(lvm, x_test[:ll_size], seed=seed)
-    result.update({"test_log_likelihood": metrics.summarize_log_likelihood(ll["per_datum"]),
-                   "test_log_likelihood_per_datum": [float(v) for v in ll["per_datum"]],
+    try:
+        bar.set_description(f"evaluate: {stages[0]}")
+        samples = b.evaluate.sample_images(lvm, max(num_samples, 64), seed=seed)
+        save_grid(samples[:64], out / "samples.png")
+        bar.update()
+        bar.set_description("evaluate: reconstructions")
+        recon = b.evaluate.reconstruct(lvm, x_eval, seed=seed)
+        save_pairs(x_eval[:32], recon[:32], out / "reconstructions.png")
+        bar.update()
+        result = {"mse": metrics.reconstruction_mse(x_eval, recon)}
+        if train.y is not None:  # a labelled data set: the feature classifier of the Fréchet distance can be trained
+            bar.set_description("evaluate: Fréchet distance")
+            net = metrics.train_feature_net(train.x, train.y, seed=0,
+                                            cache_dir=cache_dir or Path.home() / ".cache" / "tilted-priors")
+            result["frechet_distance"] = metrics.frechet_distance(x_test[:num_samples], samples[:num_samples], net)
+            result["feature_net_test_accuracy"] = net.accuracy(x_test, test.y)
+            bar.update()
+        bar.set_description(f"evaluate: {_STAGES[-1]}")
+        x_ll = x_test[:settings["ll_size"]]
+        ll = b.evaluate.log_likelihood(lvm, x_ll, num_samples=settings["importance_samples"],
+                                       log_z_chains=settings["log_z_chains"], seed=seed)
+        bar.update()
+    finally:
+        bar.close()
+    per_datum = np.asarray(ll["per_datum"], dtype=np.float64)
+    result.update({"test_log_likelihood": {**metrics.summarize_log_likelihood(per_datum),
+                                           **_quantiles(per_datum)},
+                   "test_log_likelihood_per_datum": [float(v) for v in per_datum],
                    "log_z": ll["log_z"], "log_z_stderr": ll["log_z_stderr"],
                    "eval_seconds": time.perf_counter() - t0, "method": config["method"],
                    "backend": config["backend"], "train_steps": config.get("steps")})
-    _write_json(run_dir / "metrics.json", result)
+    result["description"] = _description(config, settings, len(x_eval), len(x_ll), train.y is not None,
+                                         min(num_samples, len(x_test)))
+    _write_json(out / "metrics.json", result)
     return result
+
+
+def _quantiles(values: np.ndarray) -> dict:
+    """The spread of per-image values: min, 5/25/50/75/95% quantiles, max."""
+    q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"min": float(values.min()), "q05": float(q[0]), "q25": float(q[1]), "median": float(q[2]),
+            "q75": float(q[3]), "q95": float(q[4]), "max": float(values.max())}
+
+
+def _description(config: dict, settings: dict, n_eval: int, n_ll: int, labelled: bool, n_fd: int) -> dict:
+    """What each number of ``metrics.json`` is: units, method, sample sizes (written into the file)."""
+    ebm = config["method"] == "lebm"
+    text = {
+        "mse": (f"reconstruction mean squared error per pixel, pixels scaled to [-1, 1] (so 0.01 is an RMS error "
+                f"of 0.1, 5% of the range); {n_eval} test images, each reconstructed by the generator from the "
+                f"short-run posterior chain used in training ({config['posterior_steps']} Langevin steps of "
+                f"{config['posterior_step_size']:g} from noise)"),
+        "test_log_likelihood": (
+            f"log p(x) in nats per image (a density over [-1, 1]-scaled pixels, so it can be positive), estimated "
+            f"for {n_ll} test images by importance sampling with {settings['importance_samples']} samples per image "
+            "from a Laplace approximation of the posterior; mean and standard error over the images (stderr: the "
+            "spread over the test set, not the Monte Carlo error), with the quantiles of the per-image values "
+            "(their spread is wide: an image the model explains well can score hundreds of nats above a poor one); "
+            "the per-image values are in test_log_likelihood_per_datum"),
+        "log_z": ((f"the tilted prior's log normalising constant, by annealed importance sampling with "
+                   f"{settings['log_z_chains']} chains of 200 temperatures (MALA moves), subtracted from every "
+                   "log-likelihood; log_z_stderr is its standard error") if ebm
+                  else "0: the prior is a standard Normal (normalised)"),
+        "eval_seconds": "wall time of the evaluation, in seconds",
+        "train_steps": "training updates of the evaluated weights",
+    }
+    if labelled:
+        text["frechet_distance"] = (
+            f"Fréchet distance between Gaussians fitted to {settings['num_samples']} prior samples and {n_fd} test "
+            "images in the 64-d feature space of a small classifier trained on the training split (lower is better; "
+            "training vs test images of MNIST score about 1.4); feature_net_test_accuracy is that classifier's "
+            "test accuracy")
+    return {"settings": settings, "metrics": text}
 
 
 def sample(run_dir: str | os.PathLike, n: int = 64, *, out: str | os.PathLike | None = None, seed: int = 0) -> Path:

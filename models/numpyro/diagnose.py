@@ -5,6 +5,8 @@ See :mod:`tilted_priors.models.diagnose` for what the report compares.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,20 +52,25 @@ def posterior_scores(lvm, x: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def posterior_draws(lvm, x: np.ndarray, *, short_chains: int, steps: int, step_size: float, num_chains: int,
-                    num_warmup: int, num_samples: int, max_tree_depth: int, seed: int = 0) -> dict[str, np.ndarray]:
+                    num_warmup: int, num_samples: int, max_tree_depth: int, seed: int = 0,
+                    on_method: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """Posterior draws of ``z`` for the images ``x`` ``(K, H, W, C)`` by three methods, ``(chain, draw, K, d)``:
     the short-run guide (``short_chains`` independent chains, one draw each), MALA and NUTS (the backend's own
-    ``MCMC``, ``num_chains`` chains each)."""
+    ``MCMC``, ``num_chains`` chains each, without NumPyro's progress bar). ``on_method(name)``, when given, is
+    called before each method runs (for a progress bar)."""
+    announce = on_method if on_method is not None else (lambda name: None)
     k_guide, k_mala, k_nuts = jax.random.split(jax.random.PRNGKey(seed), 3)
     guide = ShortRunPosterior(lvm.model, steps=steps, step_size=step_size)
     images = jnp.asarray(x)
     k, d = images.shape[0], lvm.latent_dim
+    announce("short-run guide")
     z = handlers.seed(guide, k_guide)(jnp.tile(images, (short_chains, 1, 1, 1)))["z"]
     draws = {"short-run guide": np.asarray(z).reshape(short_chains, 1, k, d)}
     kernels = {"MALA": (Langevin(lvm.model, step_size=0.05), k_mala),
                # Without its normalizer term (constant in z; the contrastive one would draw prior samples).
                "NUTS": (NUTS(normalizer(lvm.model, Unnormalized()), max_tree_depth=max_tree_depth), k_nuts)}
     for name, (kernel, key) in kernels.items():
+        announce(name)
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                     chain_method="sequential", progress_bar=False)
         mcmc.run(key, images)

@@ -147,15 +147,16 @@ def _laplace_proposal(lvm, prior, xb, start, inflate: float, newton_steps: int =
 
 def log_likelihood(lvm, x: np.ndarray, *, num_samples: int = 64, num_chains: int = 4, steps: int = 60,
                    step_size: float = 0.1, inflate: float = 1.2, ais: AnnealedImportance | None = None,
-                   seed: int = 0, batch_size: int = 50) -> dict:
+                   log_z_chains: int = 500, seed: int = 0, batch_size: int = 50) -> dict:
     r"""Per-datum importance-sampling test log-likelihood (nats), with the prior's AIS :math:`\log Z`.
 
-    The Laplace proposal of :func:`tilted_priors.models.pyro.evaluate.log_likelihood`. Returns ``{"per_datum": array,
-    "per_datum_stderr": array, "log_z": float, "log_z_stderr": float}`` (``log_z`` 0 for a Normal prior).
+    The Laplace proposal and the AIS settings of :func:`tilted_priors.models.pyro.evaluate.log_likelihood`.
+    Returns ``{"per_datum": array, "per_datum_stderr": array, "log_z": float, "log_z_stderr": float}`` (``log_z``
+    0 for a Normal prior).
     """
     k_ais = jax.random.PRNGKey(seed)
     if lvm.prior_kind == "ebm":
-        est = (ais or AnnealedImportance(500, 200, kernel=MALA(2, 0.3))).estimate(lvm.prior(()), k_ais)
+        est = (ais or AnnealedImportance(log_z_chains, 200, kernel=MALA(2, 0.3))).estimate(lvm.prior(()), k_ais)
         log_z, log_z_se = float(est.log_z), float(est.stderr)
         prior = lvm.prior(()).replace(normalizer=Unnormalized())
     else:

@@ -5,6 +5,8 @@ See :mod:`tilted_priors.models.diagnose` for what the report compares.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -51,20 +53,25 @@ def posterior_scores(lvm, x: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def posterior_draws(lvm, x: np.ndarray, *, short_chains: int, steps: int, step_size: float, num_chains: int,
-                    num_warmup: int, num_samples: int, max_tree_depth: int, seed: int = 0) -> dict[str, np.ndarray]:
+                    num_warmup: int, num_samples: int, max_tree_depth: int, seed: int = 0,
+                    on_method: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """Posterior draws of ``z`` for the images ``x`` ``(K, H, W, C)`` by three methods, ``(chain, draw, K, d)``:
     the short-run guide (``short_chains`` independent chains, one draw each), MALA and NUTS (the backend's own
-    ``MCMC``, ``num_chains`` chains each, run one after another)."""
+    ``MCMC``, ``num_chains`` chains each, run one after another, without Pyro's progress bar). ``on_method(name)``,
+    when given, is called before each method runs (for a progress bar)."""
+    announce = on_method if on_method is not None else (lambda name: None)
     pyro.set_rng_seed(seed)
     images = torch.as_tensor(x, dtype=torch.get_default_dtype())
     k, d = images.shape[0], lvm.latent_dim
     guide = ShortRunPosterior(lvm.model, steps=steps, step_size=step_size)
+    announce("short-run guide")
     z = guide(images.repeat(short_chains, 1, 1, 1))["z"].detach()
     draws = {"short-run guide": z.numpy().reshape(short_chains, 1, k, d)}
     kernels = {"MALA": lambda: Langevin(lvm.model, step_size=0.05),
                # Without its normalizer term: the contrastive term would draw prior samples at every gradient.
                "NUTS": lambda: NUTS(normalizer(lvm.model, Unnormalized()), max_tree_depth=max_tree_depth)}
     for name, kernel in kernels.items():
+        announce(name)
         chains = []
         for _ in range(num_chains):  # in this process, with a fresh kernel each (Pyro's kernels keep their set-up)
             mcmc = MCMC(kernel(), num_samples=num_samples, warmup_steps=num_warmup, num_chains=1,

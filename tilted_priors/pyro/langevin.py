@@ -159,13 +159,10 @@ def move(rng_key: torch.Generator | None, state: LangevinState, step_size: float
     [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
     """
     z = state.position
-    drift = 0.5 * step_size * step_size
-    if not noise:
-        return z + drift * state.logdensity_grad
-    # Fused in place on the fresh noise tensor (one allocation; the state's tensors are detached).
-    moved = torch.randn(z.shape, generator=rng_key, dtype=z.dtype, device=z.device).mul_(step_size)
-    return moved.add_(state.logdensity_grad, alpha=drift).add_(z) if isinstance(drift, float) else \
-        moved.add_(drift * state.logdensity_grad).add_(z)
+    moved = z + (0.5 * step_size * step_size) * state.logdensity_grad
+    if noise:
+        moved = moved + step_size * torch.randn(z.shape, generator=rng_key, dtype=z.dtype, device=z.device)
+    return moved
 
 
 def ula_step(rng_key: torch.Generator | None, state: LangevinState, logdensity_fn: LogDensityFn,
