@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hand_lebm import numpyro_update, pyro_update  # noqa: E402
 from samplers import compare  # noqa: E402  (the same alternating timing as the sampler benchmark)
 
 import jax  # noqa: E402
@@ -29,7 +30,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pyro  # noqa: E402
-import pyro.distributions as pdist  # noqa: E402
 import torch  # noqa: E402
 
 from tilted_priors.models.data import load_mnist  # noqa: E402
@@ -52,25 +52,10 @@ def pyro_pair(x: np.ndarray, ngf: int):
     def library():
         svi.step(xt)
 
-    E, G = build((28, 28, 1), D, ngf=ngf, seed=0).energy, build((28, 28, 1), D, ngf=ngf, seed=0).generator
-    opt = torch.optim.Adam(list(E.parameters()) + list(G.parameters()), lr=1e-4, betas=(0.5, 0.999))
-
-    def ula(logp, z, steps, h):
-        for _ in range(steps):
-            z = z.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(logp(z), z)
-            z = z + 0.5 * h * h * g + h * torch.randn_like(z)
-        return z.detach()
-
-    def hand():
-        lik = lambda z: pdist.Normal(G(z), SD).log_prob(xt).sum()
-        z_pos = ula(lambda z: lik(z) - E(z).sum() - 0.5 * (z * z).sum(), torch.randn(B, D), *POST)
-        z_neg = ula(lambda z: -E(z).sum() - 0.5 * (z * z).sum(), torch.randn(B, D), *PRIOR)
-        loss = -(lik(z_pos) - E(z_pos).sum() + E(z_neg).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    fresh = build((28, 28, 1), D, ngf=ngf, seed=0)
+    E, G = fresh.energy, fresh.generator
+    optimizer = torch.optim.Adam(list(E.parameters()) + list(G.parameters()), lr=1e-4, betas=(0.5, 0.999))
+    hand = pyro_update(E, G, xt, D, SD, POST, PRIOR, optimizer)
     return library, hand
 
 
@@ -90,43 +75,9 @@ def numpyro_pair(x: np.ndarray, ngf: int):
         state[0], loss = update(state[0], xj)
         loss.block_until_ready()
 
-    from flax import nnx
-
-    g_def, g_params = nnx.split(lvm.generator)
-    e_def, e_params = nnx.split(lvm.energy)
-    params = {"g": g_params, "e": e_params}
-    opt = optax.adam(1e-4, b1=0.5)
-    hand_state = [params, opt.init(params), jax.random.PRNGKey(1)]
-
-    def ula(logp, z, key, steps, h, unroll):
-        grad = jax.grad(logp)
-
-        def body(z, k):
-            return z + 0.5 * h * h * grad(z) + h * jax.random.normal(k, z.shape), None
-
-        return jax.lax.stop_gradient(jax.lax.scan(body, z, jax.random.split(key, steps), unroll=unroll)[0])
-
-    @jax.jit
-    def step(params, opt_state, key):
-        keys = jax.random.split(key, 5)
-        G = lambda p, z: nnx.merge(g_def, p["g"])(z)
-        E = lambda p, z: nnx.merge(e_def, p["e"])(z)
-        lik = lambda p, z: jax.scipy.stats.norm.logpdf(xj, G(p, z), SD).sum()
-        z_pos = ula(lambda z: lik(params, z) - E(params, z).sum() - 0.5 * (z * z).sum(),
-                    jax.random.normal(keys[0], (B, D)), keys[1], *POST, True)
-        z_neg = ula(lambda z: -E(params, z).sum() - 0.5 * (z * z).sum(), jax.random.normal(keys[2], (B, D)),
-                    keys[3], *PRIOR, 1)
-        loss, grads = jax.value_and_grad(
-            lambda p: -(lik(p, z_pos) - E(p, z_pos).sum() + E(p, z_neg).sum()))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, keys[4], loss
-
-    def hand():
-        p, o, k = hand_state
-        p, o, k, loss = step(p, o, k)
-        hand_state[:] = [p, o, k]
-        loss.block_until_ready()
-
+    # The same loop unrolling as the library: full for the (convolutional) posterior chain, rolled for the prior.
+    hand = numpyro_update(lvm.energy, lvm.generator, xj, D, SD, POST, PRIOR, optax.adam(1e-4, b1=0.5),
+                          unroll=(True, 1))
     return library, hand
 
 

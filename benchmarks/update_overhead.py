@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hand_lebm import numpyro_update, pyro_update  # noqa: E402
 from timing import compare, timed  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -86,25 +87,8 @@ def pyro_pair(model_name: str, x: np.ndarray):
         svi.step(xt)
 
     E, G = networks()
-    opt = torch.optim.Adam(list(E.parameters()) + list(G.parameters()), lr=1e-4)
-    n = x.shape[0]
-
-    def ula(logp, z, steps, h):
-        for _ in range(steps):
-            z = z.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(logp(z), z)
-            z = z + 0.5 * h * h * g + h * torch.randn_like(z)
-        return z.detach()
-
-    def hand():
-        lik = lambda z: dist.Normal(G(z), SD).log_prob(xt).sum()
-        z_pos = ula(lambda z: lik(z) - E(z).sum() - 0.5 * (z * z).sum(), torch.randn(n, d), *POST)
-        z_neg = ula(lambda z: -E(z).sum() - 0.5 * (z * z).sum(), torch.randn(n, d), *PRIOR)
-        loss = -(lik(z_pos) - E(z_pos).sum() + E(z_neg).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    hand = pyro_update(E, G, xt, d, SD, POST, PRIOR, torch.optim.Adam(list(E.parameters()) + list(G.parameters()),
+                                                                      lr=1e-4))
     return library, hand
 
 
@@ -216,40 +200,7 @@ def numpyro_pair(model_name: str, x: np.ndarray):
     compile_s["first_update"] = timed(library)
 
     E, G = networks()
-    (e_def, e_params), (g_def, g_params) = nnx.split(E), nnx.split(G)
-    params = {"e": e_params, "g": g_params}
-    opt = optax.adam(1e-4)
-    hand_state = [params, opt.init(params), jax.random.PRNGKey(1)]
-    n = x.shape[0]
-
-    def ula(logp, z, key, steps, h):
-        grad = jax.grad(logp)
-
-        def body(z, k):
-            return z + 0.5 * h * h * grad(z) + h * jax.random.normal(k, z.shape), None
-
-        return jax.lax.stop_gradient(jax.lax.scan(body, z, jax.random.split(key, steps))[0])
-
-    @jax.jit
-    def step(params, opt_state, key):
-        keys = jax.random.split(key, 5)
-        Ef = lambda p, z: nnx.merge(e_def, p["e"])(z)
-        lik = lambda p, z: jax.scipy.stats.norm.logpdf(xj, nnx.merge(g_def, p["g"])(z), SD).sum()
-        z_pos = ula(lambda z: lik(params, z) - Ef(params, z).sum() - 0.5 * (z * z).sum(),
-                    jax.random.normal(keys[0], (n, d)), keys[1], *POST)
-        z_neg = ula(lambda z: -Ef(params, z).sum() - 0.5 * (z * z).sum(), jax.random.normal(keys[2], (n, d)),
-                    keys[3], *PRIOR)
-        loss, grads = jax.value_and_grad(lambda p: -(lik(p, z_pos) - Ef(p, z_pos).sum() + Ef(p, z_neg).sum()))(
-            params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, keys[4], loss
-
-    def hand():
-        p, o, k = hand_state
-        p, o, k, loss = step(p, o, k)
-        hand_state[:] = [p, o, k]
-        loss.block_until_ready()
-
+    hand = numpyro_update(E, G, xj, d, SD, POST, PRIOR, optax.adam(1e-4))
     compile_s["hand_first_update"] = timed(hand)
     return library, hand, compile_s
 
