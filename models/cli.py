@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=_positive(int), help=f"default: {DEFAULTS['batch_size']}{resumed}")
     tr.add_argument("--latent-dim", type=_positive(int), help=f"default: {DEFAULTS['latent_dim']}{resumed}")
     tr.add_argument("--ngf", type=_positive(int),
-                    help=f"generator width; default: {DEFAULTS['ngf']} on both backends (the demo uses "
-                         f"{DEMO['ngf']}; the paper's SVHN network uses 64){resumed}")
+                    help=f"generator width; default: 32 for 28x28 images, the paper's 64 for 32x32 and 64x64, on "
+                         f"both backends (the demo uses {DEMO['ngf']}){resumed}")
     tr.add_argument("--lr-energy", type=_positive(float),
                     help=f"default: the paper's {LEBM['lr_energy']:g} on both backends (the demo uses "
                          f"{DEMO['lr_energy']:g}){resumed}")

@@ -22,8 +22,8 @@ from tilted_priors.inference.files import atomic_write, run_lock, usual_mode
 from tilted_priors.models import data as datasets
 from tilted_priors.models import metrics, runfolder
 
-__all__ = ["METHODS", "BACKENDS", "DEFAULTS", "EVALUATION", "train", "evaluate", "evaluation_folder", "sample",
-           "save_grid", "save_pairs", "load"]
+__all__ = ["METHODS", "BACKENDS", "DEFAULTS", "EVALUATION", "default_ngf", "train", "evaluate", "evaluation_folder",
+           "sample", "save_grid", "save_pairs", "load"]
 
 METHODS = ("lebm", "abp")  # LEBM, and its generator with a Normal prior (alternating back-propagation)
 BACKENDS = ("pyro", "numpyro")
@@ -94,8 +94,23 @@ def save_pairs(x: np.ndarray, x_hat: np.ndarray, path: str | os.PathLike, ncol: 
 EVALUATION = {"eval_size": 500, "ll_size": 200, "importance_samples": 64, "log_z_chains": 500, "num_samples": 1000}
 
 
-#: Defaults of :func:`train` for a new run (a resumed run takes the settings it was trained with).
-DEFAULTS = {"backend": "numpyro", "data": "mnist", "batch_size": 100, "latent_dim": 16, "ngf": 32, "seed": 0}
+#: Defaults of :func:`train` for a new run (a resumed run takes the settings it was trained with); ``ngf`` None:
+#: by the images' size (:func:`default_ngf`).
+DEFAULTS = {"backend": "numpyro", "data": "mnist", "batch_size": 100, "latent_dim": 16, "ngf": None, "seed": 0}
+
+
+def default_ngf(image_shape) -> int:
+    """The generator width a new run gets when none is given: 32 for 28 x 28 images (this project's MNIST network,
+    ``LEBM_MNIST``), the paper's 64 for 32 x 32 and 64 x 64 images (Pang et al.'s SVHN network and its extension).
+
+    Examples
+    --------
+    >>> default_ngf((28, 28, 1)), default_ngf((32, 32, 3))
+    (32, 64)
+    """
+    from tilted_priors.models.reference import LEBM, LEBM_MNIST
+
+    return LEBM_MNIST["ngf"] if tuple(image_shape)[0] == 28 else LEBM["ngf"]
 # Settings a resumed run cannot change (the data, the networks, the minibatch order).
 _FIXED_ON_RESUME = ("method", "backend", "data", "batch_size", "latent_dim", "ngf", "seed")
 
@@ -179,7 +194,8 @@ def _train(method, out, resume, progress, checkpoint_every, evaluate_after, eval
     x_train = _load_data(settings["data"], settings["seed"])[0].x
     ref = b.lebm.REFERENCE
     config = {"method": method, "backend": backend, "data": settings["data"],
-              "image_shape": list(x_train.shape[1:]), "latent_dim": settings["latent_dim"], "ngf": settings["ngf"],
+              "image_shape": list(x_train.shape[1:]), "latent_dim": settings["latent_dim"],
+              "ngf": settings["ngf"] or default_ngf(x_train.shape[1:]),
               "seed": settings["seed"], "batch_size": settings["batch_size"], "epochs": settings.get("epochs"),
               "num_steps": settings.get("num_steps"), "lr_energy": settings.get("lr_energy") or ref["lr_energy"],
               "lr_generator": settings.get("lr_generator") or ref["lr_generator"],

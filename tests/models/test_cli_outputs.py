@@ -147,3 +147,13 @@ def test_demo_summarises_what_it_found_and_wrote(tmp_path, capsys):
     assert "Fréchet distance" in lines[1] and "over 100 test images" in lines[1]
     assert {"config.json", "metrics.json", "weights.npz", "samples.png", "reconstructions.png"} <= {
         p.name for p in out.iterdir()}
+
+
+def test_a_new_run_gets_the_generator_width_of_its_image_size(tmp_path, capsys):
+    data = tmp_path / "rgb.npy"
+    np.save(data, (np.random.default_rng(2).uniform(size=(12, 32, 32, 3)) * 255).astype(np.uint8))
+    run = tmp_path / "rgb"
+    assert main(["train", "abp", "--backend", "pyro", "--data", str(data), "--out", str(run), "--steps", "1",
+                 "--batch-size", "4", "--latent-dim", "3", "--quiet", "--no-eval"]) == 0
+    assert json.loads((run / "config.json").read_text())["ngf"] == 64  # the paper's width for 32 x 32 images
+    assert "not evaluated" in capsys.readouterr().out
