@@ -25,7 +25,6 @@ the thresholds (and why R-hat and nested R-hat of short chains have floors above
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import math
@@ -33,7 +32,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -160,14 +158,6 @@ def _finite(value) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-@contextlib.contextmanager
-def _stage(bar, name: str) -> Iterator[None]:
-    """One stage of the progress bar: ``name`` shown while it runs, the bar advanced when it ends."""
-    bar.set_description(name)
-    yield
-    bar.update()
-
-
 def _summary(out: Path, files: list[str], prior: dict | None, rows: list[dict]) -> dict:
     """The key results for a command line (``result["summary"]``), JSON-serialisable."""
     posterior: dict[str, dict] = {}
@@ -281,17 +271,17 @@ def _diagnose(lvm, config: dict, backend, run_dir, out: Path, tmp: Path, bar, *,
         prior = lvm.prior(())
         log_density = prior.annealed_log_density(1.0)  # -E(z) + log N(z), unnormalised
         starts = np.random.default_rng(seed).normal(size=(num_starts, d)).astype(np.float32)
-        with _stage(bar, "prior: MALA step size"):
+        with runs.progress_stage(bar, "prior: MALA step size"):
             step = _mala_step_size(backend, log_density, starts, seed)
         short = prior.sampler
         lag = int(getattr(short, "sampler", short).steps)
         budget = 10 * lag if coupling_steps is None else coupling_steps
         coupling = None
         if coupling_steps is None or coupling_steps > 0:
-            with _stage(bar, "prior: coupling bound"):
+            with runs.progress_stage(bar, "prior: coupling bound"):
                 coupling = backend.prior_coupling(short, log_density, starts, lag=lag, max_steps=budget,
                                                   seed=seed) if budget > lag else None
-        with _stage(bar, "prior: short vs long run"):
+        with runs.progress_stage(bar, "prior: short vs long run"):
             report = short_vs_long(short, backend.MALA(long_steps, step), log_density, starts,
                                    chains_per_start=chains_per_start, seed=seed, out=tmp, prefix="prior",
                                    coupling=coupling)
@@ -325,10 +315,10 @@ def _diagnose(lvm, config: dict, backend, run_dir, out: Path, tmp: Path, bar, *,
                                     num_warmup=num_warmup, num_samples=num_samples,
                                     max_tree_depth=max_tree_depth, seed=seed, on_method=next_method)
     bar.update(3 - max(len(methods) - 1, 0))  # the rest of the posterior's three stages
-    with _stage(bar, "posterior: Stein discrepancies and tests"):
+    with runs.progress_stage(bar, "posterior: Stein discrepancies and tests"):
         scores = {name: backend.posterior_scores(lvm, images, v) for name, v in draws.items()}
         rows = _posterior_rows(draws, scores, seed)
-    with _stage(bar, "figures and report"):
+    with runs.progress_stage(bar, "figures and report"):
         figures = []
         for i in range(len(images)):
             figures.append(plot_marginals({name: v[:, :, i].reshape(-1, d) for name, v in draws.items()},

@@ -7,12 +7,14 @@ A run directory holds ``config.json`` (everything needed to rebuild the model), 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,9 +23,10 @@ from tilted_priors.inference.checkpoints import CheckpointError
 from tilted_priors.inference.files import atomic_write, run_lock, usual_mode
 from tilted_priors.models import data as datasets
 from tilted_priors.models import metrics, runfolder
+from tilted_priors.models.reference import LEBM, LEBM_MNIST
 
 __all__ = ["METHODS", "BACKENDS", "DEFAULTS", "EVALUATION", "default_ngf", "train", "evaluate", "evaluation_folder",
-           "sample", "save_grid", "save_pairs", "load"]
+           "sample", "save_grid", "save_pairs", "load", "progress_stage"]
 
 METHODS = ("lebm", "abp")  # LEBM, and its generator with a Normal prior (alternating back-propagation)
 BACKENDS = ("pyro", "numpyro")
@@ -108,8 +111,6 @@ def default_ngf(image_shape) -> int:
     >>> default_ngf((28, 28, 1)), default_ngf((32, 32, 3))
     (32, 64)
     """
-    from tilted_priors.models.reference import LEBM, LEBM_MNIST
-
     return LEBM_MNIST["ngf"] if tuple(image_shape)[0] == 28 else LEBM["ngf"]
 # Settings a resumed run cannot change (the data, the networks, the minibatch order).
 _FIXED_ON_RESUME = ("method", "backend", "data", "batch_size", "latent_dim", "ngf", "seed")
@@ -311,7 +312,24 @@ def evaluate(run_dir: str | os.PathLike, *, eval_size: int = EVALUATION["eval_si
             raise
 
 
-_STAGES = ("prior samples", "reconstructions", "Fréchet distance", "log-likelihood (AIS log Z, importance sampling)")
+@contextlib.contextmanager
+def progress_stage(bar, name: str) -> Iterator[None]:
+    """One stage of a command's progress bar (a :class:`tqdm.tqdm` counting stages): ``name`` shown while the
+    stage runs, the bar advanced when it ends.
+
+    Examples
+    --------
+    >>> import io
+    >>> from tqdm import tqdm
+    >>> bar = tqdm(total=2, file=io.StringIO())
+    >>> with progress_stage(bar, "first"):
+    ...     pass
+    >>> bar.n, bar.desc
+    (1, 'first: ')
+    """
+    bar.set_description(name)
+    yield
+    bar.update()
 
 
 def _evaluate(run_dir: Path, out: Path, settings: dict, progress: bool, cache_dir) -> dict:
@@ -323,33 +341,28 @@ def _evaluate(run_dir: Path, out: Path, settings: dict, progress: bool, cache_di
     x_test = test.x
     x_eval = x_test[:settings["eval_size"]]
     num_samples = settings["num_samples"]
-    stages = [s for s in _STAGES if train.y is not None or s != "Fréchet distance"]
-    bar = tqdm(total=len(stages), desc="evaluate", unit="stage", disable=not progress, leave=False)
+    labelled = train.y is not None  # the feature classifier of the Fréchet distance can be trained
+    bar = tqdm(total=3 + labelled, desc="evaluate", unit="stage", disable=not progress, leave=False)
     t0 = time.perf_counter()
-    try:
-        bar.set_description(f"evaluate: {stages[0]}")
-        samples = b.evaluate.sample_images(lvm, max(num_samples, 64), seed=seed)
-        save_grid(samples[:64], out / "samples.png")
-        bar.update()
-        bar.set_description("evaluate: reconstructions")
-        recon = b.evaluate.reconstruct(lvm, x_eval, seed=seed)
-        save_pairs(x_eval[:32], recon[:32], out / "reconstructions.png")
-        bar.update()
+    with bar:
+        with progress_stage(bar, "evaluate: prior samples"):
+            samples = b.evaluate.sample_images(lvm, max(num_samples, 64), seed=seed)
+            save_grid(samples[:64], out / "samples.png")
+        with progress_stage(bar, "evaluate: reconstructions"):
+            recon = b.evaluate.reconstruct(lvm, x_eval, seed=seed)
+            save_pairs(x_eval[:32], recon[:32], out / "reconstructions.png")
         result = {"mse": metrics.reconstruction_mse(x_eval, recon)}
-        if train.y is not None:  # a labelled data set: the feature classifier of the Fréchet distance can be trained
-            bar.set_description("evaluate: Fréchet distance")
-            net = metrics.train_feature_net(train.x, train.y, seed=0,
-                                            cache_dir=cache_dir or Path.home() / ".cache" / "tilted-priors")
-            result["frechet_distance"] = metrics.frechet_distance(x_test[:num_samples], samples[:num_samples], net)
-            result["feature_net_test_accuracy"] = net.accuracy(x_test, test.y)
-            bar.update()
-        bar.set_description(f"evaluate: {_STAGES[-1]}")
-        x_ll = x_test[:settings["ll_size"]]
-        ll = b.evaluate.log_likelihood(lvm, x_ll, num_samples=settings["importance_samples"],
-                                       log_z_chains=settings["log_z_chains"], seed=seed)
-        bar.update()
-    finally:
-        bar.close()
+        if labelled:
+            with progress_stage(bar, "evaluate: Fréchet distance"):
+                net = metrics.train_feature_net(train.x, train.y, seed=0,
+                                                cache_dir=cache_dir or Path.home() / ".cache" / "tilted-priors")
+                result["frechet_distance"] = metrics.frechet_distance(x_test[:num_samples], samples[:num_samples],
+                                                                      net)
+                result["feature_net_test_accuracy"] = net.accuracy(x_test, test.y)
+        with progress_stage(bar, "evaluate: log-likelihood (AIS log Z, importance sampling)"):
+            x_ll = x_test[:settings["ll_size"]]
+            ll = b.evaluate.log_likelihood(lvm, x_ll, num_samples=settings["importance_samples"],
+                                           log_z_chains=settings["log_z_chains"], seed=seed)
     per_datum = np.asarray(ll["per_datum"], dtype=np.float64)
     result.update({"test_log_likelihood": {**metrics.summarize_log_likelihood(per_datum),
                                            **_quantiles(per_datum)},
@@ -357,7 +370,7 @@ def _evaluate(run_dir: Path, out: Path, settings: dict, progress: bool, cache_di
                    "log_z": ll["log_z"], "log_z_stderr": ll["log_z_stderr"],
                    "eval_seconds": time.perf_counter() - t0, "method": config["method"],
                    "backend": config["backend"], "train_steps": config.get("steps")})
-    result["description"] = _description(config, settings, len(x_eval), len(x_ll), train.y is not None,
+    result["description"] = _description(config, settings, len(x_eval), len(x_ll), labelled,
                                          min(num_samples, len(x_test)))
     _write_json(out / "metrics.json", result)
     return result

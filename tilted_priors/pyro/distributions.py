@@ -286,8 +286,8 @@ class EnergyTiltedNormal(EnergyTilted):
                                      context=self.context, normalizer=self.normalizer, sampler=self.sampler,
                                      validate_args=False)
             return self._copy_settings(new)
-        # A copy with expanded views (a data plate expands the prior at every model run, so at every chain step).
-        torch.broadcast_shapes(self.loc.shape, shape)  # raises for a batch shape that does not broadcast
+        # A copy with expanded views (a data plate expands the prior at every model run, so at every chain step);
+        # loc.expand raises for a batch shape that does not broadcast, as the constructor did.
         new = copy.copy(self)
         new.loc, new.scale = self.loc.expand(shape), self.scale.expand(shape)
         new._loc_c, new._inv_scale_c = self._loc_c.expand(shape), self._inv_scale_c.expand(shape)

@@ -182,9 +182,10 @@ class _Langevin:
                    return_info: bool):
         """Steps ``first + 1 .. steps`` with a fixed ``step_size``; the result of ``run``."""
         acceptance = 0.0
-        last = self.steps if (return_info or self._adjusted) else self.steps - 1
+        full = return_info or self._adjusted  # every step evaluated and reported (else the last one only moves)
+        last = self.steps if full else self.steps - 1
         for i in range(first, last):
-            if return_info or self._adjusted:
+            if full:
                 state, info = self._step(state, log_density, step_size)
                 if return_info:
                     acceptance = acceptance + info.acceptance_rate
