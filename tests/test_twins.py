@@ -66,6 +66,11 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "under torchrun, with the same fit call",
     ("tilted_priors.inference.*.guides", "ShortRunPosterior.__init__", "param name only on numpyro"):
         "NumPyro keeps persistent chains in a numpyro.mutable site of the SVI state, named by name",
+    ("tilted_priors.inference.*.guides", "ShortRunPosterior.__init__", "param compile_log_joint only on pyro"):
+        "Pyro's chain replays a traced graph of the model's log joint (off for debugging the model); NumPyro's "
+        "is always compiled by jax.jit",
+    ("tilted_priors.inference.*.guides", "RefinedGuide.__init__", "param compile_log_joint only on pyro"):
+        "as ShortRunPosterior's: NumPyro's chain is always compiled by jax.jit",
     ("tilted_priors.inference.*.guides", "ShortRunPosterior.state_dict", "only on pyro"):
         "Pyro's guide holds its persistent chains and saves them itself; NumPyro's live in the SVI state",
     ("tilted_priors.inference.*.guides", "ShortRunPosterior.load_state_dict", "only on pyro"):

@@ -18,10 +18,11 @@ site, inside the site's plates. With the prior's :class:`~tilted_priors.pyro.Sel
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, NamedTuple, Sequence, Union
 
 import pyro
 import pyro.distributions as dist
@@ -40,6 +41,7 @@ from tilted_priors._compat import pyro_am_i_wrapped
 from tilted_priors._validation import check_positive_int
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import ShortRunLangevin, Unnormalized
+from tilted_priors.pyro._tracing import GraphCache
 
 __all__ = ["ShortRunPosterior", "AmortizedGuide", "RefinedGuide"]
 
@@ -86,6 +88,17 @@ def _per_member(log_prob, frames, plate: tuple) -> torch.Tensor:
     if any(f.name == name for f in frames) and log_prob.dim() >= -dim and log_prob.shape[dim] == size:
         return log_prob.movedim(dim, 0).reshape(size, -1).sum(-1)
     return log_prob.sum().div(size).expand(size)
+
+
+class _LogJoint(NamedTuple):
+    """The model's unnormalised log joint ``fn(values, *inputs)`` and the call's tensors it reads (``inputs``: the
+    model's arguments and the plates' subsamples), which a traced chain passes to its graph."""
+
+    fn: Callable[..., torch.Tensor]
+    inputs: tuple
+
+    def __call__(self, values: dict) -> torch.Tensor:
+        return self.fn(values, *self.inputs)
 
 
 def _is_real(support) -> bool:
@@ -141,6 +154,23 @@ class ShortRunPosterior:
         joint factorises over that plate: sites outside it must not depend on its latents (their log density is
         shared out evenly over the chains, which is right only when it is constant in them). ``False``: one
         joint chain (one accept for the whole batch under ``MALA``).
+    compile_log_joint : bool
+        Replay the log joint's value and gradient from a graph of torch operations traced once per argument
+        shapes (see below) instead of running the model at every step. ``False``: run the model at every step
+        (e.g. to stop at a breakpoint inside it during the chain).
+
+    Notes
+    -----
+    **Compiled log joint.** A Pyro model's Python (effect handlers, ``pyro.module`` lookups, distributions built and
+    validated) can cost several times its arithmetic on small models, and the chain runs it at every step. With
+    ``compile_log_joint=True`` the first chain for given argument shapes traces the log joint and its gradient
+    (``torch.fx``'s ``make_fx``, Pyro's validation off) and later steps replay that graph: the same operations,
+    the same numbers, without the model's Python. The model still runs eagerly, validated, once per call (the
+    chains' starting trace), and the graph's value is compared with the eager log joint's at the start of every
+    chain, so a parameter re-assigned or a setting changed between calls makes it trace again. A model whose
+    Python reads tensor values (``if z.sum() > 0``), or whose log joint is random, cannot be replayed and runs
+    eagerly at every step, as with ``compile_log_joint=False``. Print statements and breakpoints inside the model
+    run only when it is traced.
 
     Examples
     --------
@@ -161,10 +191,12 @@ class ShortRunPosterior:
     """
 
     def __init__(self, model: Callable, steps: int = 20, step_size: float | str = "auto", init="noise", *,
-                 sampler=None, num_data: int | None = None, per_datum: bool = True):
+                 sampler=None, num_data: int | None = None, per_datum: bool = True, compile_log_joint: bool = True):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
+        self.compile_log_joint = bool(compile_log_joint)
+        self._graphs = GraphCache()  # the traced log joints, one per argument shapes
         self._warned = False  # the chain-did-not-move warning is given once per guide
         self.per_datum = bool(per_datum)
         self.sampler = ShortRunLangevin(steps, step_size) if sampler is None else sampler
@@ -255,8 +287,7 @@ class ShortRunPosterior:
         name = min(common, key=lambda n: common[n][0])  # the outermost
         return (name,) + common[name]
 
-    def _log_joint(self, trace: poutine.Trace, args, kwargs, plate: tuple | None = None
-                   ) -> Callable[[dict], torch.Tensor]:
+    def _log_joint(self, trace: poutine.Trace, args, kwargs, plate: tuple | None = None) -> "_LogJoint":
         """``values -> log p~(x, z = values)``: the model's unnormalised joint, the plates' subsamples of ``trace``.
 
         With ``plate = (name, dim, size)`` it is per member of that plate, shape ``(size,)``: each site's log density
@@ -266,15 +297,15 @@ class ShortRunPosterior:
         subsamples = {name: site["value"] for name, site in trace.nodes.items()
                       if site["type"] == "sample" and type(site["fn"]).__name__ == "_Subsample"}
 
-        def log_joint(values: dict) -> torch.Tensor:
+        def log_joint(values: dict, args, kwargs, subsamples) -> torch.Tensor:
             joint = _Substitute({**subsamples, **values}, plate)
             with poutine.block():
                 joint(model)(*args, **kwargs)
             return joint.total
 
-        return log_joint
+        return _LogJoint(log_joint, (args, kwargs, subsamples))
 
-    def _run(self, trace: poutine.Trace, sites: dict, log_joint: Callable[[dict], torch.Tensor], kwargs,
+    def _run(self, trace: poutine.Trace, sites: dict, log_joint: "_LogJoint", kwargs,
              whiten: dict | None = None, plate: tuple | None = None) -> dict:
         """Run the chain from the latent values of ``trace`` and record its final state.
 
@@ -292,22 +323,30 @@ class ShortRunPosterior:
         sizes = [start[n].numel() // max(1, math.prod(lead)) for n in names]
 
         def flatten(values: dict) -> torch.Tensor:
-            parts = [((values[n] - shift[n][0]) / shift[n][1]) for n in names]
-            parts = [v if axes[n] is None else v.movedim(axes[n], 0) for n, v in zip(names, parts)]
+            parts = [values[n] if whiten is None else (values[n] - shift[n][0]) / shift[n][1] for n in names]
+            parts = [v if not axes[n] else v.movedim(axes[n], 0) for n, v in zip(names, parts)]
             return torch.cat([v.reshape(lead + (-1,)) for v in parts], -1)
 
-        def unflatten(flat: torch.Tensor) -> dict:
+        def unflatten(flat: torch.Tensor, shift: dict) -> dict:
             values = {n: v.reshape(shapes[n]) for n, v in zip(names, flat.split(sizes, -1))}
-            values = {n: v if axes[n] is None else v.movedim(0, axes[n]) for n, v in values.items()}
-            return {n: shift[n][0] + shift[n][1] * v for n, v in values.items()}
+            values = {n: v if not axes[n] else v.movedim(0, axes[n]) for n, v in values.items()}
+            return values if whiten is None else {n: shift[n][0] + shift[n][1] * v for n, v in values.items()}
 
+        def log_density(u: torch.Tensor, inputs: tuple, shift: dict) -> torch.Tensor:
+            return log_joint.fn(unflatten(u, shift), *inputs)
+
+        if self.compile_log_joint:  # the chain replays a graph of the model's log joint (see the class notes)
+            key = (tuple(names), tuple(shapes.values()), tuple(sizes), tuple(axes.values()), plate)
+            density = self._graphs.log_density(log_density, (log_joint.inputs, shift), key)
+        else:
+            density = functools.partial(log_density, inputs=log_joint.inputs, shift=shift)
         flat = flatten(start)
         try:
-            moved = self.sampler.run(lambda u: log_joint(unflatten(u)), flat)
+            moved = self.sampler.run(density, flat)
         except ChainDivergenceError as err:  # say which chain it was
             raise err.add_context(label=f"the posterior guide {type(self).__name__}, sites {names}")
         self._check_moved(flat, moved)
-        result = unflatten(moved)
+        result = unflatten(moved, shift)
 
         if index is not None:
             for name, value in result.items():
@@ -716,6 +755,8 @@ class RefinedGuide:
         under ``MALA`` (as Hoffman's per-datum HMC); see :class:`ShortRunPosterior`.
     name : str
         Prefix of the auxiliary site.
+    compile_log_joint : bool
+        Replay the chain's log joint from a traced graph (see :class:`ShortRunPosterior`).
 
     Examples
     --------
@@ -739,7 +780,7 @@ class RefinedGuide:
     """
 
     def __init__(self, guide: Callable, steps: int = 10, step_size: float = 0.2, *, sampler=None,
-                 whiten: bool = True, per_datum: bool = True, name: str = "refined"):
+                 whiten: bool = True, per_datum: bool = True, name: str = "refined", compile_log_joint: bool = True):
         model = getattr(guide, "model", None)
         if not callable(guide) or not callable(model):
             raise TypeError("RefinedGuide refines a guide that knows its model, e.g. AmortizedGuide(model, "
@@ -748,7 +789,7 @@ class RefinedGuide:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.guide, self.model, self.whiten, self.name = guide, model, bool(whiten), name
         self._posterior = ShortRunPosterior(model, steps, step_size, init=guide, sampler=sampler,
-                                            per_datum=per_datum)
+                                            per_datum=per_datum, compile_log_joint=compile_log_joint)
         self.sampler = self._posterior.sampler
 
     def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:

@@ -179,3 +179,34 @@ def test_two_latent_sites_in_one_plate():
     tr = poutine.trace(guide).get_trace(x)
     assert [f.name for f in tr.nodes["a"]["cond_indep_stack"]] == ["data"] == \
         [f.name for f in tr.nodes["b"]["cond_indep_stack"]]
+
+
+@pytest.mark.parametrize("reads_values", [False, True], ids=["traceable", "python-reads-data"])
+def test_compiled_log_joint_gives_the_chain_of_the_model_run_at_every_step(reads_values):
+    """compile_log_joint replays a traced graph of the log joint: the same draws as running the model at each
+    step; a model whose Python reads tensor values cannot be traced and runs eagerly, with the same result."""
+    torch.manual_seed(0)
+    energy, generator = EnergyMLP(D, 8), torch.nn.Linear(D, P)
+
+    def model(x):
+        pyro.module("energy", energy)
+        scale = SD * (1.0 + float(x.abs().max() > 100.0)) if reads_values else SD
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", EnergyTiltedNormal(energy, torch.zeros(D), torch.ones(D)))
+            pyro.sample("x", dist.Normal(generator(z), scale).to_event(1), obs=x)
+
+    x = torch.randn(N, P)
+    draws = {}
+    for compiled in (True, False):
+        guide = ShortRunPosterior(model, steps=15, step_size=0.1, compile_log_joint=compiled)
+        draws[compiled] = []
+        for _ in range(3):  # eager, traced, replayed
+            pyro.set_rng_seed(7)
+            draws[compiled].append(guide(x)["z"])
+    for a, b in zip(draws[True], draws[False]):
+        assert torch.equal(a, b)
+    compiled_guide = ShortRunPosterior(model, steps=3, step_size=0.1)
+    for _ in range(3):  # traced at the second call (a graph is traced from a key's second chain on)
+        compiled_guide(x)
+    assert compiled_guide._graphs.traced == 1
+    assert (compiled_guide._graphs.reason is not None) == reads_values

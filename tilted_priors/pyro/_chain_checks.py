@@ -42,11 +42,12 @@ def check_finite(name: str, state: langevin.LangevinState, step: int, step_size)
 def tilted_of(log_density):
     """The :class:`~tilted_priors.pyro.EnergyTilted` whose ``annealed_log_density`` ``log_density`` is, else None.
 
-    That function is a closure over the distribution (``lambda z: self._base_log_density(z) - beta * ...``);
-    any other callable gives ``None`` (the checks then use ``init`` alone).
+    That function is a closure over the distribution (``lambda z: self._base_log_density(z) - beta * ...``), or
+    a traced log density of one; any other callable gives ``None`` (the checks then use ``init`` alone).
     """
     from tilted_priors.pyro.distributions import EnergyTilted  # distributions imports the samplers
 
+    log_density = getattr(log_density, "fn", log_density)  # a traced log density: the function it replays
     for cell in getattr(log_density, "__closure__", None) or ():
         try:
             value = cell.cell_contents

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import torch
 from pyro.distributions import Normal, TorchDistribution, constraints
@@ -19,6 +20,7 @@ from tilted_priors._loc_scale import missing_energy_message
 from tilted_priors._validation import check_protocol, check_sample_shape
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro._distribution_checks import as_loc_scale, call_energy, check_energy_base, register_normalizer
+from tilted_priors.pyro._tracing import GraphCache
 from tilted_priors.pyro.normalizers import Contrastive
 from tilted_priors.pyro.samplers import ShortRunLangevin
 
@@ -216,6 +218,20 @@ class EnergyTilted(TorchDistribution):
                 f"normalizer={self.normalizer!r}, sampler={self.sampler!r})")
 
 
+_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # energy -> the graphs of its chains
+
+
+def _graph_cache(energy) -> GraphCache | None:
+    """The graphs of the chains' log densities for ``energy`` (None for an energy without weak references)."""
+    try:
+        cache = _GRAPHS.get(energy)
+        if cache is None:
+            cache = _GRAPHS[energy] = GraphCache()
+        return cache
+    except TypeError:
+        return None
+
+
 class EnergyTiltedNormal(EnergyTilted):
     r"""A Normal prior tilted by an energy: LEBM's latent prior (Pang et al. 2020).
 
@@ -272,6 +288,26 @@ class EnergyTiltedNormal(EnergyTilted):
             self._standard = bool((self._loc_c == 0).all() and (self._inv_scale_c == 1).all())
         u = z if self._standard else (z - self._loc_c) * self._inv_scale_c
         return -0.5 * (u * u).sum(-1)
+
+    def annealed_log_density(self, beta: float = 1.0):
+        r"""The function :math:`z \mapsto -\beta E(z) + \log q(z)` (unnormalised), what the chains run on.
+
+        Its value and gradient replay a graph of torch operations traced once per shapes and shared by every
+        prior with this energy: the chains' steps run none of the energy's Python. In-place parameter updates are
+        seen, and the graph is checked against the eager function at the start of each chain (traced again when a
+        parameter was replaced); an energy that cannot be traced (Python that reads tensor values, randomness) runs
+        eagerly. The first chain for given shapes runs eagerly; the graph is traced at the second.
+        """
+        cache = _graph_cache(self.energy)
+        if cache is None:
+            return super().annealed_log_density(beta)
+
+        def log_density(z, loc, inv_scale, context, beta):
+            u = (z - loc) * inv_scale
+            return -0.5 * (u * u).sum(-1) - beta * call_energy(self.energy, z, context)
+
+        inputs = (self._loc_c, self._inv_scale_c, self.context, torch.as_tensor(beta, dtype=self._loc_c.dtype))
+        return cache.log_density(log_density, inputs)
 
     def log_tilted(self, z: torch.Tensor) -> torch.Tensor:
         u = (z - self.loc) / self.scale

@@ -54,6 +54,8 @@ def value_and_grad(logdensity_fn: LogDensityFn, position: torch.Tensor) -> tuple
 
     A log density that does not depend on ``z`` through torch operations (computed with NumPy, or ``.detach()``-ed)
     gets a zero gradient, and a :class:`UserWarning` says so, once per function (its chains would be a random walk).
+    A log density with a ``replay(position)`` method (a traced one, as the posterior guides build) gives both from
+    it when it returns them.
 
     Raises
     ------
@@ -68,6 +70,11 @@ def value_and_grad(logdensity_fn: LogDensityFn, position: torch.Tensor) -> tuple
     >>> g.tolist()
     [[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]]
     """
+    replay = getattr(logdensity_fn, "replay", None)
+    if replay is not None:
+        replayed = replay(position)
+        if replayed is not None:
+            return replayed
     with torch.enable_grad():
         z = position.detach().requires_grad_(True)
         lp = logdensity_fn(z)
