@@ -34,7 +34,7 @@ from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import is_validation_enabled
 
-from tilted_priors.inference.pyro.handlers import normalizer, sampler
+from tilted_priors.inference.pyro.handlers import map_tilted, normalizer, sampler
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors import _adapt
 from tilted_priors._compat import pyro_am_i_wrapped
@@ -73,11 +73,26 @@ class _Substitute(Messenger):
             return
         if not msg["is_observed"]:
             msg["value"] = self.values[msg["name"]]
-        lp = scale_and_mask(msg["fn"].log_prob(msg["value"]), msg["scale"], msg["mask"])
-        if self.plate is None:
-            self.total = self.total + lp.sum()
-        else:
-            self.total = self.total + _per_member(lp, msg["cond_indep_stack"], self.plate)
+        self.total = self.total + _joint_term(msg, self.plate)
+
+
+def _joint_term(site: dict, plate: tuple | None) -> torch.Tensor:
+    """A sample site's (message's or trace node's) term of the joint: its log density, scaled and masked, summed
+    (per member of ``plate``, see :func:`_per_member`)."""
+    lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
+    return lp.sum() if plate is None else _per_member(lp, site["cond_indep_stack"], plate)
+
+
+def _trace_log_joint(trace: poutine.Trace, plate: tuple | None) -> torch.Tensor:
+    """The unnormalised log joint at the values of ``trace`` from its sites (every tilted prior's normalizer off),
+    as :class:`_Substitute` adds it up, without running the model again."""
+    unnormalized = Unnormalized()
+    total = 0.0
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and type(site["fn"]).__name__ != "_Subsample":
+            fn = map_tilted(site["fn"], lambda d: d.replace(normalizer=unnormalized))
+            total = total + _joint_term({**site, "fn": fn}, plate)
+    return total
 
 
 def _per_member(log_prob, frames, plate: tuple) -> torch.Tensor:
@@ -335,12 +350,16 @@ class ShortRunPosterior:
         def log_density(u: torch.Tensor, inputs: tuple, shift: dict) -> torch.Tensor:
             return log_joint.fn(unflatten(u, shift), *inputs)
 
+        flat = flatten(start)
         if self.compile_log_joint:  # the chain replays a graph of the model's log joint (see the class notes)
             key = (tuple(names), tuple(shapes.values()), tuple(sizes), tuple(axes.values()), plate)
-            density = self._graphs.log_density(log_density, (log_joint.inputs, shift), key)
+            reference = None
+            if whiten is None and index is None:  # the chains start at the trace's values: its sites give the joint
+                with torch.no_grad():
+                    reference = (flat, _trace_log_joint(trace, plate))
+            density = self._graphs.log_density(log_density, (log_joint.inputs, shift), key, reference)
         else:
             density = functools.partial(log_density, inputs=log_joint.inputs, shift=shift)
-        flat = flatten(start)
         try:
             moved = self.sampler.run(density, flat)
         except ChainDivergenceError as err:  # say which chain it was

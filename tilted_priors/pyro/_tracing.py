@@ -79,12 +79,15 @@ class GraphCache:
         #: Why the last log density that runs eagerly does (``None`` when all replay).
         self.reason: str | None = None
 
-    def log_density(self, fn: Callable[..., torch.Tensor], inputs: Any = (), static: Any = ()) -> "TracedLogDensity":
+    def log_density(self, fn: Callable[..., torch.Tensor], inputs: Any = (), static: Any = (),
+                    reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> "TracedLogDensity":
         """``fn(z, *inputs)`` as a :class:`TracedLogDensity` of ``z`` whose graphs live in this cache.
 
         ``inputs`` is a tuple of tensors or of (nested) lists, tuples and dicts holding tensors and hashable
-        settings; ``static`` (hashable) adds settings of ``fn`` that the inputs do not show to the graph's key."""
-        return TracedLogDensity(fn, inputs, self, static)
+        settings; ``static`` (hashable) adds settings of ``fn`` that the inputs do not show to the graph's key;
+        ``reference``: ``(position, value)``, the eager function's value at the chain's starting position when the
+        caller has it already (the check at the chain's start then evaluates nothing eagerly)."""
+        return TracedLogDensity(fn, inputs, self, static, reference)
 
     # --- graphs ------------------------------------------------------------------------------------------------
     def _graph(self, key, trace: Callable[[], torch.fx.GraphModule]) -> tuple[torch.fx.GraphModule | None, bool]:
@@ -229,8 +232,9 @@ class TracedLogDensity:
     ([-0.25], [[-0.25, -0.25]])
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Any, cache: GraphCache, static: Any = ()):
-        self.fn, self.cache = fn, cache
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Any, cache: GraphCache, static: Any = (),
+                 reference: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.fn, self.cache, self.reference = fn, cache, reference
         leaves, spec = _pytree.tree_flatten(tuple(inputs))
         self._tensors = tuple(v for v in leaves if isinstance(v, torch.Tensor))
         self._spec = spec
@@ -302,8 +306,11 @@ class TracedLogDensity:
         key = (self._key, meta)
         if not self.cache._ready(key):
             return None
-        with torch.no_grad():
-            expected = self(position.detach())
+        if self.reference is not None and self.reference[0] is position:
+            expected = self.reference[1]
+        else:
+            with torch.no_grad():
+                expected = self(position.detach())
         if not isinstance(expected, torch.Tensor) or expected.shape != position.shape[:-1]:
             return None  # the eager evaluation explains what is wrong
         while True:
