@@ -210,3 +210,27 @@ def test_compiled_log_joint_gives_the_chain_of_the_model_run_at_every_step(reads
         compiled_guide(x)
     assert compiled_guide._graphs.traced == 1
     assert (compiled_guide._graphs.reason is not None) == reads_values
+
+
+def test_compiled_log_joint_follows_a_setting_changed_between_calls():
+    """A Python number the model reads (baked into the traced graph) changes: the check at the chains' start sees
+    the graph disagree with the start trace's joint and traces again, so the draws stay those of the eager model."""
+    torch.manual_seed(0)
+    generator, noise = torch.nn.Linear(D, P), {"sd": SD}
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", EnergyTiltedNormal(lambda z: (z ** 2).sum(-1), torch.zeros(D), torch.ones(D)))
+            pyro.sample("x", dist.Normal(generator(z), noise["sd"]).to_event(1), obs=x)
+
+    x = torch.randn(N, P)
+    compiled = ShortRunPosterior(model, steps=10, step_size=0.05)
+    eager = ShortRunPosterior(model, steps=10, step_size=0.05, compile_log_joint=False)
+    for sd in (SD, SD, 1.0, 1.0):
+        noise["sd"] = sd
+        draws = []
+        for guide in (compiled, eager):
+            pyro.set_rng_seed(3)
+            draws.append(guide(x)["z"])
+        assert torch.equal(*draws)
+    assert compiled._graphs.traced == 2 and compiled._graphs.reason is None
