@@ -26,23 +26,11 @@ from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
 from tilted_priors.inference._likelihood import LogLikelihoodEstimate, check_options, combined_stderr
+from tilted_priors.inference.numpyro._log_joint import BaseDraws
 from tilted_priors.inference.numpyro.handlers import find_tilted, map_tilted, normalizer, sampler
 from tilted_priors.numpyro.normalizers import AnnealedImportance, LogZEstimate, Unnormalized, log_mean_exp_with_error
 
 __all__ = ["log_likelihood", "LogLikelihoodEstimate"]
-
-
-class _BaseDraws:
-    """A sampler that does not move: a tilted site's value is a draw from its base (a cheap look at the model)."""
-
-    def run(self, rng_key, log_density, init, **kwargs):
-        return init
-
-    def __eq__(self, other):
-        return type(other) is _BaseDraws
-
-    def __hash__(self):
-        return hash(_BaseDraws)
 
 
 class _Fixed:
@@ -264,7 +252,7 @@ def log_likelihood(model: Callable, *args, proposal: Callable | str = "laplace",
                          "rng_key=jax.random.PRNGKey(0)")
     log_z = AnnealedImportance(500, 100) if log_z is None else log_z
     key_trace, key_log_z, key_laplace, key_draws = jax.random.split(rng_key, 4)
-    look = sampler(normalizer(model, Unnormalized()), _BaseDraws())  # tilted sites: base draws
+    look = sampler(normalizer(model, Unnormalized()), BaseDraws())  # tilted sites: base draws
     trace = handlers.trace(handlers.seed(look, key_trace)).get_trace(*args, **kwargs)
     sites = _sample_sites(trace)
     tilted = {name: d for name, site in sites.items() if (d := find_tilted(site["fn"])) is not None}

@@ -32,7 +32,8 @@ from numpyro.infer.util import compute_log_probs
 
 from tilted_priors._compat import numpyro_handler_stack
 from tilted_priors.inference._plan import stage_settings
-from tilted_priors.inference.numpyro.guides import AmortizedGuide, _in_plate, _loc_scale, _per_member, _Site
+from tilted_priors.inference.numpyro._amortized import AmortizedGuide, Site, loc_scale
+from tilted_priors.inference.numpyro._log_joint import in_plate, per_member
 from tilted_priors.inference.numpyro.train import FitResult, fit
 
 __all__ = ["RecursiveMixtureGuide", "RecursiveMixtureELBO", "fit_recursive"]
@@ -177,7 +178,7 @@ class RecursiveMixtureGuide:
         return self.num_active
 
     # --- the model's site, the components and the weights ----------------------------------------------------------
-    def _structure(self, args: tuple, kwargs: dict) -> tuple[dict, _Site]:
+    def _structure(self, args: tuple, kwargs: dict) -> tuple[dict, Site]:
         """The model's latent sites and the mixture's one site (static: read from an abstract trace, cached)."""
         latent = self.components[0]._model_sites(args, kwargs)
         if not latent:
@@ -202,10 +203,10 @@ class RecursiveMixtureGuide:
         return latent, site
 
     @staticmethod
-    def _batch(site: _Site) -> tuple:
+    def _batch(site: Site) -> tuple:
         return site.shape[:len(site.shape) - site.event_dim]
 
-    def _logits(self, site: _Site, args: tuple, kwargs: dict):
+    def _logits(self, site: Site, args: tuple, kwargs: dict):
         """The logits of :math:`e_2 .. e_M`, shape ``(*batch, M - 1)``."""
         shape = self._batch(site) + (self.num_components - 1,)
         if self.mixing is None:
@@ -219,7 +220,7 @@ class RecursiveMixtureGuide:
                              f"(the site's batch shape, then one logit per component after the first)")
         return logits
 
-    def _log_weights(self, site: _Site, args: tuple, kwargs: dict):
+    def _log_weights(self, site: Site, args: tuple, kwargs: dict):
         if self.num_active == 1:
             return jnp.zeros(self._batch(site) + (1,))
         return _log_pi(self._logits(site, args, kwargs), self.num_active)
@@ -229,7 +230,7 @@ class RecursiveMixtureGuide:
         :math:`\sum_k \pi_k = 1`)."""
         return self._log_weights(self._structure(args, kwargs)[1], args, kwargs)
 
-    def _component(self, k: int, latent: dict, site: _Site, args: tuple, kwargs: dict) -> tuple:
+    def _component(self, k: int, latent: dict, site: Site, args: tuple, kwargs: dict) -> tuple:
         """``(loc, scale)`` of component ``k``, checked as :class:`AmortizedGuide` checks them."""
         component = self.components[k]
         loc, scale = (jnp.asarray(v) for v in
@@ -247,7 +248,7 @@ class RecursiveMixtureGuide:
         axis = len(self._batch(site))
         components = dist.Normal(jnp.stack(locs, axis), jnp.stack(scales, axis)).to_event(site.event_dim)
         mixture = dist.MixtureSameFamily(dist.Categorical(logits=self._log_weights(site, args, kwargs)), components)
-        return {site.name: _in_plate(site.frames[0], lambda: numpyro.sample(site.name, mixture))}
+        return {site.name: in_plate(site.frames[0], lambda: numpyro.sample(site.name, mixture))}
 
     def __repr__(self) -> str:
         return (f"RecursiveMixtureGuide(num_components={self.num_components}, num_active={self.num_active}, "
@@ -345,7 +346,7 @@ class RecursiveMixtureELBO(ELBO):
             key = guide_key if k == 0 else jax.random.fold_in(guide_key, k)
             component = handlers.substitute(handlers.seed(guide.components[k], key), data=params)
             tr = handlers.trace(component).get_trace(*args, **kwargs)[site.name]
-            draw = (tr["value"], *_loc_scale(tr["fn"]))
+            draw = (tr["value"], *loc_scale(tr["fn"]))
             draws.append(draw if k == m - 1 or not recursive else stop_gradient(draw))
 
         def log_q(k, z, stop=True):  # per datum; component k's loc and scale stopped unless stop=False
@@ -357,7 +358,7 @@ class RecursiveMixtureELBO(ELBO):
         def log_p(z, values):  # per datum: the model's log joint as it defines it
             log_probs, tr = compute_log_probs(handlers.seed(model, model_key), args, kwargs,
                                               {**values, site.name: z}, sum_log_prob=False)
-            return sum((_per_member(lp, tr[n]["cond_indep_stack"], plate) for n, lp in log_probs.items()),
+            return sum((per_member(lp, tr[n]["cond_indep_stack"], plate) for n, lp in log_probs.items()),
                        start=jnp.zeros(size))
 
         # ELBO(Q_m), stratified: for the mixing logits and the model (the components' draws and densities stopped)

@@ -23,18 +23,12 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from tilted_priors.inference._likelihood import LogLikelihoodEstimate, check_options, combined_stderr
+from tilted_priors.inference.pyro._log_joint import BaseDraws
 from tilted_priors.inference.pyro.handlers import find_tilted, map_tilted, normalizer, sampler
 from tilted_priors.pyro._distribution_checks import dtype_device
 from tilted_priors.pyro.normalizers import AnnealedImportance, LogZEstimate, Unnormalized, log_mean_exp_with_error
 
 __all__ = ["log_likelihood", "LogLikelihoodEstimate"]
-
-
-class _BaseDraws:
-    """A sampler that does not move: a tilted site's value is a draw from its base (a cheap look at the model)."""
-
-    def run(self, log_density, init, **kwargs):
-        return init
 
 
 class _Fixed:
@@ -234,7 +228,7 @@ def log_likelihood(model: Callable, *args, proposal: Callable | str = "laplace",
     log_z = AnnealedImportance(500, 100) if log_z is None else log_z
     store = pyro.get_param_store()
     with store.scope(store.get_state()):
-        look = sampler(normalizer(model, Unnormalized()), _BaseDraws())
+        look = sampler(normalizer(model, Unnormalized()), BaseDraws())
         trace = poutine.trace(look).get_trace(*args, **kwargs)
         sites = _sample_sites(trace)
         tilted = {name: d for name, site in sites.items() if (d := find_tilted(site["fn"])) is not None}

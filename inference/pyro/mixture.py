@@ -21,10 +21,12 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
+from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 
 from tilted_priors.inference._plan import stage_settings
-from tilted_priors.inference.pyro.guides import AmortizedGuide, _is_subsample, _make_plates, _per_member, _select, _Site
+from tilted_priors.inference.pyro._amortized import AmortizedGuide, Site, make_plates, select
+from tilted_priors.inference.pyro._log_joint import per_member
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors.inference.pyro.train import FitResult, fit
 from tilted_priors._validation import check_positive_int
@@ -38,7 +40,7 @@ def _check_barrier(barrier) -> float:
     return float(barrier)
 
 
-def _mixture_log_weights(logits: torch.Tensor | None, m: int, site: _Site) -> torch.Tensor:
+def _mixture_log_weights(logits: torch.Tensor | None, m: int, site: Site) -> torch.Tensor:
     r""":math:`\log \pi_k = \log e_k + \sum_{j=k+1}^m \log(1 - e_j)`, ``k = 1..m``, from the logits of
     :math:`e_2, e_3, \dots` (the first ``m - 1`` are used); shape ``(*batch, m)``, ``batch`` the site's batch shape
     (for ``m = 1``, zeros of the site's dtype and device)."""
@@ -178,9 +180,9 @@ class RecursiveMixtureGuide:
             raise NotImplementedError(f"RecursiveMixtureGuide: site {name!r} (batch shape {tuple(batch)}) must sit "
                                       f"in exactly one plate along its batch; it is in "
                                       f"{[f.name for f in site.frames]}")
-        return structure, name, site, _make_plates(structure)
+        return structure, name, site, make_plates(structure)
 
-    def _logits(self, site: _Site, plates: dict, args, kwargs) -> torch.Tensor:
+    def _logits(self, site: Site, plates: dict, args, kwargs) -> torch.Tensor:
         """The logits of :math:`e_2, \\dots, e_M`, shape ``(*batch, M - 1)``."""
         batch = site.shape[:len(site.shape) - site.event_dim]
         shape = batch + (self.num_components - 1,)
@@ -197,13 +199,13 @@ class RecursiveMixtureGuide:
         logits = self.mixing(*args, **kwargs)
         if not torch.is_tensor(logits):
             raise TypeError(f"mixing must return a tensor of logits, got {type(logits).__name__}")
-        logits = _select(logits, replace(site, event_dim=1), plates)
+        logits = select(logits, replace(site, event_dim=1), plates)
         if logits.shape != shape:
             raise ValueError(f"mixing returned logits of shape {tuple(logits.shape)}; {self.num_components} "
                              f"components need (*batch, M - 1) = {tuple(shape)}")
         return logits
 
-    def _log_weights(self, site: _Site, plates: dict, args, kwargs, m: int
+    def _log_weights(self, site: Site, plates: dict, args, kwargs, m: int
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``log pi`` of ``Q_m`` and of ``Q_{m-1}`` (``None`` when ``m = 1``), shape ``(*batch, m)`` / ``m - 1``."""
         logits = self._logits(site, plates, args, kwargs) if m > 1 else None
@@ -333,8 +335,8 @@ class RecursiveMixtureELBO(ELBO):
             for zk in z:
                 conditioned = poutine.replay(poutine.condition(model, data={name: zk}), trace=guide_side.trace)
                 trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
-                trace.compute_log_prob(lambda _, s: not _is_subsample(s))
-                log_p.append(sum(_per_member(s["log_prob"], s["cond_indep_stack"], plate)
+                trace.compute_log_prob(lambda _, s: not site_is_subsample(s))
+                log_p.append(sum(per_member(s["log_prob"], s["cond_indep_stack"], plate)
                                  for s in trace.nodes.values() if "log_prob" in s))
         note("joint", used.trace)
         log_p = torch.stack(log_p, -1)                                                      # (N, k)
