@@ -150,10 +150,19 @@ _FACTORIES = frozenset({_aten.zeros.default, _aten.ones.default, _aten.full.defa
 _LIKE = frozenset({_aten.ones_like.default, _aten.zeros_like.default, _aten.full_like.default})
 
 
+def _mutates(node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes into one of its arguments (``add_``, ``index_put_``, a batch norm's running stats)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
 def _simplify(graph: torch.fx.GraphModule) -> None:
     """Fewer operations to replay, the same numbers: ``detach`` dropped (replays run without autograd), what depends
     on constants alone computed once (tensors made from literals or by factories, never parameters or buffers, which
-    may change in place), dead code removed (random operations count as impure and stay)."""
+    may change in place), repeated operations computed once, dead code removed (random operations count as impure
+    and stay). A graph that writes into a tensor in place (the model's ``out[:, 0] = ...`` on a tensor it made)
+    keeps every operation: a folded or shared tensor could then be changed between two reads."""
+    functional = not any(_mutates(node) for node in graph.graph.nodes)
     constant: dict[torch.fx.Node, Any] = {}
     seen: dict[tuple, torch.fx.Node] = {}  # pure operations by their arguments: one of each is computed
     for node in list(graph.graph.nodes):
@@ -162,7 +171,7 @@ def _simplify(graph: torch.fx.GraphModule) -> None:
         if node.target is _aten.detach.default:
             node.replace_all_uses_with(node.args[0])
             continue
-        if node.is_impure():
+        if node.is_impure() or not functional:
             continue
         same = seen.setdefault((node.target, str(node.args), str(node.kwargs)), node)
         if same is not node:
