@@ -9,7 +9,7 @@ from numbers import Integral, Real
 __all__ = ["check_positive_int", "check_nonnegative_int", "check_step_size", "check_probability",
            "check_energy_shape", "context_batch_shape", "check_snl_b",
            "check_dense_mass", "mass_matrix_blocks", "check_mass_matrix_shapes",
-           "check_finite_number", "check_name", "check_sample_shape", "check_protocol", "energy_signature_error",
+           "check_finite_number", "check_name", "check_site_names", "check_sample_shape", "check_protocol", "energy_signature_error",
            "check_proposal_shapes", "check_loc_scale_shapes", "energy_output_error", "dtype_mismatch_message",
            "describe"]
 
@@ -233,6 +233,22 @@ def check_name(value, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"{name} must be a non-empty string (the name of a param site), got {value!r}")
     return value
+
+
+def check_site_names(value, name: str = "sites") -> tuple[str, ...] | None:
+    """``value`` as a tuple of distinct site names (one name is taken as a tuple of one); ``None`` stays ``None``.
+
+    Examples
+    --------
+    >>> check_site_names("z"), check_site_names(["z", "w"]), check_site_names(None)
+    (('z',), ('z', 'w'), None)
+    """
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names or not all(isinstance(s, str) for s in names) or len(set(names)) != len(names):
+        raise ValueError(f"{name} must be a site name or a non-empty sequence of distinct names, got {value!r}")
+    return names
 
 
 def check_sample_shape(value, name: str = "sample_shape") -> tuple:

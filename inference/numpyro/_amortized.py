@@ -20,6 +20,7 @@ from numpyro.contrib.module import nnx_module
 from tilted_priors.inference.numpyro._log_joint import BaseDraws, is_real
 from tilted_priors.inference.numpyro.handlers import normalizer, sampler
 from tilted_priors._compat import numpyro_handler_stack
+from tilted_priors._validation import check_site_names
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro.samplers import _is_array, _is_concrete
 
@@ -153,12 +154,7 @@ class AmortizedGuide:
         if not callable(encoder):
             raise TypeError(f"encoder must be a Flax NNX module or a callable returning (loc, scale), got "
                             f"{type(encoder).__name__}")
-        if isinstance(sites, str):
-            sites = (sites,)
-        if sites is not None:
-            sites = tuple(sites)
-            if not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) != len(sites):
-                raise ValueError(f"sites must be a non-empty sequence of distinct site names, got {sites!r}")
+        sites = check_site_names(sites)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.model = model

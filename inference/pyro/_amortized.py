@@ -22,6 +22,7 @@ from pyro.poutine.util import is_validation_enabled, site_is_subsample
 from tilted_priors.inference.pyro._log_joint import BaseDraws, is_real
 from tilted_priors.inference.pyro.handlers import normalizer, sampler
 from tilted_priors.inference.pyro.modules import register_module
+from tilted_priors._validation import check_site_names
 from tilted_priors.pyro import Unnormalized
 
 __all__ = ["AmortizedGuide", "Site", "make_plates", "select", "LocScale", "EncoderOutput"]
@@ -228,12 +229,7 @@ class AmortizedGuide:
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         if not callable(encoder):
             raise TypeError(f"encoder must be callable (returning (loc, scale)), got {type(encoder).__name__}")
-        if isinstance(sites, str):
-            sites = (sites,)
-        if sites is not None:
-            sites = tuple(sites)
-            if not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) != len(sites):
-                raise ValueError(f"sites must be a site name or a non-empty sequence of distinct names, got {sites!r}")
+        sites = check_site_names(sites)
         if not isinstance(name, str) or not name or "$$$" in name:
             raise ValueError(f"name must be a non-empty string without '$$$', got {name!r}")
         self.model, self.encoder, self.sites, self.name = model, encoder, sites, name
