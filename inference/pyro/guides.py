@@ -275,8 +275,7 @@ class ShortRunPosterior:
             key = (tuple(names), tuple(shapes.values()), tuple(sizes), tuple(axes.values()), plate)
             reference = None
             if whiten is None and index is None:  # the chains start at the trace's values: its sites give the joint
-                with torch.no_grad():
-                    reference = (flat, trace_log_joint(trace, plate))
+                reference = (flat, lambda: trace_log_joint(trace, plate))
             density = self._graphs.log_density(log_density, (log_joint.inputs, shift), key, reference)
         else:
             density = functools.partial(log_density, inputs=log_joint.inputs, shift=shift)

@@ -80,13 +80,15 @@ class GraphCache:
         self.reason: str | None = None
 
     def log_density(self, fn: Callable[..., torch.Tensor], inputs: Any = (), static: Any = (),
-                    reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> "TracedLogDensity":
+                    reference: tuple[torch.Tensor, Callable[[], torch.Tensor]] | None = None
+                    ) -> "TracedLogDensity":
         """``fn(z, *inputs)`` as a :class:`TracedLogDensity` of ``z`` whose graphs live in this cache.
 
         ``inputs`` is a tuple of tensors or of (nested) lists, tuples and dicts holding tensors and hashable
         settings; ``static`` (hashable) adds settings of ``fn`` that the inputs do not show to the graph's key;
-        ``reference``: ``(position, value)``, the eager function's value at the chain's starting position when the
-        caller has it already (the check at the chain's start then evaluates nothing eagerly)."""
+        ``reference``: ``(position, value)``, with ``value()`` the eager function's value at the chain's starting
+        position computed from what the caller has already (the check at the chain's start then runs no eager
+        evaluation of ``fn``; ``value`` is called only when that check happens)."""
         return TracedLogDensity(fn, inputs, self, static, reference)
 
     # --- graphs ------------------------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ class TracedLogDensity:
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: Any, cache: GraphCache, static: Any = (),
-                 reference: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 reference: tuple[torch.Tensor, Callable[[], torch.Tensor]] | None = None):
         self.fn, self.cache, self.reference = fn, cache, reference
         leaves, spec = _pytree.tree_flatten(tuple(inputs))
         self._tensors = tuple(v for v in leaves if isinstance(v, torch.Tensor))
@@ -315,10 +317,10 @@ class TracedLogDensity:
         key = (self._key, meta)
         if not self.cache._ready(key):
             return None
-        if self.reference is not None and self.reference[0] is position:
-            expected = self.reference[1]
-        else:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.reference is not None and self.reference[0] is position:
+                expected = self.reference[1]()
+            else:
                 expected = self(position.detach())
         if not isinstance(expected, torch.Tensor) or expected.shape != position.shape[:-1]:
             return None  # the eager evaluation explains what is wrong
