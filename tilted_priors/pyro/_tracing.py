@@ -25,7 +25,10 @@ What makes the replay right, and what is checked instead:
   runs eagerly from then on). A cache that has traced ``max_traces`` keys stops tracing (arguments whose shapes
   or settings change at every call).
 
-Replays run the same aten operations as the eager function, in the same order, so they give the same numbers.
+Replays run the same aten operations as the eager function, in the same order, so they give the same numbers
+(:func:`tilted_priors.pyro._graph_passes.simplify` only drops, folds and merges operations), except where a
+transposed convolution of a 1 x 1 input runs as the matrix product it is (see :mod:`tilted_priors.pyro._graph_passes`):
+there they agree to rounding.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ from typing import Any, Callable
 import pyro
 import torch
 from torch.utils import _pytree
+
+from ._graph_passes import simplify
 
 __all__ = ["GraphCache", "TracedLogDensity"]
 
@@ -144,71 +149,6 @@ class GraphCache:
         return self._retraces[key] <= self.max_retraces
 
 
-_aten = torch.ops.aten
-#: Operations that make a tensor from nothing but their arguments (no tensor read, no randomness).
-_FACTORIES = frozenset({_aten.zeros.default, _aten.ones.default, _aten.full.default, _aten.scalar_tensor.default,
-                        _aten.arange.default, _aten.arange.start, _aten.arange.start_step})
-#: Operations whose value depends on their input's shape and dtype alone (fixed for a graph): the gradient's seed.
-_LIKE = frozenset({_aten.ones_like.default, _aten.zeros_like.default, _aten.full_like.default})
-
-
-def _mutates(node: torch.fx.Node) -> bool:
-    """Whether ``node`` writes into one of its arguments (``add_``, ``index_put_``, a batch norm's running stats)."""
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
-
-
-def _simplify(graph: torch.fx.GraphModule) -> None:
-    """Fewer operations to replay, the same numbers: ``detach`` dropped (replays run without autograd), what depends
-    on constants alone computed once (tensors made from literals or by factories, never parameters or buffers, which
-    may change in place), repeated operations computed once, dead code removed (random operations count as impure
-    and stay). A graph that writes into a tensor in place (the model's ``out[:, 0] = ...`` on a tensor it made)
-    keeps every operation: a folded or shared tensor could then be changed between two reads."""
-    functional = not any(_mutates(node) for node in graph.graph.nodes)
-    constant: dict[torch.fx.Node, Any] = {}
-    seen: dict[tuple, torch.fx.Node] = {}  # pure operations by their arguments: one of each is computed
-    for node in list(graph.graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target is _aten.detach.default:
-            node.replace_all_uses_with(node.args[0])
-            continue
-        if node.is_impure() or not functional:
-            continue
-        same = seen.setdefault((node.target, str(node.args), str(node.kwargs)), node)
-        if same is not node:
-            node.replace_all_uses_with(same)
-            continue
-        inputs = node.all_input_nodes
-        if node.target is _aten.lift_fresh_copy.default and inputs[0].op == "get_attr":
-            constant[node] = getattr(graph, inputs[0].target).clone()
-        elif node.target in _LIKE:
-            val = inputs[0].meta["val"]  # a fake tensor: its shape, dtype and device
-            constant[node] = node.target(torch.empty(val.shape, dtype=val.dtype, device=val.device), *node.args[1:],
-                                         **node.kwargs)
-        elif (node.target in _FACTORIES and not inputs) or (inputs and all(n in constant for n in inputs)):
-            constant[node] = node.target(*torch.fx.node.map_arg(node.args, constant.__getitem__),
-                                         **torch.fx.node.map_arg(node.kwargs, constant.__getitem__))
-    for i, (node, value) in enumerate(constant.items()):
-        if not isinstance(value, torch.Tensor) or all(user in constant for user in node.users):
-            continue
-        name = f"_folded{i}"
-        graph.register_buffer(name, value)
-        with graph.graph.inserting_before(node):
-            node.replace_all_uses_with(graph.graph.get_attr(name))
-    graph.graph.eliminate_dead_code()
-    graph.recompile()
-    output = next(n for n in reversed(graph.graph.nodes) if n.op == "output")
-    graph.meta["aliases"] = any(_aliases_attribute(n) for n in output.all_input_nodes)
-
-
-def _aliases_attribute(node: torch.fx.Node) -> bool:
-    """Whether ``node``'s value may be (a view of) one of the graph's constants (parameters, folded tensors)."""
-    while node.op == "call_function" and getattr(node.target, "is_view", False) and node.all_input_nodes:
-        node = node.all_input_nodes[0]
-    return node.op == "get_attr"
-
-
 class _TensorLeaf:
     """Where a tensor input goes among the non-tensor parts of the inputs."""
 
@@ -283,7 +223,7 @@ class TracedLogDensity:
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the eager evaluation before it has given them
             graph = make_fx(value_and_grad)(position.detach(), *self._tensors)
-        _simplify(graph)
+        simplify(graph)
         return graph
 
     def _run(self, graph, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
