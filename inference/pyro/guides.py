@@ -100,11 +100,12 @@ class ShortRunPosterior:
     validated) can cost several times its arithmetic on small models, and the chain runs it at every step. With
     ``compile_log_joint=True`` the second call with given argument shapes traces the log joint and its gradient
     (``torch.fx``'s ``make_fx``, Pyro's validation off; the first call runs eagerly) and every later step replays
-    that graph: the same operations, the same numbers, without the model's Python (except transposed convolutions
-    of 1 x 1 inputs or to a few channels, an image generator's first and last layers, which replay as the matrix
-    products they are, several times faster on a CPU and equal to rounding). The model still runs eagerly,
-    validated, once per call (the chains' starting trace), and the graph's value is compared with the eager log joint's at the start of every
-    chain, so a parameter re-assigned or a setting changed between calls makes it trace again. A model whose
+    that graph: the same operations, the same numbers, without the model's Python (except, on the CPU, transposed
+    convolutions of 1 x 1 inputs or to a few channels, an image generator's first and last layers, which replay as
+    the matrix products they are, several times faster and equal to rounding). The model still runs eagerly,
+    validated, once per call (the chains' starting trace), and the graph's value is compared with the eager log
+    joint's at the start of every chain, so a parameter re-assigned or a setting changed between calls makes it
+    trace again. A model whose
     Python reads tensor values (``if z.sum() > 0``), or whose log joint is random, cannot be replayed and runs
     eagerly at every step, as with ``compile_log_joint=False``. Print statements and breakpoints inside the model
     run only when it is traced.

@@ -2,14 +2,14 @@ r"""Passes over a traced graph of aten operations (torch): fewer operations, the
 
 :func:`simplify` is what :class:`tilted_priors.pyro._tracing.TracedLogDensity` runs on every graph it traces. It
 keeps the eager function's operations and their order, so a replay gives the eager numbers bit for bit, with one
-exception, :func:`matmul_convolutions`: a transposed convolution of a :math:`1 \times 1` input (the first layer of
-most image generators, :math:`d` latents to a :math:`k \times k` map) is a matrix product,
+exception, :func:`matmul_convolutions`: transposed convolutions that are plain matrix products run as such. Of a
+:math:`1 \times 1` input (the first layer of most image generators, :math:`d` latents to a :math:`k \times k` map),
 
 .. math:: y_{n, o, i, j} = b_o + \sum_c x_{n, c} W_{c, o, i, j},
 
 which oneDNN's convolution computes several times slower on a CPU (2.5 ms against 0.45 ms for the value and
-gradient of LEBM's SVHN generator's first layer, batch 16); there the replay agrees with the eager function to
-rounding.
+gradient of LEBM's SVHN generator's first layer, batch 16); to a few channels (an image's last layer), each input
+pixel's product added into the output by ``col2im``. There the replay agrees with the eager function to rounding.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def simplify(graph: torch.fx.GraphModule) -> None:
     on constants alone computed once (tensors made from literals or by factories, never parameters or buffers, which
     may change in place), repeated operations computed once, dead code removed (random operations count as impure
     and stay). A graph that writes into a tensor in place (the model's ``out[:, 0] = ...`` on a tensor it made)
-    keeps every operation: a folded or shared tensor could then be changed between two reads."""
+    keeps every operation: a folded or shared tensor could then be changed between two reads. Last,
+    :func:`matmul_convolutions` (the same numbers to rounding)."""
     functional = not any(_mutates(node) for node in graph.graph.nodes)
     constant: dict[torch.fx.Node, Any] = {}
     seen: dict[tuple, torch.fx.Node] = {}  # pure operations by their arguments: one of each is computed
@@ -95,14 +96,16 @@ FEW_CHANNELS = 8
 
 def _settings(node: torch.fx.Node) -> str | None:
     """``"dense"`` for a transposed convolution of a 1 x 1 (x ...) input, ``"fold"`` for a transposed 2-d one with
-    at most :data:`FEW_CHANNELS` output channels (no padding of the output, dilation or groups in either case; the
-    stride does not matter for the first), else None. ``node`` is a convolution or its backward."""
+    at most :data:`FEW_CHANNELS` output channels (on the CPU, where these were measured; no padding of the output,
+    dilation or groups in either case; the stride does not matter for the first), else None. ``node`` is a
+    convolution or its backward."""
     x, weight = node.args[0:2] if node.target is _aten.convolution.default else node.args[1:3]
     transposed, output_padding, groups = node.args[-3:] if len(node.args) == 9 else node.args[-4:-1]
     padding, dilation = node.args[4:6] if len(node.args) == 9 else node.args[5:7]
-    val, kernel = x.meta.get("val"), weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
-    if (not isinstance(val, torch.Tensor) or not isinstance(kernel, torch.Tensor) or not transposed or groups != 1
-            or val.dim() < 3 or not val.is_floating_point() or any(output_padding) or any(d != 1 for d in dilation)):
+    val, kernel = (n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in (x, weight))
+    if (not isinstance(val, torch.Tensor) or not isinstance(kernel, torch.Tensor) or val.device.type != "cpu"
+            or not transposed or groups != 1 or val.dim() < 3 or not val.is_floating_point()
+            or any(output_padding) or any(d != 1 for d in dilation)):
         return None
     if all(s == 1 for s in val.shape[2:]) and not any(padding):
         return "dense"
@@ -110,7 +113,8 @@ def _settings(node: torch.fx.Node) -> str | None:
 
 
 def matmul_convolutions(graph: torch.fx.GraphModule) -> None:
-    r"""Transposed convolutions that are faster as matrix products (see the module notes); others are left as is.
+    r"""Transposed convolutions on the CPU that are faster as matrix products (see the module notes); others (and
+    all on other devices, where the convolutions were not measured) are left as they are.
 
     - Of a :math:`1 \times 1` input: with :math:`x` of shape ``(n, c, 1, 1)`` and the weight :math:`W` of shape
       ``(c, o, k, k)``, the convolution is ``(x.reshape(n, c) @ W.reshape(c, o k k)).reshape(n, o, k, k) + b`` and
