@@ -6,7 +6,7 @@ import math
 import operator
 from numbers import Integral, Real
 
-__all__ = ["check_positive_int", "check_nonnegative_int", "check_step_size", "check_probability",
+__all__ = ["check_positive_int", "check_nonnegative_int", "check_step_size", "check_probability", "check_flag",
            "check_energy_shape", "context_batch_shape", "check_snl_b",
            "check_dense_mass", "mass_matrix_blocks", "check_mass_matrix_shapes",
            "check_finite_number", "check_name", "check_site_names", "check_sample_shape", "check_protocol", "energy_signature_error",
@@ -58,6 +58,24 @@ def check_probability(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < 1.0:  # nan fails the comparison
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
     return float(value)
+
+
+def check_flag(value, name: str) -> bool:
+    """Return ``value`` as a bool, or raise ``TypeError`` unless it is ``True`` or ``False`` (a NumPy bool and the
+    integers 0 and 1 count): a string such as ``"False"`` would otherwise be taken as true.
+
+    Examples
+    --------
+    >>> check_flag(0, "per_datum")
+    False
+    >>> check_flag("False", "per_datum")
+    Traceback (most recent call last):
+    ...
+    TypeError: per_datum must be True or False, got 'False' (str)
+    """
+    if isinstance(value, bool) or (isinstance(value, Integral) and value in (0, 1)) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {describe(value)} ({type(value).__name__})")
 
 
 def check_energy_shape(what: str, in_shape: tuple, out_shape: tuple) -> None:

@@ -39,7 +39,7 @@ from tilted_priors.inference.numpyro._log_joint import BaseDraws, in_plate, is_r
 from tilted_priors.inference.numpyro.handlers import normalizer, sampler
 from tilted_priors import _adapt
 from tilted_priors._compat import numpyro_handler_stack
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_flag, check_positive_int
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.numpyro import ShortRunLangevin, Unnormalized
 from tilted_priors.numpyro.samplers import _is_concrete
@@ -126,7 +126,7 @@ class ShortRunPosterior:
         self.model = model
         self._warned = False  # the chain-did-not-move warning is given once per guide
         self._checked = False  # whether the check has run on concrete values
-        self.per_datum = bool(per_datum)
+        self.per_datum = check_flag(per_datum, "per_datum")
         # Unrolled through a convolutional generator (XLA's CPU loop is 4-5x slower), rolled for MLPs (compiles
         # about twice as fast): see ShortRunLangevin's unroll.
         self.sampler = ShortRunLangevin(steps, step_size, unroll="auto") if sampler is None else sampler
@@ -417,7 +417,7 @@ class RefinedGuide:
                             f"encoder); got {type(guide).__name__}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        self.guide, self.model, self.whiten, self.name = guide, model, bool(whiten), name
+        self.guide, self.model, self.whiten, self.name = guide, model, check_flag(whiten, "whiten"), name
         self._posterior = ShortRunPosterior(model, steps, step_size, init=guide, sampler=sampler,
                                             per_datum=per_datum)
         self.sampler = self._posterior.sampler

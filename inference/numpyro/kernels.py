@@ -26,7 +26,7 @@ from tilted_priors.inference.numpyro._kernel_parts import (MAX_LOG_RATIO_ERROR, 
                                                            init_mass_matrix, preconditioned_proposal)
 from tilted_priors.inference.numpyro.handlers import normalizer
 from tilted_priors._adapt import RANGE_FACTOR
-from tilted_priors._validation import check_dense_mass, check_probability, check_step_size
+from tilted_priors._validation import check_dense_mass, check_flag, check_probability, check_step_size
 from tilted_priors.errors import ChainRangeWarning
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro import langevin
@@ -213,10 +213,10 @@ class Langevin(MCMCKernel):
         self._model = model
         self._potential_fn = potential_fn
         self._step_size = check_step_size(step_size)
-        self._adjusted = bool(adjusted)
-        self._adapt_step_size = bool(adapt_step_size)
+        self._adjusted = check_flag(adjusted, "adjusted")
+        self._adapt_step_size = check_flag(adapt_step_size, "adapt_step_size")
         self._target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
-        self._adapt_mass_matrix = bool(adapt_mass_matrix)
+        self._adapt_mass_matrix = check_flag(adapt_mass_matrix, "adapt_mass_matrix")
         self._dense_mass = check_dense_mass(dense_mass)
         self._inverse_mass_matrix = check_inverse_mass_matrix(inverse_mass_matrix)
         self._init_strategy = init_strategy

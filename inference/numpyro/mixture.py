@@ -31,6 +31,7 @@ from numpyro.infer.elbo import ELBO
 from numpyro.infer.util import compute_log_probs
 
 from tilted_priors._compat import numpyro_handler_stack
+from tilted_priors._validation import check_flag
 from tilted_priors.inference._plan import stage_settings
 from tilted_priors.inference.numpyro._amortized import AmortizedGuide, Site, loc_scale
 from tilted_priors.inference.numpyro._log_joint import in_plate, per_member
@@ -317,7 +318,7 @@ class RecursiveMixtureELBO(ELBO):
                  recursive: bool = True):
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
         self.barrier = None if barrier is None else _check_barrier(barrier)
-        self.recursive = bool(recursive)
+        self.recursive = check_flag(recursive, "recursive")
 
     def loss(self, rng_key, param_map: dict, model: Callable, guide: Callable, *args: Any, **kwargs: Any):
         r""":math:`-\mathrm{ELBO}(Q_m)` plus a zero-valued surrogate routing each parameter's gradient (see above)."""

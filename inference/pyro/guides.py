@@ -34,7 +34,7 @@ from tilted_priors.inference.pyro._log_joint import BaseDraws, LogJoint, Substit
 from tilted_priors.inference.pyro.handlers import normalizer, sampler
 from tilted_priors import _adapt
 from tilted_priors._compat import pyro_am_i_wrapped
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_flag, check_positive_int
 from tilted_priors.errors import ChainDivergenceError
 from tilted_priors.pyro import ShortRunLangevin, Unnormalized
 from tilted_priors.pyro._tracing import GraphCache
@@ -133,10 +133,10 @@ class ShortRunPosterior:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
-        self.compile_log_joint = bool(compile_log_joint)
+        self.compile_log_joint = check_flag(compile_log_joint, "compile_log_joint")
         self._graphs = GraphCache()  # the traced log joints, one per argument shapes
         self._warned = False  # the chain-did-not-move warning is given once per guide
-        self.per_datum = bool(per_datum)
+        self.per_datum = check_flag(per_datum, "per_datum")
         self.sampler = ShortRunLangevin(steps, step_size) if sampler is None else sampler
         if isinstance(self.sampler, type) or not callable(getattr(self.sampler, "run", None)):
             raise TypeError(f"sampler must be a sampler instance with .run(log_density, init) (e.g. "
@@ -419,7 +419,7 @@ class RefinedGuide:
                             f"encoder); got {type(guide).__name__}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        self.guide, self.model, self.whiten, self.name = guide, model, bool(whiten), name
+        self.guide, self.model, self.whiten, self.name = guide, model, check_flag(whiten, "whiten"), name
         self._posterior = ShortRunPosterior(model, steps, step_size, init=guide, sampler=sampler,
                                             per_datum=per_datum, compile_log_joint=compile_log_joint)
         self.sampler = self._posterior.sampler

@@ -23,7 +23,7 @@ from tilted_priors.inference.pyro._kernel_parts import (MAX_LOG_RATIO_ERROR, Inv
                                                         check_inverse_mass_matrix, mass_matrix_factors,
                                                         preconditioned_proposal)
 from tilted_priors.inference.pyro.handlers import normalizer
-from tilted_priors._validation import (check_dense_mass, check_mass_matrix_shapes, check_probability,
+from tilted_priors._validation import (check_dense_mass, check_flag, check_mass_matrix_shapes, check_probability,
                                        check_step_size, mass_matrix_blocks)
 from tilted_priors._adapt import RANGE_FACTOR
 from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
@@ -163,10 +163,10 @@ class Langevin(MCMCKernel):
         self.model = model
         self.potential_fn = potential_fn
         self.transforms = transforms
-        self.adjusted = bool(adjusted)
-        self.adapt_step_size = bool(adapt_step_size)
+        self.adjusted = check_flag(adjusted, "adjusted")
+        self.adapt_step_size = check_flag(adapt_step_size, "adapt_step_size")
         self.target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
-        self.adapt_mass_matrix = bool(adapt_mass_matrix)
+        self.adapt_mass_matrix = check_flag(adapt_mass_matrix, "adapt_mass_matrix")
         self.dense_mass = check_dense_mass(dense_mass)
         self._given_inverse_mass_matrix = check_inverse_mass_matrix(inverse_mass_matrix)
         self._max_plate_nesting = max_plate_nesting

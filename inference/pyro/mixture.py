@@ -29,7 +29,7 @@ from tilted_priors.inference.pyro._amortized import AmortizedGuide, Site, make_p
 from tilted_priors.inference.pyro._log_joint import per_member
 from tilted_priors.inference.pyro.modules import register_module
 from tilted_priors.inference.pyro.train import FitResult, fit
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_flag, check_positive_int
 
 __all__ = ["RecursiveMixtureGuide", "RecursiveMixtureELBO", "fit_recursive"]
 
@@ -295,7 +295,7 @@ class RecursiveMixtureELBO(ELBO):
     def __init__(self, barrier: float | None = None, num_particles: int = 1, *, recursive: bool = True):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles))
         self.barrier = None if barrier is None else _check_barrier(barrier)
-        self.recursive = bool(recursive)
+        self.recursive = check_flag(recursive, "recursive")
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("RecursiveMixtureELBO runs the model once per component's draw: there is no single "

@@ -439,3 +439,38 @@ def test_guide_given_a_sampler_class(backend):
     guides = import_module(f"tilted_priors.inference.{backend.name}")
     with pytest.raises(TypeError, match="sampler must be a sampler instance.*MALA"):
         guides.ShortRunPosterior(_model(backend), sampler=backend.tp.MALA)
+
+
+# --- flags ------------------------------------------------------------------------------------------------------
+_FLAGS = {  # what takes a flag: (the flag, a call given it as a string)
+    "noise": lambda tp, inf, model: tp.ShortRunLangevin(10, 0.1, noise="False"),
+    "strict": lambda tp, inf, model: tp.MALA(10, strict="no"),
+    "adjusted": lambda tp, inf, model: inf.Langevin(model, adjusted="False"),
+    "adapt_step_size": lambda tp, inf, model: inf.Langevin(model, adapt_step_size="False"),
+    "adapt_mass_matrix": lambda tp, inf, model: inf.Langevin(model, adapt_mass_matrix="False"),
+    "per_datum": lambda tp, inf, model: inf.ShortRunPosterior(model, per_datum="False"),
+    "whiten": lambda tp, inf, model: inf.RefinedGuide(inf.ShortRunPosterior(model), whiten="False"),
+    "recursive": lambda tp, inf, model: inf.RecursiveMixtureELBO(recursive="False"),
+}
+
+
+@pytest.mark.parametrize("flag", list(_FLAGS))
+def test_a_flag_given_as_a_string(backend, flag):
+    """``"False"`` would be taken as true: a flag must be True or False."""
+    inference = __import__(f"tilted_priors.inference.{backend.name}", fromlist=["_"])
+    with pytest.raises(TypeError, match=rf"{flag} must be True or False, got '\w+' \(str\)"):
+        _FLAGS[flag](backend.tp, inference, _model(backend))
+
+
+def test_compile_log_joint_given_as_a_string_pyro(fresh_pyro):
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from tilted_priors.inference.pyro import ShortRunPosterior
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    with pytest.raises(TypeError, match=r"compile_log_joint must be True or False, got 'no' \(str\)"):
+        ShortRunPosterior(model, compile_log_joint="no")

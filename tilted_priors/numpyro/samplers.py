@@ -68,7 +68,7 @@ import jax.numpy as jnp
 from tilted_priors import _adapt
 from tilted_priors._compat import jax_in_transformation
 from tilted_priors._persistent import PersistentBase
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_flag, check_positive_int
 from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.numpyro._chain_checks import (as_partial, base_loc_scale, check_init, is_array, is_array_pytree,
                                                  is_concrete, range_scale, tilted_of)
@@ -120,7 +120,7 @@ class _Langevin(_Frozen):
 
     def __init__(self, steps: int, step_size: float | str, unroll: int | bool | str = 1,
                  target_accept: float | None = None, strict: bool = False):
-        object.__setattr__(self, "strict", bool(strict))
+        object.__setattr__(self, "strict", check_flag(strict, "strict"))
         object.__setattr__(self, "steps", check_positive_int("steps", steps))
         object.__setattr__(self, "step_size", _adapt.check_step_size_or_auto(step_size))
         object.__setattr__(self, "target_accept", _adapt.check_target_accept(target_accept, self.step_size,
@@ -313,7 +313,7 @@ class ShortRunLangevin(_Langevin):
         if not noise and self.step_size == _adapt.AUTO:
             raise ValueError("step_size='auto' adapts to the acceptance of noisy Langevin moves; with noise=False "
                              "(gradient ascent) give a fixed step_size")
-        object.__setattr__(self, "noise", bool(noise))
+        object.__setattr__(self, "noise", check_flag(noise, "noise"))
 
     @property
     def _noise(self) -> bool:

@@ -41,7 +41,7 @@ import torch
 
 from tilted_priors import _adapt
 from tilted_priors._persistent import PersistentBase
-from tilted_priors._validation import check_positive_int
+from tilted_priors._validation import check_flag, check_positive_int
 from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro import langevin
 from tilted_priors.pyro._chain_checks import (base_loc_scale, check_energy_reaches_z, check_finite, check_init,
@@ -72,7 +72,7 @@ class _Langevin:
         self.steps = check_positive_int("steps", steps)
         self.step_size = _adapt.check_step_size_or_auto(step_size)
         self.target_accept = _adapt.check_target_accept(target_accept, self.step_size, self._kind)
-        self.strict = bool(strict)
+        self.strict = check_flag(strict, "strict")
 
     def _step(self, state: langevin.LangevinState, log_density, step_size):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -272,7 +272,7 @@ class ShortRunLangevin(_Langevin):
         if not noise and self.step_size == _adapt.AUTO:
             raise ValueError("step_size='auto' adapts to the acceptance of noisy Langevin moves; with noise=False "
                              "(gradient ascent) give a fixed step_size")
-        self.noise = bool(noise)
+        self.noise = check_flag(noise, "noise")
 
     def _step(self, state, log_density, step_size):
         return langevin.ula_step(None, state, log_density, step_size, self.noise)
