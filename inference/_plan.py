@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from tilted_priors._validation import check_nonnegative_int
+from tilted_priors._validation import check_flag, check_nonnegative_int
 from tilted_priors.inference._health import TrainingHealth, health_settings
 
 __all__ = ["LearningRates", "TrainingPlan", "make_plan", "batch_order", "stage_settings", "check_data",
@@ -287,6 +287,8 @@ def make_plan(data, *, epochs, num_steps, batch_size, lr, betas, lr_decay, clip_
               checkpoint_name: str, health=True, keep_checkpoints: int = 3) -> TrainingPlan:
     """Check the arguments of ``fit`` (clear ``ValueError``/``TypeError`` messages) and build the plan."""
     arrays, names = check_data(data)
+    resume, progress, pass_index = (check_flag(v, n) for v, n in ((resume, "resume"), (progress, "progress"),
+                                                                   (pass_index, "pass_index")))
     if pass_index and names is not None and "index" in names:
         raise ValueError("data has an array named 'index', which pass_index=True also passes (the batch's data "
                          "indices): rename the array")
@@ -332,6 +334,6 @@ def make_plan(data, *, epochs, num_steps, batch_size, lr, betas, lr_decay, clip_
             raise ValueError(f"out={str(out)!r} exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
     return TrainingPlan(arrays, names, isinstance(data, (tuple, Mapping)), batch_size, steps_per_epoch, total,
-                        rates, (b1, b2), lr_decay, clip_norm, int(seed), out, checkpoint_every, bool(resume),
-                        bool(progress), bool(pass_index), callback, loss_name, backend, checkpoint_name, health,
+                        rates, (b1, b2), lr_decay, clip_norm, int(seed), out, checkpoint_every, resume,
+                        progress, pass_index, callback, loss_name, backend, checkpoint_name, health,
                         keep_checkpoints)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tilted_priors._validation import check_positive_int, check_probability
+from tilted_priors._validation import check_flag, check_positive_int, check_probability
 from tilted_priors.inference.diagnostics.arrays import (EnergyDistance, _numeric, as_chains, energy_distance,
                                                        nested_rhat, rhat)
 from tilted_priors.inference.diagnostics.running import sampler_backend, scores_along, trajectory
@@ -320,6 +320,7 @@ def short_vs_long(sampler_short, sampler_long, log_density, starts, *, chains_pe
     backends = {sampler_backend(sampler_short, "sampler_short"), sampler_backend(sampler_long, "sampler_long")}
     if len(backends) > 1:
         raise TypeError(f"both samplers must come from one backend, got {sorted(backends)}")
+    stein = check_flag(stein, "stein")
     if not callable(log_density):
         raise TypeError(f"log_density must be a function (..., d) -> (...) on the samplers' arrays, got "
                         f"{type(log_density).__name__}")

@@ -25,6 +25,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
+from tilted_priors._validation import check_flag
 from tilted_priors.inference._likelihood import LogLikelihoodEstimate, check_options, combined_stderr
 from tilted_priors.inference.numpyro._log_joint import BaseDraws
 from tilted_priors.inference.numpyro.handlers import find_tilted, map_tilted, normalizer, sampler
@@ -246,6 +247,7 @@ def log_likelihood(model: Callable, *args, proposal: Callable | str = "laplace",
     >>> abs(est.log_likelihood - exact) < 4 * est.stderr + 1e-3, est.ess > 190
     (True, True)
     """
+    vectorize = check_flag(vectorize, "vectorize")
     num_samples, laplace_steps, laplace_lr = check_options(proposal, num_samples, laplace_steps, laplace_lr)
     if rng_key is None:
         raise ValueError("log_likelihood draws random samples and needs a PRNG key: pass "

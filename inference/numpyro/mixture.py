@@ -437,6 +437,7 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
     >>> [r.steps for r in results], guide.num_active, sorted(results[1].params)
     ([20, 20], 2, ['a0', 'a1', 'rme.mixing'])
     """
+    warm_start = check_flag(warm_start, "warm_start")
     if not isinstance(guide, RecursiveMixtureGuide):
         raise TypeError(f"fit_recursive trains a RecursiveMixtureGuide, got {type(guide).__name__}")
     clash = sorted({"epochs", "num_steps", "loss", "init_params"} & set(fit_kwargs))

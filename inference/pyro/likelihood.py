@@ -22,6 +22,7 @@ from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from tilted_priors._validation import check_flag
 from tilted_priors.inference._likelihood import LogLikelihoodEstimate, check_options, combined_stderr
 from tilted_priors.inference.pyro._log_joint import BaseDraws
 from tilted_priors.inference.pyro.handlers import find_tilted, map_tilted, normalizer, sampler
@@ -224,6 +225,7 @@ def log_likelihood(model: Callable, *args, proposal: Callable | str = "laplace",
     >>> abs(est.log_likelihood - exact) < 4 * est.stderr + 1e-3, est.ess > 190
     (True, True)
     """
+    vectorize = check_flag(vectorize, "vectorize")
     num_samples, laplace_steps, laplace_lr = check_options(proposal, num_samples, laplace_steps, laplace_lr)
     log_z = AnnealedImportance(500, 100) if log_z is None else log_z
     store = pyro.get_param_store()

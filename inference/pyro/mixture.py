@@ -433,6 +433,7 @@ def fit_recursive(model: Callable, guide: RecursiveMixtureGuide, data, steps_per
     >>> [r.steps for r in results], guide.num_active
     ([20, 20], 2)
     """
+    warm_start = check_flag(warm_start, "warm_start")
     if not isinstance(guide, RecursiveMixtureGuide):
         raise TypeError(f"fit_recursive trains a RecursiveMixtureGuide, got {type(guide).__name__}")
     clash = sorted({"num_steps", "epochs", "loss"} & set(fit_kwargs))

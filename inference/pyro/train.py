@@ -18,6 +18,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import zero_grads
 from pyro.poutine.util import site_is_subsample
 
+from tilted_priors._validation import check_flag
 from tilted_priors.inference._health import TrainingHealth
 from tilted_priors.inference._plan import TrainingPlan, make_plan, no_latents_error
 from tilted_priors.inference._training import (CHECKPOINT_FIX, FitResult, StepReport, TrainingDiverged, run_training,
@@ -409,7 +410,7 @@ def fit(model: Callable, guide: Callable | None, data, *, epochs: int | None = N
     writer = group is None or group.is_writer
     plan = make_plan(data, epochs=epochs, num_steps=num_steps, batch_size=batch_size, lr=lr, betas=betas,
                      lr_decay=lr_decay, clip_norm=clip_norm, seed=seed, out=out, checkpoint_every=checkpoint_every,
-                     resume=resume, progress=progress and writer, pass_index=pass_index, callback=callback,
+                     resume=resume, progress=check_flag(progress, "progress") and writer, pass_index=pass_index, callback=callback,
                      loss_name=type(loss).__name__, backend="pyro", checkpoint_name="checkpoint.pt", health=health,
                      keep_checkpoints=keep_checkpoints)
     if group is not None and plan.batch_size % group.world:

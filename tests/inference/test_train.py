@@ -344,6 +344,8 @@ def test_batch_order_is_a_function_of_seed_and_epoch():
     (dict(lr_decay=0.0), ValueError, "lr_decay"),
     (dict(clip_norm=-1.0), ValueError, "clip_norm"),
     (dict(resume=True), ValueError, "needs out"),
+    (dict(resume="False"), TypeError, "resume must be True or False"),
+    (dict(progress="no"), TypeError, "progress must be True or False"),
     (dict(checkpoint_every=2), ValueError, "needs out"),
     (dict(seed=-1), ValueError, "seed"),
 ])

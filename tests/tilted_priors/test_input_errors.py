@@ -451,7 +451,17 @@ _FLAGS = {  # what takes a flag: (the flag, a call given it as a string)
     "per_datum": lambda tp, inf, model: inf.ShortRunPosterior(model, per_datum="False"),
     "whiten": lambda tp, inf, model: inf.RefinedGuide(inf.ShortRunPosterior(model), whiten="False"),
     "recursive": lambda tp, inf, model: inf.RecursiveMixtureELBO(recursive="False"),
+    "vectorize": lambda tp, inf, model: inf.log_likelihood(model, vectorize="False"),
+    "warm_start": lambda tp, inf, model: inf.fit_recursive(model, None, None, 10, warm_start="False"),
+    "stein": lambda tp, inf, model: _short_vs_long(tp.ShortRunLangevin(5, 0.1), tp.ShortRunLangevin(50, 0.1),
+                                                    lambda z: -(z ** 2).sum(-1), np.zeros((2, 2)), stein="False"),
 }
+
+
+def _short_vs_long(*args, **kwargs):
+    from tilted_priors.inference.diagnostics import short_vs_long
+
+    return short_vs_long(*args, **kwargs)
 
 
 @pytest.mark.parametrize("flag", list(_FLAGS))
