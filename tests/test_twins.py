@@ -71,6 +71,9 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "is always compiled by jax.jit",
     ("tilted_priors.inference.*.guides", "RefinedGuide.__init__", "param compile_log_joint only on pyro"):
         "as ShortRunPosterior's: NumPyro's chain is always compiled by jax.jit",
+    ("tilted_priors.inference.*.kernels", "Langevin.__init__", "param compile_potential only on pyro"):
+        "Pyro's kernel replays a traced graph of the potential (off to run the model at every step); NumPyro's "
+        "potential is always compiled by jax.jit",
     ("tilted_priors.inference.*.guides", "ShortRunPosterior.state_dict", "only on pyro"):
         "Pyro's guide holds its persistent chains and saves them itself; NumPyro's live in the SVI state",
     ("tilted_priors.inference.*.guides", "ShortRunPosterior.load_state_dict", "only on pyro"):

@@ -28,6 +28,7 @@ from tilted_priors._validation import (check_dense_mass, check_flag, check_mass_
 from tilted_priors._adapt import RANGE_FACTOR
 from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro import Unnormalized, langevin
+from tilted_priors.pyro._tracing import GraphCache
 
 __all__ = ["Langevin"]
 
@@ -82,6 +83,13 @@ class Langevin(MCMCKernel):
     ``az.from_pyro`` as ``diverging``). An unadjusted chain cannot reject: when its state becomes non-finite the
     kernel raises :class:`~tilted_priors.ChainDivergenceError` naming the step.
 
+    **Compiled potential.** Each step evaluates :math:`U` and its gradient, which runs the model's Python (Pyro's
+    effect handlers, distributions built, transforms). With ``compile_potential=True`` (the default) the first
+    step of a run traces them into a graph of torch operations (as :class:`ShortRunPosterior` does, see its notes)
+    and the later steps replay it: the same draws (to rounding where a transposed convolution becomes a matrix
+    product), without the model's Python. The graph's value is checked against the eager potential at the first
+    step; a potential that cannot be traced (Python that reads tensor values) or is random runs eagerly.
+
     **Runaway chains.** A chain that stays finite but leaves any reasonable range (an unstable step size that stops
     short of overflowing) warns once per run with :class:`~tilted_priors.ChainRangeWarning`, naming the first step
     at which the state was farther than :math:`10^6 (1 + \max|z_0|)` from 0 in unconstrained space (:math:`z_0`
@@ -119,6 +127,9 @@ class Langevin(MCMCKernel):
         As in :class:`pyro.infer.HMC` (passed to :func:`pyro.infer.mcmc.util.initialize_model`).
     min_stepsize, max_stepsize : float
         Bounds on the adapted step size.
+    compile_potential : bool
+        Replay a traced graph of :math:`U` and its gradient at every step (see above; ignored with
+        ``jit_compile=True``, Pyro's own compilation). ``False`` runs the model at every step.
 
     Examples
     --------
@@ -148,7 +159,7 @@ class Langevin(MCMCKernel):
                  target_accept_prob: float = 0.57, transforms: dict | None = None,
                  max_plate_nesting: int | None = None, jit_compile: bool = False, jit_options: dict | None = None,
                  ignore_jit_warnings: bool = False, init_strategy: Callable = init_to_uniform,
-                 min_stepsize: float = 1e-10, max_stepsize: float = 1e10):
+                 min_stepsize: float = 1e-10, max_stepsize: float = 1e10, compile_potential: bool = True):
         if (model is None) == (potential_fn is None):
             raise ValueError("Langevin needs exactly one of `model` (a Pyro model) or `potential_fn` (a function "
                              "of a dict of unconstrained tensors returning the potential energy)")
@@ -167,6 +178,7 @@ class Langevin(MCMCKernel):
         self.adapt_step_size = check_flag(adapt_step_size, "adapt_step_size")
         self.target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
         self.adapt_mass_matrix = check_flag(adapt_mass_matrix, "adapt_mass_matrix")
+        self.compile_potential = check_flag(compile_potential, "compile_potential")
         self.dense_mass = check_dense_mass(dense_mass)
         self._given_inverse_mass_matrix = check_inverse_mass_matrix(inverse_mass_matrix)
         self._max_plate_nesting = max_plate_nesting
@@ -192,6 +204,8 @@ class Langevin(MCMCKernel):
         self._mean_accept_prob = 0.0
         self._divergences: list[int] = []
         self._state: langevin.LangevinState | None = None
+        # log pi of the flat position: the eager potential, or a TracedLogDensity of it (set by _start)
+        self._log_density: Callable[[torch.Tensor], torch.Tensor] = self._eager_log_density
         self._origin: torch.Tensor | None = None  # 1 + max|z_0|, the scale of the range rule
         self._range_warned = False
         self._names: list[str] = []
@@ -239,7 +253,7 @@ class Langevin(MCMCKernel):
     def _flatten(self, params: Params) -> torch.Tensor:
         return torch.cat([params[n].detach().reshape(-1) for n in self._names])
 
-    def _log_density(self, flat: torch.Tensor) -> torch.Tensor:
+    def _eager_log_density(self, flat: torch.Tensor) -> torch.Tensor:
         return -self.potential_fn(self._unflatten(flat))
 
     def _start(self, params: Params) -> None:
@@ -249,6 +263,10 @@ class Langevin(MCMCKernel):
         if not self._names:
             self._state = None
             return
+        self._log_density = self._eager_log_density
+        if self.compile_potential and not self._jit_compile:  # a graph for this run, checked at its first step
+            key = (tuple(self._names), tuple(tuple(s) for s in self._shapes))
+            self._log_density = GraphCache(trace_first=True).log_density(self._eager_log_density, static=key)
         self._state = langevin.init(self._flatten(params), self._log_density)
         self._check_finite(self._state, 0)
         self._origin = 1.0 + self._state.position.abs().amax()

@@ -19,6 +19,7 @@ from tilted_priors.inference.diagnostics import to_inference_data
 from tilted_priors.inference.pyro import Langevin
 from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro import MALA, EnergyTiltedNormal, Importance, ShortRunLangevin
+from tilted_priors.pyro._tracing import GraphCache
 
 SIGMA = 0.7
 X = np.array([1.0, -0.5])
@@ -207,3 +208,48 @@ def test_kernel_step_is_the_core_mala_step():
     for _ in range(25):
         params = kernel.sample(params)
     assert torch.equal(params["z"], expected)
+
+
+# --- the compiled potential ------------------------------------------------------------------------------
+def _double_well_regression(x, y):
+    """A regression with a tilted (double-well) prior on its coefficients and a constrained noise scale."""
+    prior = EnergyTiltedNormal(lambda b: ((b ** 2 - 1.0) ** 2).sum(-1), torch.zeros(2), torch.ones(2),
+                               sampler=ShortRunLangevin(5, 0.1))
+    b = pyro.sample("b", prior)
+    s = pyro.sample("s", dist.HalfNormal(1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(x @ b, s), obs=y)
+
+
+def _reads_values(x, y):
+    b = pyro.sample("b", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    if float(b.detach().abs().max()) > 1e6:  # Python that reads a tensor's value: torch cannot trace it
+        raise AssertionError("unreachable")
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(x @ b, 0.5), obs=y)
+
+
+@pytest.mark.parametrize("model, traced", [(_double_well_regression, True), (_reads_values, False)],
+                         ids=["traced", "eager"])
+def test_a_compiled_potential_gives_the_eager_chain(model, traced):
+    torch.manual_seed(0)
+    x = torch.randn(30, 2)
+    y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(30)
+    caches = []
+
+    class Recording(GraphCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    draws = []
+    for compile_potential in (True, False):
+        pyro.set_rng_seed(1)
+        kernel = Langevin(model, step_size=0.1, compile_potential=compile_potential)
+        with mock.patch("tilted_priors.inference.pyro.kernels.GraphCache", Recording):
+            draws.append(run(kernel, x, y, num_warmup=30, num_samples=30).get_samples())
+    assert draws[0].keys() == draws[1].keys()
+    for name in draws[0]:
+        assert torch.equal(draws[0][name], draws[1][name]), name
+    (cache,) = caches  # one graph cache for the compiled run, none for the other
+    assert (cache.traced, cache.reason is None) == (1, traced)

@@ -27,6 +27,12 @@ def test_a_key_is_traced_from_its_second_chain_on():
     assert cache.traced == 1
 
 
+def test_a_cache_made_to_trace_first_traces_at_the_first_chain():
+    cache, fn = GraphCache(trace_first=True), lambda z: -z.square().sum(-1)
+    lp, grad = cache.log_density(fn).replay(torch.ones(3, 2))
+    assert cache.traced == 1 and torch.equal(grad, torch.full((3, 2), -2.0))
+
+
 def test_replay_gives_the_gradient_of_a_gaussian_and_the_eager_numbers():
     torch.manual_seed(0)
     mu, scale = torch.randn(3), torch.rand(3) + 0.5

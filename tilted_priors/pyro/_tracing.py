@@ -63,6 +63,9 @@ class GraphCache:
         Keys traced before the cache gives up tracing (every later log density runs eagerly).
     max_retraces : int
         Times one key is traced again after its graph went stale (disagreed with the eager function).
+    trace_first : bool
+        Trace a key at its first chain rather than its second: for a log density that is one object for a long
+        run (an MCMC kernel's potential), not one made anew at every call.
 
     Examples
     --------
@@ -75,8 +78,9 @@ class GraphCache:
     ([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]], 1)
     """
 
-    def __init__(self, max_graphs: int = 8, max_traces: int = 32, max_retraces: int = 8):
+    def __init__(self, max_graphs: int = 8, max_traces: int = 32, max_retraces: int = 8, trace_first: bool = False):
         self.max_graphs, self.max_traces, self.max_retraces = max_graphs, max_traces, max_retraces
+        self.trace_first = trace_first
         self._graphs: OrderedDict[Any, torch.fx.GraphModule | None] = OrderedDict()  # None: runs eagerly
         self._retraces: dict[Any, int] = {}
         self._sighted: OrderedDict[Any, None] = OrderedDict()  # keys seen once (traced from their second chain)
@@ -122,7 +126,7 @@ class GraphCache:
         when the key runs eagerly."""
         if key in self._graphs:
             return self._graphs[key] is not None
-        if key in self._sighted:
+        if key in self._sighted or self.trace_first:
             return True
         self._sighted[key] = None
         while len(self._sighted) > 4 * self.max_graphs:
