@@ -1,5 +1,6 @@
 """Smoke runs with ``--quick`` of the SNL reproductions (``benchmarks/tabular_density.py``,
-``benchmarks/ebm_regression.py``) and of the update-overhead benchmark (``benchmarks/update_overhead.py``): each
+``benchmarks/ebm_regression.py``), the update-overhead benchmark (``benchmarks/update_overhead.py``) and the MCMC
+kernel's (``benchmarks/mcmc_kernel.py``): each
 script runs end to end in a subprocess (one compute thread) and prints its markdown table with a finite number in
 every row."""
 from __future__ import annotations
@@ -73,3 +74,13 @@ def test_update_overhead_quick():
         assert library_ms > 0 and hand_ms > 0 and 0 < ratio < 10, row
         if row[1] == "numpyro":  # compile times: init + first update, and the hand-written update's
             assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", row[5]) and float(row[6]) > 0, row
+
+
+def test_mcmc_kernel_quick():
+    out = run_quick("mcmc_kernel.py")
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| ---", "| compile_potential"))]
+    assert [row[0] for row in rows] == ["True", "False"]
+    for row in rows:
+        library_ms, hand_ms, ratio = (float(c) for c in row[1:4])
+        assert library_ms > 0 and hand_ms > 0 and ratio > 0, row
