@@ -15,7 +15,7 @@ from jax.scipy.linalg import solve_triangular
 from numpyro.infer.hmc_util import dual_averaging, welford_covariance
 
 from tilted_priors._adapt import RANGE_FACTOR
-from tilted_priors._validation import check_mass_matrix_shapes, mass_matrix_blocks
+from tilted_priors._mass_matrix import check_mass_matrix_shapes, mass_matrix_blocks
 from tilted_priors.numpyro import langevin
 
 __all__ = ["MAX_LOG_RATIO_ERROR", "InverseMassMatrix", "check_inverse_mass_matrix", "mass_matrix_factors",

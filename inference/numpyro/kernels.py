@@ -26,7 +26,8 @@ from tilted_priors.inference.numpyro._kernel_parts import (MAX_LOG_RATIO_ERROR, 
                                                            init_mass_matrix, preconditioned_proposal)
 from tilted_priors.inference.numpyro.handlers import normalizer
 from tilted_priors._adapt import RANGE_FACTOR
-from tilted_priors._validation import check_dense_mass, check_flag, check_probability, check_step_size
+from tilted_priors._mass_matrix import check_dense_mass
+from tilted_priors._validation import check_flag, check_probability, check_step_size
 from tilted_priors.errors import ChainRangeWarning
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro import langevin

@@ -23,8 +23,8 @@ from tilted_priors.inference.pyro._kernel_parts import (MAX_LOG_RATIO_ERROR, Inv
                                                         check_inverse_mass_matrix, mass_matrix_factors,
                                                         preconditioned_proposal)
 from tilted_priors.inference.pyro.handlers import normalizer
-from tilted_priors._validation import (check_dense_mass, check_flag, check_mass_matrix_shapes, check_probability,
-                                       check_step_size, mass_matrix_blocks)
+from tilted_priors._mass_matrix import check_dense_mass, check_mass_matrix_shapes, mass_matrix_blocks
+from tilted_priors._validation import check_flag, check_probability, check_step_size
 from tilted_priors._adapt import RANGE_FACTOR
 from tilted_priors.errors import ChainDivergenceError, ChainRangeWarning
 from tilted_priors.pyro import Unnormalized, langevin
