@@ -7,9 +7,10 @@ import operator
 from numbers import Integral, Real
 
 __all__ = ["check_positive_int", "check_nonnegative_int", "check_step_size", "check_probability", "check_flag",
-           "check_energy_shape", "context_batch_shape", "check_snl_b", "check_finite_number", "check_name",
-           "check_site_names", "check_sample_shape", "check_protocol", "energy_signature_error", "check_proposal_shapes",
-           "check_loc_scale_shapes", "energy_output_error", "dtype_mismatch_message", "describe"]
+           "check_encoder_sites", "check_energy_shape", "context_batch_shape", "check_snl_b", "check_finite_number",
+           "check_name", "check_site_names", "check_sample_shape", "check_protocol", "energy_signature_error",
+           "check_proposal_shapes", "check_loc_scale_shapes", "energy_output_error", "dtype_mismatch_message",
+           "describe"]
 
 
 def describe(value) -> str:
@@ -74,6 +75,32 @@ def check_flag(value, name: str) -> bool:
     if isinstance(value, bool) or (isinstance(value, Integral) and value in (0, 1)) or type(value).__name__ == "bool_":
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {describe(value)} ({type(value).__name__})")
+
+
+def check_encoder_sites(covered, latent) -> None:
+    """Raise ``ValueError`` unless an ``AmortizedGuide``'s encoder covers exactly the model's latent sites.
+
+    ``covered``: the site names the encoder gave ``(loc, scale)`` for; ``latent``: the model's latent sample sites.
+
+    Examples
+    --------
+    >>> check_encoder_sites(["z"], ["z", "w"])
+    Traceback (most recent call last):
+    ...
+    ValueError: AmortizedGuide covers sites ['z'] but the model also has latent sites ['w']; give an encoder ...
+    """
+    covered, latent = list(covered), list(latent)
+    unknown = [n for n in covered if n not in latent]
+    if unknown:
+        raise ValueError(f"AmortizedGuide covers sites {unknown}, not a latent sample site of the model: the "
+                         f"model has no latent site of that name (its latent sites: {latent}; observed sites need "
+                         "no guide)")
+    uncovered = [n for n in latent if n not in covered]
+    if uncovered:
+        raise ValueError(f"AmortizedGuide covers sites {covered} but the model also has latent sites {uncovered}; "
+                         f"give an encoder for them: latent sites {uncovered} are not covered, and SVI would draw "
+                         "them from the prior with no log q (return a dict {site: (loc, scale)} for every latent "
+                         "site)")
 
 
 def check_energy_shape(what: str, in_shape: tuple, out_shape: tuple) -> None:

@@ -20,7 +20,7 @@ from numpyro.contrib.module import nnx_module
 from tilted_priors.inference.numpyro._log_joint import BaseDraws, is_real
 from tilted_priors.inference.numpyro.handlers import normalizer, sampler
 from tilted_priors._compat import numpyro_handler_stack
-from tilted_priors._validation import check_site_names
+from tilted_priors._validation import check_encoder_sites, check_site_names
 from tilted_priors.numpyro import Unnormalized
 from tilted_priors.numpyro.samplers import _is_array, _is_concrete
 
@@ -237,15 +237,7 @@ class AmortizedGuide:
         else:
             raise TypeError("the encoder must return (loc, scale) or a dict {site: (loc, scale)}, got "
                             f"{type(out).__name__}")
-        unknown = [name for name in out if name not in latent]
-        if unknown:
-            raise ValueError(f"AmortizedGuide: {unknown} {'is' if len(unknown) == 1 else 'are'} not a latent sample "
-                             f"site of the model (its latent sites: {list(latent)}; observed sites need no guide)")
-        uncovered = [name for name in latent if name not in out]
-        if uncovered:
-            raise ValueError(f"AmortizedGuide covers {list(out)}, but the model's latent sites {uncovered} are not "
-                             "covered: SVI would draw them from the prior, with no log q. Return (loc, scale) for "
-                             "every latent site from the encoder (a dict {site: (loc, scale)})")
+        check_encoder_sites(out, latent)
         for name, pair in out.items():
             if latent[name].support is not None:
                 raise ValueError(f"AmortizedGuide places a Normal at each site, but site {name!r} has support "

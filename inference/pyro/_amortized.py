@@ -22,7 +22,7 @@ from pyro.poutine.util import is_validation_enabled, site_is_subsample
 from tilted_priors.inference.pyro._log_joint import BaseDraws, is_real
 from tilted_priors.inference.pyro.handlers import normalizer, sampler
 from tilted_priors.inference.pyro.modules import register_module
-from tilted_priors._validation import check_site_names
+from tilted_priors._validation import check_encoder_sites, check_site_names
 from tilted_priors.pyro import Unnormalized
 
 __all__ = ["AmortizedGuide", "Site", "make_plates", "select", "LocScale", "EncoderOutput"]
@@ -264,14 +264,7 @@ class AmortizedGuide:
         else:
             raise TypeError(f"the encoder must return (loc, scale) or a dict {{site: (loc, scale)}}, got "
                             f"{type(out).__name__}")
-        unknown = [n for n in out if n not in structure.sites]
-        if unknown:
-            raise ValueError(f"AmortizedGuide covers sites {unknown}, but the model has no latent site of that name "
-                             f"(its latent sites: {latent})")
-        uncovered = [n for n in latent if n not in out]
-        if uncovered:
-            raise ValueError(f"AmortizedGuide covers sites {list(out)} but the model also has latent sites "
-                             f"{uncovered}; give an encoder for them")
+        check_encoder_sites(out, latent)
         for n, pair in out.items():
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise TypeError(f"the encoder must give (loc, scale) for site {n!r}, got {type(pair).__name__}")
